@@ -1,0 +1,5 @@
+from twisted.application.service import ServiceMaker
+
+smtpd = ServiceMaker(
+    "twisted_smtpd", "twisted_smtpd.tap", "An SMTP/ESMTP server", "smtpd"
+)

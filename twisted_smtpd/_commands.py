@@ -1,0 +1,224 @@
+# -*- test-case-name: tests.test_commands -*-
+"""
+Pure parsing of SMTP command lines, paths and ESMTP parameters (RFC 5321, 6531).
+
+Nothing here does I/O or imports Twisted: functions take text and return values,
+or raise L{SMTPError} carrying the reply the client should get.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .replies import (
+    R501_BAD_PARAMETER,
+    R501_BAD_RECIPIENT,
+    R501_BAD_SENDER,
+    R501_SYNTAX_HELO,
+    R501_SYNTAX_MAIL,
+    R501_SYNTAX_RCPT,
+    R553_NEEDS_SMTPUTF8,
+    R555_UNKNOWN_PARAMETER,
+    SMTPError,
+    fill,
+)
+
+__all__ = [
+    "Command",
+    "parse_command",
+    "parse_helo",
+    "parse_mail",
+    "parse_rcpt",
+    "parse_address",
+    "MAIL_PARAMETERS",
+]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command line split into an upper-case verb and its argument text."""
+
+    verb: str
+    argument: str
+
+
+def decode_line(line: bytes) -> str:
+    """Bytes from the wire as text; invalid UTF-8 survives as surrogates."""
+    try:
+        return line.decode("ascii")
+    except UnicodeDecodeError:
+        return line.decode("utf-8", "surrogateescape")
+
+
+def parse_command(line: bytes) -> Command:
+    """Split a command line (without CRLF) into verb and argument."""
+    text = decode_line(line)
+    verb, _, argument = text.partition(" ")
+    return Command(verb.upper(), argument.strip(" "))
+
+
+# RFC 5321 4.1.2 / RFC 6531 3.3 -------------------------------------------------
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]"
+_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010FFFF]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9\u0080-\U0010FFFF](?:[A-Za-z0-9\-\u0080-\U0010FFFF]*[A-Za-z0-9\u0080-\U0010FFFF])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_IPV4 = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}"
+_ADDRESS_LITERAL = (
+    rf"\[(?:{_IPV4}|IPv6:[0-9A-Fa-f:.]+|[A-Za-z0-9\-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+)\]"
+)
+_MAILBOX = re.compile(
+    rf"(?:{_DOT_STRING}|{_QUOTED_STRING})@(?:{_DOMAIN}|{_ADDRESS_LITERAL})\Z"
+)
+_SOURCE_ROUTE = re.compile(rf"@{_DOMAIN}(?:,@{_DOMAIN})*:")
+_DOMAIN_ONLY = re.compile(rf"(?:{_DOMAIN}|{_ADDRESS_LITERAL})\Z")
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z")
+_XTEXT_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
+
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+
+def parse_helo(argument: str) -> str:
+    """The client's domain or address literal from HELO/EHLO.
+
+    Lenient about what follows the name (some clients add text), strict that a
+    name is there and looks like a domain or literal.
+    """
+    name = argument.split(" ", 1)[0]
+    if not name or not _DOMAIN_ONLY.match(name) or len(name) > MAX_DOMAIN:
+        raise SMTPError(R501_SYNTAX_HELO)
+    return name
+
+
+def parse_address(text: str, *, allow_empty: bool) -> str:
+    """Validate the inside of a path, without its angle brackets.
+
+    Returns the mailbox with any source route dropped (RFC 5321 4.1.2 says
+    servers must accept and ignore it).
+    """
+    if text == "":
+        if allow_empty:
+            return ""
+        raise ValueError("empty path")
+    route = _SOURCE_ROUTE.match(text)
+    if route:
+        text = text[route.end() :]
+    if len(text) > MAX_PATH or not _MAILBOX.match(text):
+        raise ValueError(f"bad mailbox {text!r}")
+    local, _, domain = text.rpartition("@")
+    if len(local) > MAX_LOCAL_PART or len(domain) > MAX_DOMAIN:
+        raise ValueError(f"mailbox part too long {text!r}")
+    return text
+
+
+def _split_path(argument: str, prefix: str) -> tuple[str, str] | None:
+    """C{"FROM:<a@b> SIZE=1"} -> C{("a@b", "SIZE=1")}; None on bad syntax."""
+    if argument[: len(prefix)].upper() != prefix:
+        return None
+    rest = argument[len(prefix) :].lstrip(" ")
+    if rest.startswith("<"):
+        end = _closing_bracket(rest)
+        if end < 0:
+            return None
+        path, params = rest[1:end], rest[end + 1 :]
+        if params and not params.startswith(" "):
+            return None
+        return path, params.strip(" ")
+    # Lenient: an address without brackets (seen from simple scripts).
+    path, _, params = rest.partition(" ")
+    if not path or path == "<>":
+        return None
+    return path, params.strip(" ")
+
+
+def _closing_bracket(text: str) -> int:
+    """Index of the '>' closing the path, skipping quoted local parts."""
+    in_quotes = escaped = False
+    for index in range(1, len(text)):
+        char = text[index]
+        if escaped:
+            escaped = False
+        elif char == "\\" and in_quotes:
+            escaped = True
+        elif char == '"':
+            in_quotes = not in_quotes
+        elif char == ">" and not in_quotes:
+            return index
+    return -1
+
+
+def parse_parameters(text: str) -> dict[str, str | None]:
+    """ESMTP parameters: C{"SIZE=10 BODY=8BITMIME"} -> upper-case keys."""
+    params: dict[str, str | None] = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not _KEYWORD.match(key) or (sep and not _XTEXT_VALUE.match(value)):
+            raise SMTPError(fill(R501_BAD_PARAMETER, name=key[:32] or "?"))
+        params[key.upper()] = value if sep else None
+    return params
+
+
+def _is_ascii(text: str) -> bool:
+    return text.isascii()
+
+
+MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
+_BODY_VALUES = frozenset({"7BIT", "8BITMIME"})
+
+
+def parse_mail(argument: str) -> tuple[str, dict[str, str | None]]:
+    """The argument of MAIL: C{FROM:<reverse-path> [params]}.
+
+    Returns the sender (C{""} for the null path) and the validated parameters.
+    """
+    split = _split_path(argument, "FROM:")
+    if split is None:
+        raise SMTPError(R501_SYNTAX_MAIL)
+    path, param_text = split
+    params = parse_parameters(param_text)
+    for key, value in params.items():
+        if key not in MAIL_PARAMETERS:
+            raise SMTPError(fill(R555_UNKNOWN_PARAMETER, name=key[:32]))
+        if key == "SIZE" and (value is None or not value.isdigit() or len(value) > 20):
+            raise SMTPError(fill(R501_BAD_PARAMETER, name=key))
+        if key == "BODY" and (value is None or value.upper() not in _BODY_VALUES):
+            raise SMTPError(fill(R501_BAD_PARAMETER, name=key))
+        if key == "SMTPUTF8" and value is not None:
+            raise SMTPError(fill(R501_BAD_PARAMETER, name=key))
+        if key == "AUTH" and value is None:
+            raise SMTPError(fill(R501_BAD_PARAMETER, name=key))
+    if "BODY" in params:
+        params["BODY"] = params["BODY"].upper()  # type: ignore[union-attr]
+    try:
+        sender = parse_address(path, allow_empty=True)
+    except ValueError:
+        raise SMTPError(R501_BAD_SENDER) from None
+    if not _is_ascii(sender) and "SMTPUTF8" not in params:
+        raise SMTPError(R553_NEEDS_SMTPUTF8)
+    return sender, params
+
+
+def parse_rcpt(argument: str, smtputf8: bool) -> tuple[str, dict[str, str | None]]:
+    """The argument of RCPT: C{TO:<forward-path> [params]}.
+
+    C{<postmaster>} without a domain is accepted (RFC 5321 4.1.1.3).
+    """
+    split = _split_path(argument, "TO:")
+    if split is None:
+        raise SMTPError(R501_SYNTAX_RCPT)
+    path, param_text = split
+    params = parse_parameters(param_text)
+    for key in params:
+        raise SMTPError(fill(R555_UNKNOWN_PARAMETER, name=key[:32]))
+    if path.lower() == "postmaster":
+        return path, params
+    try:
+        recipient = parse_address(path, allow_empty=False)
+    except ValueError:
+        raise SMTPError(R501_BAD_RECIPIENT) from None
+    if not smtputf8 and not _is_ascii(recipient):
+        raise SMTPError(R553_NEEDS_SMTPUTF8)
+    return recipient, params

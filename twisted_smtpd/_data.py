@@ -1,0 +1,90 @@
+# -*- test-case-name: tests.test_data -*-
+"""
+The DATA reader: strict end-of-data framing, dot-unstuffing, and the size limit.
+
+Theory of operation: the message is read as if it were preceded by a CRLF, so
+that every line start is a CRLF in the stream.  Then the end of data is the
+first C{CRLF . CRLF}, and unstuffing is C{replace(CRLF ., CRLF)} on whole
+reads — no per-line Python work.  Only C{CRLF . CRLF} ends the data: a bare LF
+or bare CR never does (SMTP smuggling).  The last four bytes of a read are
+held back because they may begin the end marker or a stuffed dot.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DataReader"]
+
+_END = b"\r\n.\r\n"
+_STUFFED = b"\r\n."
+_CRLF = b"\r\n"
+_HOLD = len(_END) - 1
+
+
+class DataReader:
+    """Feed it the bytes after C{354}; it returns the message and the rest.
+
+    Args:
+        max_size: the largest message (after unstuffing) to pass on; beyond it
+            the reader keeps looking for the end marker but drops the bytes.
+            C{0} means no limit.
+    """
+
+    __slots__ = ("_pending", "_skip", "max_size", "size", "too_big", "done")
+
+    def __init__(self, max_size: int = 0) -> None:
+        self._pending = _CRLF
+        self._skip = 2  # the virtual CRLF before the first line
+        self.max_size = max_size
+        #: unstuffed message bytes seen so far (counting past the limit too)
+        self.size = 0
+        #: whether the message went over C{max_size}
+        self.too_big = False
+        #: whether the end marker has been seen
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """Consume C{data}.
+
+        Returns:
+            C{(body, leftover)}: the next piece of the unstuffed message
+            (C{b""} when nothing can be passed on yet, or the limit was
+            passed), and C{None} while the message goes on, or the bytes that
+            followed the end marker once it is found.
+        """
+        if self.done:
+            raise RuntimeError("DataReader.feed after the end of data")
+        buffer = self._pending + data if self._pending else data
+        end = buffer.find(_END)
+        if end >= 0:
+            # Keep the CRLF that ends the last line; drop ". CRLF".
+            body, leftover = buffer[: end + 2], buffer[end + 5 :]
+            self.done = True
+            self._pending = b""
+            return self._emit(body), leftover
+        cut = len(buffer) - _HOLD
+        if cut <= self._skip:
+            self._pending = buffer
+            return b"", None
+        # Never cut through a CRLF-dot: the dot would lose its line start.
+        if buffer[cut - 2 : cut + 1] == _STUFFED:
+            cut -= 2
+        elif buffer[cut - 1 : cut + 2] == _STUFFED:
+            cut -= 1
+        if cut <= self._skip:
+            self._pending = buffer
+            return b"", None
+        self._pending = buffer[cut:]
+        return self._emit(buffer[:cut]), None
+
+    def _emit(self, raw: bytes) -> bytes:
+        body = raw.replace(_STUFFED, _CRLF)
+        if self._skip:
+            body = body[self._skip :]
+            self._skip = 0
+        self.size += len(body)
+        if self.too_big:
+            return b""
+        if self.max_size and self.size > self.max_size:
+            self.too_big = True
+            return b""
+        return body

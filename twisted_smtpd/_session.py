@@ -1,0 +1,292 @@
+# -*- test-case-name: tests.test_session -*-
+"""
+The SMTP session as a pure state machine.
+
+Rule: everything that decides whether a command may run now lives in this
+file — the L{ALLOWED} table and the gates for TLS and AUTH.  The protocol asks
+L{Session.check} and sends the reply it gets, or runs the command.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .replies import (
+    R421_TOO_MANY_ERRORS,
+    R452_TOO_MANY_RECIPIENTS,
+    R503_HELO_FIRST,
+    R503_IN_TRANSACTION,
+    R503_MAIL_FIRST,
+    R503_NESTED_MAIL,
+    R503_RCPT_FIRST,
+    R530_AUTH_REQUIRED,
+    R530_TLS_REQUIRED,
+    R552_TOO_BIG,
+    Reply,
+    SMTPError,
+    fill,
+)
+
+__all__ = ["State", "ALLOWED", "Limits", "Envelope", "TLSInfo", "Session"]
+
+
+class State(enum.Enum):
+    """Where a session is.  DATA is the body being read in raw mode."""
+
+    CONNECTED = "connected"  # greeting sent, no HELO/EHLO yet
+    GREETED = "greeted"  # HELO/EHLO done, no transaction
+    MAIL = "mail"  # MAIL accepted
+    RCPT = "rcpt"  # at least one RCPT accepted
+    DATA = "data"  # reading the message
+
+
+_ANYTIME = frozenset({"NOOP", "QUIT", "RSET", "HELO", "EHLO", "VRFY", "HELP"})
+
+#: which verbs may run in each state; anything else gets the 503 of L{_REFUSED}
+ALLOWED: dict[State, frozenset[str]] = {
+    State.CONNECTED: _ANYTIME | {"STARTTLS"},
+    State.GREETED: _ANYTIME | {"STARTTLS", "AUTH", "MAIL"},
+    State.MAIL: _ANYTIME | {"RCPT"},
+    State.RCPT: _ANYTIME | {"RCPT", "DATA"},
+    State.DATA: frozenset(),
+}
+
+#: the 503 for a known verb at the wrong time, by (state, verb)
+def _refusal(state: State, verb: str) -> Reply:
+    if state is State.CONNECTED:
+        return R503_HELO_FIRST
+    if verb == "MAIL":
+        return R503_NESTED_MAIL
+    if verb in ("RCPT", "DATA") and state is State.GREETED:
+        return fill(R503_MAIL_FIRST, verb=verb)
+    if verb == "DATA":
+        return R503_RCPT_FIRST
+    return fill(R503_IN_TRANSACTION, verb=verb)
+
+
+#: verbs the server knows; others are 500
+KNOWN_VERBS = frozenset(
+    {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"}
+    | {"STARTTLS", "AUTH", "EXPN"}
+)
+#: allowed before STARTTLS when TLS is required (RFC 3207 4)
+BEFORE_TLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET"})
+#: allowed before AUTH when AUTH is required (RFC 4954 6)
+BEFORE_AUTH = frozenset(
+    {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "AUTH", "HELP"}
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits, enforced by the core and advertised where RFCs say so.
+
+    Args:
+        max_message_size: bytes after unstuffing, advertised as C{SIZE};
+            C{0} means no limit.
+        max_recipients: RCPTs per transaction (then 452 4.5.3).
+        max_command_line: octets of a command line with its CRLF (RFC 5321
+            4.5.3.1.4); MAIL and RCPT get room for parameters.
+        max_auth_line: octets of an AUTH line or SASL response (RFC 4954 4).
+        max_bad_commands: unknown, malformed or out-of-sequence commands
+            before the session is closed with 421.
+        timeout: idle seconds before 421 4.4.2 and close.
+        max_connections: concurrent sessions per factory (0 = no limit).
+        max_connections_per_ip: concurrent sessions per client address.
+    """
+
+    max_message_size: int = 33_554_432
+    max_recipients: int = 100
+    max_command_line: int = 512
+    max_parameter_line: int = 1024
+    max_auth_line: int = 12_288
+    max_bad_commands: int = 10
+    timeout: float = 300.0
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+
+    def line_limit(self, verb: str) -> int:
+        """The longest line, CRLF included, allowed for C{verb}."""
+        if verb in ("MAIL", "RCPT"):
+            return self.max_parameter_line
+        if verb == "AUTH":
+            return self.max_auth_line
+        return self.max_command_line
+
+    @property
+    def max_line(self) -> int:
+        """The longest line the reader must buffer before giving up on it."""
+        return max(self.max_command_line, self.max_parameter_line, self.max_auth_line)
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    """Facts about the TLS layer of a session."""
+
+    protocol: str
+    cipher: str
+    peer_certificate: Any = None  # an OpenSSL X509, or None
+
+
+@dataclass
+class Envelope:
+    """One mail transaction, handed to handlers.
+
+    C{content} holds the whole message (CRLF line endings, dot-unstuffed) for
+    handlers that take it whole; streaming receivers get the bytes instead and
+    C{content} stays empty.  C{size} is the message size in both cases.
+    """
+
+    session_id: str
+    peer: Any
+    helo: str
+    esmtp: bool
+    tls: Optional[TLSInfo]
+    auth: Any
+    mail_from: str = ""
+    mail_options: dict[str, Optional[str]] = field(default_factory=dict)
+    rcpt_tos: list[str] = field(default_factory=list)
+    rcpt_options: list[dict[str, Optional[str]]] = field(default_factory=list)
+    content: bytes = b""
+    size: int = 0
+    received_header: bytes = b""
+    message_id: str = ""
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.mail_options
+
+    @property
+    def protocol_name(self) -> str:
+        """The C{with} keyword of the Received header (RFC 3848, 6531)."""
+        if not self.esmtp:
+            return "SMTP"
+        name = "UTF8SMTP" if self.smtputf8 else "ESMTP"
+        if self.tls is not None:
+            name += "S"
+        if self.auth is not None:
+            name += "A"
+        return name
+
+
+class Session:
+    """The state of one SMTP connection, without any I/O.
+
+    Args:
+        session_id: a short unique id for logs and queue ids.
+        peer: the client's address.
+        limits: the L{Limits} in force.
+        tls_info: set when the connection is TLS from the start (C{ssl:}).
+        tls_required: refuse most commands before STARTTLS.
+        auth_required: refuse MAIL before AUTH.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        peer: Any,
+        limits: Limits,
+        *,
+        tls_info: Optional[TLSInfo] = None,
+        tls_required: bool = False,
+        auth_required: bool = False,
+    ) -> None:
+        self.session_id = session_id
+        self.peer = peer
+        self.limits = limits
+        self.tls_required = tls_required
+        self.auth_required = auth_required
+        self.tls: Optional[TLSInfo] = tls_info
+        self.state = State.CONNECTED
+        self.helo = ""
+        self.esmtp = False
+        self.auth: Any = None
+        self.bad_commands = 0
+        self.messages = 0
+        self.envelope: Optional[Envelope] = None
+
+    # -- gates -----------------------------------------------------------------
+    def check(self, verb: str) -> Optional[Reply]:
+        """The refusal for C{verb} now, or None if it may run."""
+        if self.tls_required and self.tls is None and verb not in BEFORE_TLS:
+            return R530_TLS_REQUIRED
+        if verb not in ALLOWED[self.state]:
+            return _refusal(self.state, verb)
+        if self.auth_required and self.auth is None and verb not in BEFORE_AUTH:
+            return R530_AUTH_REQUIRED
+        return None
+
+    def bad_command(self) -> Optional[Reply]:
+        """Count an error; the 421 to close with once over budget, else None."""
+        self.bad_commands += 1
+        if self.bad_commands >= self.limits.max_bad_commands:
+            return R421_TOO_MANY_ERRORS
+        return None
+
+    # -- transitions -----------------------------------------------------------
+    def greeted(self, name: str, esmtp: bool) -> None:
+        """HELO/EHLO: a new greeting also aborts any transaction."""
+        self.helo = name
+        self.esmtp = esmtp
+        self.envelope = None
+        self.state = State.GREETED
+
+    def reset(self) -> None:
+        """RSET or end of a transaction: keep the greeting, drop the envelope."""
+        self.envelope = None
+        if self.state is not State.CONNECTED:
+            self.state = State.GREETED
+
+    def tls_started(self, info: TLSInfo) -> None:
+        """After STARTTLS: forget everything learnt in plaintext (RFC 3207 4.2)."""
+        self.tls = info
+        self.helo = ""
+        self.esmtp = False
+        self.auth = None
+        self.envelope = None
+        self.state = State.CONNECTED
+
+    def authenticated(self, identity: Any) -> None:
+        self.auth = identity
+
+    def check_size(self, params: dict[str, Optional[str]]) -> None:
+        """MAIL SIZE= over the limit -> 552 5.3.4 (RFC 1870)."""
+        declared = params.get("SIZE")
+        limit = self.limits.max_message_size
+        if declared is not None and limit and int(declared) > limit:
+            raise SMTPError(R552_TOO_BIG)
+
+    def new_envelope(self) -> Envelope:
+        return Envelope(
+            session_id=self.session_id,
+            peer=self.peer,
+            helo=self.helo,
+            esmtp=self.esmtp,
+            tls=self.tls,
+            auth=self.auth,
+        )
+
+    def mail(self, envelope: Envelope) -> None:
+        """MAIL accepted: C{envelope} is the open transaction."""
+        self.envelope = envelope
+        self.state = State.MAIL
+
+    def check_recipient_count(self) -> None:
+        assert self.envelope is not None
+        if len(self.envelope.rcpt_tos) >= self.limits.max_recipients:
+            raise SMTPError(R452_TOO_MANY_RECIPIENTS)
+
+    def rcpt(self, address: str, params: dict[str, Optional[str]]) -> None:
+        assert self.envelope is not None
+        self.envelope.rcpt_tos.append(address)
+        self.envelope.rcpt_options.append(params)
+        self.state = State.RCPT
+
+    def start_data(self) -> Envelope:
+        assert self.envelope is not None
+        self.state = State.DATA
+        self.messages += 1
+        self.envelope.message_id = f"{self.session_id}-{self.messages}"
+        return self.envelope

@@ -1,0 +1,141 @@
+# -*- test-case-name: tests.test_factory -*-
+"""
+L{SMTPFactory}: the policy (hostname, limits, TLS, AUTH) and the handler.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from base64 import b32encode
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import ServerFactory
+
+from ._session import Envelope, Limits, Session
+from .protocol import HandlerHooks, SMTPServerProtocol, received_header
+from .replies import R421_TOO_MANY_CONNECTIONS, Reply, fill
+
+if TYPE_CHECKING:
+    from .tls import TLSPolicy
+
+__all__ = ["SMTPFactory"]
+
+
+class SMTPFactory(ServerFactory):
+    """Builds one L{SMTPServerProtocol} per connection, all sharing this policy.
+
+    Args:
+        handler: a callable taking an L{Envelope}, or an object with the hooks of
+            L{twisted_smtpd.interfaces.Handler}.
+        hostname: for the greeting, EHLO and C{Received:}; default the FQDN
+            (looked up once, here, never per connection).
+        app_name: shown in the greeting and C{Received:}.
+        limits: a L{Limits}; the defaults suit a public MX.
+        tls: a L{TLSPolicy <twisted_smtpd.tls.TLSPolicy>} to offer STARTTLS
+            and/or require TLS.
+        auth: an L{AuthPolicy <twisted_smtpd.auth.AuthPolicy>} to offer AUTH.
+        debug: log the dialogue (AUTH payloads masked) at debug level.
+        reactor: the reactor for timeouts and threads; default the global one.
+    """
+
+    protocol = SMTPServerProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        hostname: Optional[str] = None,
+        app_name: str = "twisted_smtpd",
+        limits: Optional[Limits] = None,
+        tls: Optional[TLSPolicy] = None,
+        auth: Any = None,
+        debug: bool = False,
+        reactor: Optional[IReactorTime] = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor  # type: ignore[assignment]
+        self.reactor = reactor
+        self.handler = handler
+        self.hooks = HandlerHooks(handler)
+        self.hostname = hostname or socket.getfqdn()
+        self.app_name = app_name
+        self.limits = limits or Limits()
+        self.tls = tls
+        self.auth = auth
+        self.debug = debug
+        self.sessions: set[SMTPServerProtocol] = set()
+        self._per_ip: Counter[str] = Counter()
+        self._id_prefix = b32encode(os.urandom(5)).decode("ascii")
+        self._id_counter = 0
+
+    # -- policy the protocol asks for -----------------------------------------
+    @property
+    def tls_context(self) -> Any:
+        return self.tls.context_factory if self.tls is not None else None
+
+    @property
+    def tls_required(self) -> bool:
+        return self.tls is not None and self.tls.required
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth is not None and self.auth.required
+
+    def extensions(self, session: Session) -> list[str]:
+        """The EHLO keywords for this session, in a stable order."""
+        size = self.limits.max_message_size
+        keywords = [
+            "PIPELINING",
+            f"SIZE {size}" if size else "SIZE",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ]
+        if self.tls_context is not None and session.tls is None:
+            keywords.append("STARTTLS")
+        if self.auth is not None:
+            mechanisms = self.auth.advertised(session)
+            if mechanisms:
+                keywords.append("AUTH " + " ".join(mechanisms))
+        keywords.append("HELP")
+        return keywords
+
+    def received_header(self, envelope: Envelope) -> bytes:
+        return received_header(
+            envelope, self.hostname, self.app_name, self.reactor.seconds()
+        )
+
+    def new_session_id(self) -> str:
+        self._id_counter += 1
+        return f"{self._id_prefix}{self._id_counter:06X}"
+
+    # -- connection accounting -------------------------------------------------
+    def admit(self, protocol: SMTPServerProtocol) -> Optional[Reply]:
+        """Register a new session; the 421 to refuse it with, if over a limit."""
+        ip = str(getattr(protocol.session.peer, "host", ""))
+        limits = self.limits
+        if (limits.max_connections and len(self.sessions) >= limits.max_connections) or (
+            limits.max_connections_per_ip
+            and self._per_ip[ip] >= limits.max_connections_per_ip
+        ):
+            return fill(R421_TOO_MANY_CONNECTIONS, hostname=self.hostname)
+        self.sessions.add(protocol)
+        self._per_ip[ip] += 1
+        return None
+
+    def release(self, protocol: SMTPServerProtocol) -> None:
+        if protocol in self.sessions:
+            self.sessions.discard(protocol)
+            ip = str(getattr(protocol.session.peer, "host", ""))
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+
+    def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
+        protocol = self.protocol(self)
+        return protocol

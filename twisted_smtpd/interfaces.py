@@ -1,0 +1,60 @@
+# -*- test-case-name: tests.test_protocol -*-
+"""
+What a handler may look like.
+
+The simple form is any callable taking an L{Envelope}: it is called once the
+whole message is in C{envelope.content}.  The full form is an object with any
+of the methods of L{Handler}.  Every hook may return a plain value, a
+L{Deferred <twisted.internet.defer.Deferred>} or a coroutine; raising
+L{SMTPError <twisted_smtpd.SMTPError>} sends that reply, and any other
+exception is logged and answered C{451 4.3.0}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol, runtime_checkable
+
+from ._session import Envelope
+
+__all__ = ["Handler", "MessageReceiver"]
+
+
+@runtime_checkable
+class MessageReceiver(Protocol):
+    """Takes one message chunk by chunk.
+
+    A receiver may also provide C{registerProducer(producer, streaming)} and
+    C{unregisterProducer()} (Twisted's C{IConsumer}); it then gets the
+    connection as a producer and may pause it to apply back-pressure.
+    """
+
+    def write(self, data: bytes) -> None:
+        """The next bytes of the message (CRLF line endings, unstuffed)."""
+
+    def finish(self) -> Any:
+        """The message is complete.
+
+        Return (or resolve to) C{None} or a queue id for the 250 reply once the
+        message is safely stored; raise for a 4xx/5xx.
+        """
+
+    def abort(self) -> None:
+        """The message will not complete (too big, connection lost): drop it."""
+
+
+class Handler(Protocol):
+    """The full handler.  Every method is optional."""
+
+    def check_sender(self, envelope: Envelope) -> Any:
+        """MAIL: C{envelope.mail_from} and C{mail_options} are filled in."""
+
+    def check_recipient(
+        self, envelope: Envelope, address: str, options: dict[str, Optional[str]]
+    ) -> Any:
+        """RCPT: accept or refuse one recipient."""
+
+    def handle_message(self, envelope: Envelope) -> Any:
+        """The whole message, in C{envelope.content}."""
+
+    def open_message(self, envelope: Envelope) -> MessageReceiver:
+        """Stream the message instead: return a L{MessageReceiver}."""

@@ -1,0 +1,628 @@
+# -*- test-case-name: tests.test_protocol -*-
+"""
+The wire: a L{LineReceiver} that drives the pure L{Session} and talks to the
+handler.
+
+Lines are split on CRLF only (never on a bare CR or LF).  After C{354} the
+protocol switches to raw mode and feeds whole reads to the L{DataReader}.
+While a handler hook is pending, input is held, so pipelined commands are
+answered strictly in order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
+from ._data import DataReader
+from ._session import KNOWN_VERBS, Envelope, Session, State, TLSInfo
+from .replies import (
+    R214_HELP,
+    R220_READY,
+    R220_STARTTLS,
+    R221_BYE,
+    R250_HELO,
+    R250_OK,
+    R250_QUEUED,
+    R250_RECIPIENT_OK,
+    R250_RESET,
+    R250_SENDER_OK,
+    R252_CANNOT_VRFY,
+    R354_START_INPUT,
+    R421_SHUTTING_DOWN,
+    R421_TIMEOUT,
+    R421_TOO_MANY_CONNECTIONS,
+    R451_LOCAL_ERROR,
+    R500_LINE_TOO_LONG,
+    R500_UNKNOWN_COMMAND,
+    R501_NO_ARGUMENTS,
+    R501_SYNTAX_VRFY,
+    R502_NOT_IMPLEMENTED,
+    R503_ALREADY_TLS,
+    R552_TOO_BIG,
+    Reply,
+    SMTPError,
+    fill,
+    format_reply,
+)
+
+if TYPE_CHECKING:
+    from .factory import SMTPFactory
+
+__all__ = ["SMTPServerProtocol"]
+
+#: replies that count against the bad-command budget
+_BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 530, 555})
+#: pause reading from the socket when this much input waits behind a hook
+_MAX_HELD_INPUT = 256 * 1024
+
+
+class _CollectingReceiver:
+    """Gathers the message for handlers that want it whole."""
+
+    __slots__ = ("_chunks", "_envelope", "_handle")
+
+    def __init__(self, envelope: Envelope, handle: Callable[[Envelope], Any]) -> None:
+        self._envelope = envelope
+        self._handle = handle
+        self._chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def finish(self) -> Any:
+        self._envelope.content = b"".join(self._chunks)
+        self._chunks = []
+        return self._handle(self._envelope)
+
+    def abort(self) -> None:
+        self._chunks = []
+
+
+class HandlerHooks:
+    """A user's handler reduced to the four hooks the protocol calls."""
+
+    __slots__ = ("check_sender", "check_recipient", "open_message")
+
+    def __init__(self, handler: Any) -> None:
+        self.check_sender = getattr(handler, "check_sender", None)
+        self.check_recipient = getattr(handler, "check_recipient", None)
+        open_message = getattr(handler, "open_message", None)
+        handle = getattr(handler, "handle_message", None)
+        if open_message is None:
+            if handle is None:
+                if not callable(handler):
+                    raise TypeError(
+                        f"{handler!r} is neither callable nor has"
+                        " handle_message/open_message"
+                    )
+                handle = handler
+            whole: Callable[[Envelope], Any] = handle
+
+            def open_message(envelope: Envelope) -> _CollectingReceiver:
+                return _CollectingReceiver(envelope, whole)
+
+        self.open_message = open_message
+
+
+def _as_deferred_or_value(result: Any) -> Any:
+    if inspect.iscoroutine(result):
+        return Deferred.fromCoroutine(result)
+    return result
+
+
+class SMTPServerProtocol(LineReceiver, TimeoutMixin):
+    """One SMTP session.  Built by L{SMTPFactory}; holds no policy of its own."""
+
+    delimiter = b"\r\n"
+    _log = Logger()
+
+    def __init__(self, factory: SMTPFactory) -> None:
+        self.factory = factory
+        self.limits = factory.limits
+        self.session: Session = None  # type: ignore[assignment]
+        self._hooks: HandlerHooks = factory.hooks
+        self._buffer = b""
+        self._busy = False
+        self._held = False  # a hook is pending: input waits
+        self._transport_paused = False
+        self._closing = False
+        self._discard_line = False  # dropping the rest of an overlong line
+        self._drop_input = False  # STARTTLS: forget buffered plaintext
+        self._reader: Optional[DataReader] = None
+        self._receiver: Any = None
+        self._envelope: Optional[Envelope] = None
+        self._debug = factory.debug
+        self._fill_hostname = {"hostname": factory.hostname}
+
+    # -- Twisted plumbing ------------------------------------------------------
+    def callLater(self, delay: float, fn: Callable[..., Any], *a: Any, **kw: Any) -> Any:
+        """TimeoutMixin's clock: the factory's reactor, so tests can use a Clock."""
+        return self.factory.reactor.callLater(delay, fn, *a, **kw)
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        tls = self._current_tls() if ISSLTransport.providedBy(self.transport) else None
+        self.session = Session(
+            self.factory.new_session_id(),
+            peer,
+            self.limits,
+            tls_info=tls,
+            tls_required=self.factory.tls_required,
+            auth_required=self.factory.auth_required,
+        )
+        self._log.info(
+            "smtpd session {session_id} connected from {peer}",
+            session_id=self.session.session_id,
+            peer=_address_text(peer),
+        )
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            self._reply(refusal)
+            self._close()
+            return
+        self.setTimeout(self.limits.timeout)
+        self._reply(
+            R220_READY.with_text(
+                R220_READY.text.format(
+                    hostname=self.factory.hostname, app=self.factory.app_name
+                )
+            )
+        )
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        self._closing = True
+        if self._receiver is not None:
+            self._abort_receiver()
+        self.factory.release(self)
+        if self.session is not None:
+            self._log.info(
+                "smtpd session {session_id} closed after {messages} messages",
+                session_id=self.session.session_id,
+                messages=self.session.messages,
+            )
+
+    def timeoutConnection(self) -> None:
+        self._log.info(
+            "smtpd session {session_id} idle timeout", session_id=self.session.session_id
+        )
+        self._reply(fill(R421_TIMEOUT, hostname=self.factory.hostname))
+        self._close()
+
+    def shutdown(self) -> None:
+        """Close an idle session with 421 (server going down)."""
+        self._reply(fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname))
+        self._close()
+
+    @property
+    def in_data(self) -> bool:
+        return self._reader is not None or (
+            self.session is not None and self.session.state is State.DATA
+        )
+
+    # -- input -----------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        """Split on CRLF without re-copying the buffer per line."""
+        if data and self.timeOut is not None:
+            self.resetTimeout()
+        if self._busy or self._held or self._closing:
+            if not self._closing:
+                self._buffer += data
+                self._limit_held_input()
+            return
+        self._busy = True
+        try:
+            buffer = self._buffer + data if self._buffer else data
+            self._buffer = b""
+            pos = 0
+            size = len(buffer)
+            while pos < size and not self._held and not self._closing:
+                if self._reader is not None:
+                    pos = self._raw_data(buffer, pos)
+                    continue
+                end = buffer.find(b"\r\n", pos)
+                if end < 0:
+                    if size - pos >= self.limits.max_line:
+                        self._start_discarding()
+                        # Keep a trailing CR: it may begin the CRLF.
+                        pos = size - 1 if buffer.endswith(b"\r") else size
+                    elif self._discard_line:
+                        pos = size - 1 if buffer.endswith(b"\r") else size
+                    break
+                line = buffer[pos:end]
+                pos = end + 2
+                if self._discard_line:
+                    self._discard_line = False
+                    continue
+                self.lineReceived(line)
+                if self._drop_input:
+                    self._drop_input = False
+                    pos = size
+            if not self._closing:
+                self._buffer = buffer[pos:] + self._buffer
+        finally:
+            self._busy = False
+        if self._buffer and not self._held and not self._closing:
+            self.dataReceived(b"")
+
+    def _start_discarding(self) -> None:
+        if not self._discard_line:
+            self._discard_line = True
+            self._reply(R500_LINE_TOO_LONG)
+            self._count_bad(R500_LINE_TOO_LONG)
+
+    def _limit_held_input(self) -> None:
+        if len(self._buffer) > _MAX_HELD_INPUT and not self._transport_paused:
+            self._transport_paused = True
+            self.transport.pauseProducing()
+
+    def _hold(self) -> None:
+        self._held = True
+
+    def _release(self, _: Any = None) -> Any:
+        self._held = False
+        if self._transport_paused:
+            self._transport_paused = False
+            self.transport.resumeProducing()
+        if self._buffer and not self._busy and not self._closing:
+            self.dataReceived(b"")
+        return _
+
+    def lineReceived(self, line: bytes) -> None:
+        command = parse_command(line)
+        verb = command.verb
+        if self._debug:
+            self._log.debug(
+                "smtpd {session_id} <<< {line}",
+                session_id=self.session.session_id,
+                line=_mask(line),
+            )
+        if len(line) + 2 > self.limits.line_limit(verb):
+            self._reply_bad(R500_LINE_TOO_LONG)
+            return
+        method = self._COMMANDS.get(verb) if verb in KNOWN_VERBS else None
+        if method is None:
+            self._reply_bad(R500_UNKNOWN_COMMAND)
+            return
+        refusal = self.session.check(verb)
+        if refusal is not None:
+            self._reply_bad(refusal)
+            return
+        try:
+            method(self, command.argument)
+        except SMTPError as error:
+            self._reply_bad(error.reply)
+
+    # -- output ----------------------------------------------------------------
+    def _reply(self, reply: Reply) -> None:
+        esmtp = self.session is not None and self.session.esmtp
+        data = format_reply(reply, esmtp)
+        if self._debug:
+            self._log.debug(
+                "smtpd {session_id} >>> {line}",
+                session_id=self.session.session_id if self.session else "-",
+                line=data.rstrip(b"\r\n"),
+            )
+        self.transport.write(data)
+
+    def _reply_bad(self, reply: Reply) -> None:
+        self._reply(reply)
+        self._count_bad(reply)
+
+    def _count_bad(self, reply: Reply) -> None:
+        if reply.code in _BAD_COMMAND_CODES:
+            closing = self.session.bad_command()
+            if closing is not None:
+                self._reply(fill(closing, hostname=self.factory.hostname))
+                self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    # -- hooks -----------------------------------------------------------------
+    def _run(
+        self,
+        hook: Optional[Callable[..., Any]],
+        args: tuple[Any, ...],
+        succeeded: Callable[[Any], None],
+        failed: Optional[Callable[[], None]] = None,
+    ) -> None:
+        """Call C{hook(*args)}, then C{succeeded(result)}, holding input meanwhile.
+
+        A synchronous hook is answered at once; a Deferred or coroutine holds
+        later commands until it fires.
+        """
+        if hook is None:
+            succeeded(None)
+            return
+        try:
+            result = _as_deferred_or_value(hook(*args))
+        except Exception:
+            self._hook_failed(Failure(), failed)
+            return
+        if not isinstance(result, Deferred):
+            succeeded(result)
+            return
+        self._hold()
+        result.addCallbacks(succeeded, self._hook_failed, errbackArgs=(failed,))
+        result.addErrback(self._unexpected)
+        result.addBoth(self._release)
+
+    def _hook_failed(self, failure: Failure, failed: Optional[Callable[[], None]]) -> None:
+        if failure.check(SMTPError):
+            reply = failure.value.reply
+        else:
+            self._log.failure(
+                "smtpd {session_id}: handler failed",
+                failure,
+                session_id=self.session.session_id,
+            )
+            reply = R451_LOCAL_ERROR
+        if failed is not None:
+            failed()
+        self._reply(reply)
+
+    def _unexpected(self, failure: Failure) -> None:
+        self._log.failure("smtpd internal error", failure)
+        self._reply(R451_LOCAL_ERROR)
+
+    # -- commands --------------------------------------------------------------
+    def do_HELO(self, argument: str) -> None:
+        name = parse_helo(argument)
+        self.session.greeted(name, esmtp=False)
+        self._reply(fill(R250_HELO, hostname=self.factory.hostname, name=name))
+
+    def do_EHLO(self, argument: str) -> None:
+        name = parse_helo(argument)
+        self.session.greeted(name, esmtp=True)
+        lines = [f"{self.factory.hostname} Hello {name}"]
+        lines.extend(self.factory.extensions(self.session))
+        self._reply(Reply(R250_HELO.code, "", "\n".join(lines)))
+
+    def do_MAIL(self, argument: str) -> None:
+        sender, params = parse_mail(argument)
+        self.session.check_size(params)
+        if self.session.tls is not None:
+            self.session.tls = self._current_tls()
+        envelope = self.session.new_envelope()
+        envelope.mail_from = sender
+        envelope.mail_options = params
+
+        def accepted(_: Any) -> None:
+            self.session.mail(envelope)
+            self._reply(R250_SENDER_OK)
+
+        self._run(self._hooks.check_sender, (envelope,), accepted)
+
+    def do_RCPT(self, argument: str) -> None:
+        envelope = self.session.envelope
+        assert envelope is not None
+        address, params = parse_rcpt(argument, envelope.smtputf8)
+        self.session.check_recipient_count()
+
+        def accepted(_: Any) -> None:
+            self.session.rcpt(address, params)
+            self._reply(R250_RECIPIENT_OK)
+
+        self._run(self._hooks.check_recipient, (envelope, address, params), accepted)
+
+    def do_DATA(self, argument: str) -> None:
+        if argument:
+            raise SMTPError(fill(R501_NO_ARGUMENTS, verb="DATA"))
+        envelope = self.session.start_data()
+        envelope.received_header = self.factory.received_header(envelope)
+        try:
+            self._receiver = self._hooks.open_message(envelope)
+        except Exception:
+            self._hook_failed(Failure(), None)
+            self.session.reset()
+            return
+        self._envelope = envelope
+        register = getattr(self._receiver, "registerProducer", None)
+        if register is not None:
+            register(_BodyProducer(self), True)
+        self._reader = DataReader(self.limits.max_message_size)
+        self._reply(R354_START_INPUT)
+
+    def _raw_data(self, buffer: bytes, pos: int) -> int:
+        """Feed DATA bytes from C{buffer[pos:]}; return where line mode resumes."""
+        reader = self._reader
+        assert reader is not None
+        body, leftover = reader.feed(buffer[pos:] if pos else buffer)
+        if body:
+            self._receiver.write(body)
+        if leftover is None:
+            return len(buffer)
+        self._reader = None
+        self._end_of_data(reader)
+        return len(buffer) - len(leftover)
+
+    def _end_of_data(self, reader: DataReader) -> None:
+        envelope = self._envelope
+        assert envelope is not None
+        envelope.size = reader.size
+        if reader.too_big:
+            self._abort_receiver()
+            self._message_done(envelope, "too big")
+            self._reply(R552_TOO_BIG)
+            return
+        receiver = self._receiver
+
+        def stored(queue_id: Any) -> None:
+            self._receiver_done(receiver)
+            self._message_done(envelope, "accepted")
+            self._reply(
+                fill(R250_QUEUED, queue_id=queue_id if queue_id else envelope.message_id)
+            )
+
+        def refused() -> None:
+            self._receiver_done(receiver)
+            self._message_done(envelope, "refused")
+
+        self._run(receiver.finish, (), stored, refused)
+
+    def _receiver_done(self, receiver: Any) -> None:
+        unregister = getattr(receiver, "unregisterProducer", None)
+        if unregister is not None:
+            unregister()
+        if self._receiver is receiver:
+            self._receiver = None
+            self._envelope = None
+
+    def _abort_receiver(self) -> None:
+        receiver = self._receiver
+        self._receiver_done(receiver)
+        try:
+            receiver.abort()
+        except Exception:
+            self._log.failure("smtpd: receiver.abort failed")
+
+    def _message_done(self, envelope: Envelope, outcome: str) -> None:
+        self.session.reset()
+        self._log.info(
+            "smtpd {session_id} message {message_id} from <{mail_from}> to"
+            " {rcpt_count} recipients, {size} bytes: {outcome}",
+            session_id=self.session.session_id,
+            message_id=envelope.message_id,
+            mail_from=envelope.mail_from,
+            rcpt_count=len(envelope.rcpt_tos),
+            size=envelope.size,
+            outcome=outcome,
+        )
+
+    def do_RSET(self, argument: str) -> None:
+        if argument:
+            raise SMTPError(fill(R501_NO_ARGUMENTS, verb="RSET"))
+        self.session.reset()
+        self._reply(R250_RESET)
+
+    def do_NOOP(self, argument: str) -> None:
+        self._reply(R250_OK)
+
+    def do_QUIT(self, argument: str) -> None:
+        self._reply(R221_BYE)
+        self._close()
+
+    def do_VRFY(self, argument: str) -> None:
+        if not argument:
+            raise SMTPError(R501_SYNTAX_VRFY)
+        self._reply(R252_CANNOT_VRFY)
+
+    def do_HELP(self, argument: str) -> None:
+        self._reply(R214_HELP)
+
+    def do_EXPN(self, argument: str) -> None:
+        raise SMTPError(R502_NOT_IMPLEMENTED)
+
+    def do_STARTTLS(self, argument: str) -> None:
+        if self.session.tls is not None:
+            raise SMTPError(R503_ALREADY_TLS)
+        context = self.factory.tls_context
+        if context is None:
+            raise SMTPError(R502_NOT_IMPLEMENTED)
+        if argument:
+            raise SMTPError(fill(R501_NO_ARGUMENTS, verb="STARTTLS"))
+        self._reply(R220_STARTTLS)
+        # Anything the client sent after STARTTLS in plaintext is an injection
+        # attempt (CVE-2011-0411 class): drop it before the handshake.
+        self._drop_input = True
+        self._buffer = b""
+        self.transport.startTLS(context)
+        self.session.tls_started(TLSInfo("", ""))
+
+    def do_AUTH(self, argument: str) -> None:
+        auth = self.factory.auth
+        if auth is None:
+            raise SMTPError(R502_NOT_IMPLEMENTED)
+        auth.begin(self, argument)
+
+    # -- TLS facts -------------------------------------------------------------
+    def _current_tls(self) -> TLSInfo:
+        connection = None
+        get_handle = getattr(self.transport, "getHandle", None)
+        if get_handle is not None:
+            try:
+                connection = get_handle()
+            except Exception:
+                connection = None
+        if connection is None or not hasattr(connection, "get_cipher_name"):
+            return TLSInfo("", "")
+        return TLSInfo(
+            protocol=connection.get_protocol_version_name() or "",
+            cipher=connection.get_cipher_name() or "",
+            peer_certificate=connection.get_peer_certificate(),
+        )
+
+    _COMMANDS: dict[str, Callable[[SMTPServerProtocol, str], None]] = {}
+
+
+SMTPServerProtocol._COMMANDS = {
+    name[3:]: method
+    for name, method in vars(SMTPServerProtocol).items()
+    if name.startswith("do_")
+}
+
+
+class _BodyProducer:
+    """The connection as seen by a streaming receiver: pause and resume reading."""
+
+    def __init__(self, protocol: SMTPServerProtocol) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self._protocol.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._protocol.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._protocol.transport.loseConnection()
+
+
+def _address_text(address: Any) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _mask(line: bytes) -> bytes:
+    """AUTH payloads never reach a log."""
+    if line[:5].upper() == b"AUTH ":
+        parts = line.split(b" ", 2)
+        return b" ".join(parts[:2] + ([b"****"] if len(parts) > 2 else []))
+    return line
+
+
+def received_header(
+    envelope: Envelope, hostname: str, app_name: str, when: float
+) -> bytes:
+    """The C{Received:} trace field for a message (RFC 5321 4.4)."""
+    peer = envelope.peer
+    ip = getattr(peer, "host", str(peer))
+    literal = f"IPv6:{ip}" if ":" in ip else ip
+    tls = envelope.tls
+    lines = [f"Received: from {envelope.helo or 'unknown'} ([{literal}])"]
+    if tls is not None and tls.protocol:
+        lines.append(f"\t(using {tls.protocol} with cipher {tls.cipher})")
+    lines.append(
+        f"\tby {hostname} ({app_name}) with {envelope.protocol_name}"
+        f" id {envelope.message_id}"
+    )
+    if len(envelope.rcpt_tos) == 1:
+        lines.append(f"\tfor <{envelope.rcpt_tos[0]}>")
+    lines[-1] += f"; {formatdate(when, localtime=True)}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")

@@ -1,0 +1,173 @@
+# -*- test-case-name: tests.test_replies -*-
+"""
+The reply table: every reply the server sends is a constant here.
+
+Handlers raise L{SMTPError} to send a reply of their choice; the server never
+writes a reply code that is not built from a L{Reply}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Reply", "SMTPError", "format_reply", "fill"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: a code, an RFC 3463 enhanced status code and text.
+
+    Args:
+        code: the three-digit reply code.
+        enhanced: ``"x.y.z"``, or ``""`` for replies that never carry one
+            (the greeting, EHLO lines).
+        text: human-readable text; ``"\\n"`` separates lines of a multi-line reply.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"SMTP reply code out of range: {self.code!r}")
+        if self.enhanced:
+            klass = self.enhanced.partition(".")[0]
+            if klass != str(self.code)[0] or self.enhanced.count(".") != 2:
+                raise ValueError(
+                    f"enhanced status {self.enhanced!r} does not fit code {self.code}"
+                )
+
+    def with_text(self, text: str) -> Reply:
+        """The same reply with other text."""
+        return Reply(self.code, self.enhanced, text)
+
+
+def format_reply(reply: Reply, enhanced: bool) -> bytes:
+    """Encode C{reply} for the wire, multi-line aware.
+
+    Args:
+        reply: what to send.
+        enhanced: whether to print the enhanced status code (after EHLO).
+    """
+    prefix = f"{reply.enhanced} " if enhanced and reply.enhanced else ""
+    lines = reply.text.split("\n")
+    last = len(lines) - 1
+    out = [
+        f"{reply.code}{' ' if i == last else '-'}{prefix}{line}\r\n"
+        for i, line in enumerate(lines)
+    ]
+    return "".join(out).encode("utf-8", "surrogateescape")
+
+
+def fill(reply: Reply, **values: object) -> Reply:
+    """C{reply} with its C{{placeholders}} filled from C{values}."""
+    return Reply(reply.code, reply.enhanced, reply.text.format(**values))
+
+
+class SMTPError(Exception):
+    """Raised by handlers (and the core) to answer with a specific reply.
+
+    ``SMTPError(550, "5.7.1", "Spam is not welcome here")`` or
+    ``SMTPError(R550_MAILBOX_UNAVAILABLE)``.
+    """
+
+    reply: Reply
+
+    def __init__(
+        self, code: int | Reply, enhanced: str = "", text: str | None = None
+    ) -> None:
+        if isinstance(code, Reply):
+            reply = code if text is None else code.with_text(text)
+        else:
+            if text is None:
+                text = "Requested action not taken"
+            reply = Reply(code, enhanced, text)
+        super().__init__(reply.code, reply.enhanced, reply.text)
+        self.reply = reply
+
+    def __str__(self) -> str:
+        return f"{self.reply.code} {self.reply.enhanced} {self.reply.text}".replace(
+            "  ", " "
+        )
+
+
+# Greeting and session --------------------------------------------------------
+R211_STATUS = Reply(211, "2.0.0", "System status")
+R214_HELP = Reply(
+    214,
+    "2.0.0",
+    "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
+)
+R220_READY = Reply(220, "", "{hostname} ESMTP {app} ready")
+R220_STARTTLS = Reply(220, "2.0.0", "Ready to start TLS")
+R221_BYE = Reply(221, "2.0.0", "Bye")
+R235_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+R250_OK = Reply(250, "2.0.0", "OK")
+R250_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+R250_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+R250_QUEUED = Reply(250, "2.0.0", "OK: queued as {queue_id}")
+R250_RESET = Reply(250, "2.0.0", "Reset OK")
+R252_CANNOT_VRFY = Reply(
+    252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"
+)
+R334_CHALLENGE = Reply(334, "", "{challenge}")
+R354_START_INPUT = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+# Transient failures ----------------------------------------------------------
+R421_TIMEOUT = Reply(421, "4.4.2", "{hostname} Timeout, closing connection")
+R421_TOO_MANY_ERRORS = Reply(
+    421, "4.7.0", "{hostname} Too many errors, closing connection"
+)
+R421_SHUTTING_DOWN = Reply(
+    421, "4.3.2", "{hostname} Service shutting down, closing connection"
+)
+R421_TOO_MANY_CONNECTIONS = Reply(
+    421, "4.7.0", "{hostname} Too many connections, try again later"
+)
+R421_AUTH_FAILURES = Reply(
+    421, "4.7.0", "{hostname} Too many authentication failures, closing connection"
+)
+R451_LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error")
+R452_TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+R454_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+R454_AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
+
+# Permanent failures ----------------------------------------------------------
+R500_UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognized")
+R500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+R500_AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
+R501_SYNTAX_HELO = Reply(501, "5.5.4", "Syntax: HELO/EHLO domain")
+R501_SYNTAX_MAIL = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
+R501_SYNTAX_RCPT = Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
+R501_BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+R501_BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+R501_NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax: {verb} takes no arguments")
+R501_SYNTAX_VRFY = Reply(501, "5.5.4", "Syntax: VRFY address")
+R501_BAD_PARAMETER = Reply(501, "5.5.4", "Bad value for parameter {name}")
+R501_AUTH_BASE64 = Reply(501, "5.5.2", "Cannot decode base64 data")
+R501_AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+R501_SYNTAX_AUTH = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+R502_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+R503_HELO_FIRST = Reply(503, "5.5.1", "Send HELO/EHLO first")
+R503_NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
+R503_MAIL_FIRST = Reply(503, "5.5.1", "Need MAIL before {verb}")
+R503_RCPT_FIRST = Reply(503, "5.5.1", "Need RCPT before DATA")
+R503_IN_TRANSACTION = Reply(503, "5.5.1", "{verb} not allowed during a mail transaction")
+R503_ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
+R503_ALREADY_AUTH = Reply(503, "5.5.1", "Already authenticated")
+R504_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+R530_TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+R530_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+R535_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+R538_AUTH_NEEDS_TLS = Reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
+R550_MAILBOX_UNAVAILABLE = Reply(550, "5.1.1", "Mailbox unavailable")
+R552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+R553_NEEDS_SMTPUTF8 = Reply(
+    553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter"
+)
+R554_TRANSACTION_FAILED = Reply(554, "5.0.0", "Transaction failed")
+R555_UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Parameter {name} not recognized")
+R250_HELO = Reply(250, "", "{hostname} Hello {name}")

@@ -1,0 +1,185 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd smtpd}: command-line options and the service they describe.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional, Sequence
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.cred import strcred
+from twisted.internet import endpoints
+from twisted.python import usage
+from twisted.python.reflect import namedAny
+
+from ._session import Limits
+from .factory import SMTPFactory
+
+__all__ = ["Options", "makeService"]
+
+DEFAULT_PORT = "tcp:2525"
+
+
+def _positive_int(name: str, text: str, minimum: int = 0) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be a whole number, not {text!r}")
+    if value < minimum:
+        raise usage.UsageError(f"--{name} must be at least {minimum}, not {value}")
+    return value
+
+
+class Options(usage.Options, strcred.AuthOptionMixin):
+    """Options for C{twistd smtpd}; see DESIGN.md section 5 and the README."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Receive mail over SMTP/ESMTP. By default listens on tcp:2525 and"
+        " delivers into ./Maildir."
+    )
+    optFlags = [
+        ["require-tls", None, "Refuse MAIL and AUTH before STARTTLS (530 5.7.0)."],
+        ["require-auth", None, "Refuse MAIL before AUTH (530 5.7.0)."],
+        ["auth-without-tls", None, "Offer AUTH on connections without TLS."],
+        ["debug", None, "Log the SMTP dialogue (AUTH payloads masked)."],
+    ]
+    optParameters = [
+        ["hostname", None, None, "Name for the greeting and EHLO [default: FQDN]."],
+        ["maildir", None, "Maildir", "Maildir to deliver into (created)."],
+        ["handler", None, None, "Dotted name of a handler instead of Maildir delivery."],
+        ["max-message-size", None, "33554432", "Largest message in bytes (SIZE)."],
+        ["max-recipients", None, "100", "Recipients per message."],
+        ["timeout", None, "300", "Idle timeout in seconds."],
+        ["max-connections", None, "0", "Concurrent sessions (0 = no limit)."],
+        ["max-connections-per-ip", None, "0", "Concurrent sessions per client IP."],
+        ["tls-cert", None, None, "PEM certificate (chain) for STARTTLS."],
+        ["tls-key", None, None, "PEM private key for STARTTLS."],
+    ]
+    compData = usage.Completions(
+        optActions={
+            "maildir": usage.CompleteDirs(),
+            "tls-cert": usage.CompleteFiles("*.pem"),
+            "tls-key": usage.CompleteFiles("*.pem"),
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["ports"] = []
+
+    def opt_port(self, description: str) -> None:
+        """Endpoint to listen on, repeatable [default: tcp:2525].
+        Implicit TLS: ssl:465:privateKey=key.pem:certKey=cert.pem"""
+        self["ports"].append(description)
+
+    opt_p = opt_port
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """Report a bad option in one line on stderr, not a page of help."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            sys.stderr.write(f"twistd smtpd: error: {error}\n")
+            raise SystemExit(1)
+
+    def postOptions(self) -> None:
+        from twisted.internet import reactor
+
+        if not self["ports"]:
+            self["ports"] = [DEFAULT_PORT]
+        self["endpoints"] = []
+        for description in self["ports"]:
+            try:
+                endpoint = endpoints.serverFromString(reactor, description)
+            except Exception as error:
+                raise usage.UsageError(f"bad --port {description!r}: {error}")
+            self["endpoints"].append(endpoint)
+        self["limits"] = Limits(
+            max_message_size=_positive_int(
+                "max-message-size", self["max-message-size"]
+            ),
+            max_recipients=_positive_int("max-recipients", self["max-recipients"], 1),
+            timeout=_positive_int("timeout", self["timeout"], 1),
+            max_connections=_positive_int("max-connections", self["max-connections"]),
+            max_connections_per_ip=_positive_int(
+                "max-connections-per-ip", self["max-connections-per-ip"]
+            ),
+        )
+        self["handler_object"] = self._handler()
+        self["tls_policy"] = self._tls()
+        self["auth_policy"] = self._auth()
+
+    def _handler(self) -> Any:
+        if self["handler"]:
+            try:
+                handler = namedAny(self["handler"])
+            except Exception as error:
+                raise usage.UsageError(
+                    f"cannot load --handler {self['handler']!r}: {error}"
+                )
+            if isinstance(handler, type):
+                handler = handler()
+            from .protocol import HandlerHooks
+
+            try:
+                HandlerHooks(handler)
+            except TypeError as error:
+                raise usage.UsageError(f"--handler {self['handler']!r}: {error}")
+            return handler
+        from .handlers import MaildirHandler
+
+        try:
+            return MaildirHandler(self["maildir"])
+        except OSError as error:
+            raise usage.UsageError(
+                f"cannot use --maildir {self['maildir']!r}: {error.strerror}"
+            )
+
+    def _tls(self) -> Any:
+        cert, key = self["tls-cert"], self["tls-key"]
+        if self["require-tls"] and not cert:
+            raise usage.UsageError("--require-tls needs --tls-cert and --tls-key")
+        if not cert and not key:
+            return None
+        if not (cert and key):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        from .tls import TLSPolicy
+
+        try:
+            return TLSPolicy.from_files(cert, key, required=self["require-tls"])
+        except (OSError, ValueError) as error:
+            raise usage.UsageError(str(error))
+
+    def _auth(self) -> Any:
+        checkers = self.get("credCheckers") or []
+        if self["require-auth"] and not checkers:
+            raise usage.UsageError("--require-auth needs at least one --auth checker")
+        if not checkers:
+            return None
+        from .auth import AuthPolicy
+
+        return AuthPolicy.from_checkers(
+            checkers,
+            required=self["require-auth"],
+            allow_without_tls=self["auth-without-tls"],
+        )
+
+
+def makeService(config: Options) -> service.IService:
+    """One L{SMTPFactory}, one listening service per C{--port}."""
+    factory = SMTPFactory(
+        config["handler_object"],
+        hostname=config["hostname"],
+        limits=config["limits"],
+        tls=config["tls_policy"],
+        auth=config["auth_policy"],
+        debug=config["debug"],
+    )
+    parent = service.MultiService()
+    for endpoint in config["endpoints"]:
+        StreamServerEndpointService(endpoint, factory).setServiceParent(parent)
+    return parent

@@ -1,0 +1,82 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+TLS policy: the context for STARTTLS and whether TLS is required.
+
+Implicit TLS needs nothing here: listen on an C{ssl:} endpoint and sessions
+are secure from the first byte (and never offer STARTTLS).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import ssl
+
+__all__ = ["TLSPolicy", "context_from_pem"]
+
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise OSError(
+            error.errno, f"cannot read TLS {what} {path!r}: {error.strerror}"
+        ) from None
+
+
+def context_from_pem(cert_path: str, key_path: str) -> ssl.CertificateOptions:
+    """A server context from a PEM certificate (with any chain) and key.
+
+    Raises:
+        OSError: a file cannot be read.
+        ValueError: the files hold no usable certificate or key, or they do
+            not belong together.
+    """
+    cert_data = _read(cert_path, "certificate")
+    key_data = _read(key_path, "key")
+    blocks = _PEM_CERT.findall(cert_data)
+    if not blocks:
+        raise ValueError(f"no PEM certificate in {cert_path!r}")
+    try:
+        key = ssl.KeyPair.load(key_data, ssl.FILETYPE_PEM)
+    except Exception:
+        raise ValueError(f"no usable PEM private key in {key_path!r}") from None
+    try:
+        certificate = ssl.PrivateCertificate.load(blocks[0], key, ssl.FILETYPE_PEM)
+        chain = [ssl.Certificate.loadPEM(block).original for block in blocks[1:]]
+        return ssl.CertificateOptions(
+            privateKey=certificate.privateKey.original,
+            certificate=certificate.original,
+            extraCertChain=chain,
+        )
+    except Exception as error:
+        raise ValueError(
+            f"TLS certificate {cert_path!r} and key {key_path!r} do not fit"
+            f" together: {error}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TLSPolicy:
+    """STARTTLS for plain listeners.
+
+    Args:
+        context_factory: an C{IOpenSSLServerConnectionCreator} or old-style
+            context factory, as C{transport.startTLS} takes.
+        required: refuse everything but NOOP, EHLO, HELO, STARTTLS, RSET and
+            QUIT before TLS (530 5.7.0).
+    """
+
+    context_factory: Any
+    required: bool = False
+
+    @classmethod
+    def from_files(cls, cert_path: str, key_path: str, required: bool = False) -> TLSPolicy:
+        return cls(context_from_pem(cert_path, key_path), required)
