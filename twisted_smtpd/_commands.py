@@ -62,12 +62,14 @@ def parse_command(line: bytes) -> Command:
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]"
 _DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
 _QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010FFFF]|\\[\x20-\x7e])*"'
-_LABEL = r"[A-Za-z0-9\u0080-\U0010FFFF](?:[A-Za-z0-9\-\u0080-\U0010FFFF]*[A-Za-z0-9\u0080-\U0010FFFF])?"
+_LETTER_DIGIT = r"[A-Za-z0-9\u0080-\U0010FFFF]"
+_LABEL = rf"{_LETTER_DIGIT}(?:[A-Za-z0-9\-\u0080-\U0010FFFF]*{_LETTER_DIGIT})?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
-_IPV4 = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}"
-_ADDRESS_LITERAL = (
-    rf"\[(?:{_IPV4}|IPv6:[0-9A-Fa-f:.]+|[A-Za-z0-9\-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+)\]"
+_IPV4 = (
+    r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}"
 )
+_GENERAL_LITERAL = r"[A-Za-z0-9\-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+"
+_ADDRESS_LITERAL = rf"\[(?:{_IPV4}|IPv6:[0-9A-Fa-f:.]+|{_GENERAL_LITERAL})\]"
 _MAILBOX = re.compile(
     rf"(?:{_DOT_STRING}|{_QUOTED_STRING})@(?:{_DOMAIN}|{_ADDRESS_LITERAL})\Z"
 )

@@ -42,7 +42,7 @@ class State(enum.Enum):
     DATA = "data"  # reading the message
 
 
-_ANYTIME = frozenset({"NOOP", "QUIT", "RSET", "HELO", "EHLO", "VRFY", "HELP"})
+_ANYTIME = frozenset({"NOOP", "QUIT", "RSET", "HELO", "EHLO", "VRFY", "HELP", "EXPN"})
 
 #: which verbs may run in each state; anything else gets the 503 of L{_REFUSED}
 ALLOWED: dict[State, frozenset[str]] = {
@@ -52,6 +52,7 @@ ALLOWED: dict[State, frozenset[str]] = {
     State.RCPT: _ANYTIME | {"RCPT", "DATA"},
     State.DATA: frozenset(),
 }
+
 
 #: the 503 for a known verb at the wrong time, by (state, verb)
 def _refusal(state: State, verb: str) -> Reply:

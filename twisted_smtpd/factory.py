@@ -119,7 +119,9 @@ class SMTPFactory(ServerFactory):
         """Register a new session; the 421 to refuse it with, if over a limit."""
         ip = str(getattr(protocol.session.peer, "host", ""))
         limits = self.limits
-        if (limits.max_connections and len(self.sessions) >= limits.max_connections) or (
+        if (
+            limits.max_connections and len(self.sessions) >= limits.max_connections
+        ) or (
             limits.max_connections_per_ip
             and self._per_ip[ip] >= limits.max_connections_per_ip
         ):

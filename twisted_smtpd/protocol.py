@@ -40,7 +40,6 @@ from .replies import (
     R354_START_INPUT,
     R421_SHUTTING_DOWN,
     R421_TIMEOUT,
-    R421_TOO_MANY_CONNECTIONS,
     R451_LOCAL_ERROR,
     R500_LINE_TOO_LONG,
     R500_UNKNOWN_COMMAND,
@@ -145,7 +144,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._fill_hostname = {"hostname": factory.hostname}
 
     # -- Twisted plumbing ------------------------------------------------------
-    def callLater(self, delay: float, fn: Callable[..., Any], *a: Any, **kw: Any) -> Any:
+    def callLater(
+        self, delay: float, fn: Callable[..., Any], *a: Any, **kw: Any
+    ) -> Any:
         """TimeoutMixin's clock: the factory's reactor, so tests can use a Clock."""
         return self.factory.reactor.callLater(delay, fn, *a, **kw)
 
@@ -194,7 +195,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self._log.info(
-            "smtpd session {session_id} idle timeout", session_id=self.session.session_id
+            "smtpd session {session_id} idle timeout",
+            session_id=self.session.session_id,
         )
         self._reply(fill(R421_TIMEOUT, hostname=self.factory.hostname))
         self._close()
@@ -248,11 +250,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 if self._drop_input:
                     self._drop_input = False
                     pos = size
+            arrived_meanwhile = self._buffer
             if not self._closing:
-                self._buffer = buffer[pos:] + self._buffer
+                self._buffer = buffer[pos:] + arrived_meanwhile
         finally:
             self._busy = False
-        if self._buffer and not self._held and not self._closing:
+        if arrived_meanwhile and not self._held and not self._closing:
             self.dataReceived(b"")
 
     def _start_discarding(self) -> None:
@@ -360,7 +363,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         result.addErrback(self._unexpected)
         result.addBoth(self._release)
 
-    def _hook_failed(self, failure: Failure, failed: Optional[Callable[[], None]]) -> None:
+    def _hook_failed(
+        self, failure: Failure, failed: Optional[Callable[[], None]]
+    ) -> None:
         if failure.check(SMTPError):
             reply = failure.value.reply
         else:
@@ -464,7 +469,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._receiver_done(receiver)
             self._message_done(envelope, "accepted")
             self._reply(
-                fill(R250_QUEUED, queue_id=queue_id if queue_id else envelope.message_id)
+                fill(
+                    R250_QUEUED, queue_id=queue_id if queue_id else envelope.message_id
+                )
             )
 
         def refused() -> None:

@@ -136,7 +136,9 @@ R454_AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
 # Permanent failures ----------------------------------------------------------
 R500_UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognized")
 R500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
-R500_AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
+R500_AUTH_LINE_TOO_LONG = Reply(
+    500, "5.5.6", "Authentication exchange line is too long"
+)
 R501_SYNTAX_HELO = Reply(501, "5.5.4", "Syntax: HELO/EHLO domain")
 R501_SYNTAX_MAIL = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
 R501_SYNTAX_RCPT = Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
@@ -153,7 +155,9 @@ R503_HELO_FIRST = Reply(503, "5.5.1", "Send HELO/EHLO first")
 R503_NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
 R503_MAIL_FIRST = Reply(503, "5.5.1", "Need MAIL before {verb}")
 R503_RCPT_FIRST = Reply(503, "5.5.1", "Need RCPT before DATA")
-R503_IN_TRANSACTION = Reply(503, "5.5.1", "{verb} not allowed during a mail transaction")
+R503_IN_TRANSACTION = Reply(
+    503, "5.5.1", "{verb} not allowed during a mail transaction"
+)
 R503_ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
 R503_ALREADY_AUTH = Reply(503, "5.5.1", "Already authenticated")
 R504_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")

@@ -6,7 +6,8 @@ C{twistd smtpd}: command-line options and the service they describe.
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -50,7 +51,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     optParameters = [
         ["hostname", None, None, "Name for the greeting and EHLO [default: FQDN]."],
         ["maildir", None, "Maildir", "Maildir to deliver into (created)."],
-        ["handler", None, None, "Dotted name of a handler instead of Maildir delivery."],
+        [
+            "handler",
+            None,
+            None,
+            "Dotted name of a handler instead of Maildir delivery.",
+        ],
         ["max-message-size", None, "33554432", "Largest message in bytes (SIZE)."],
         ["max-recipients", None, "100", "Recipients per message."],
         ["timeout", None, "300", "Idle timeout in seconds."],

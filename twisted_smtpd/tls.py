@@ -78,5 +78,7 @@ class TLSPolicy:
     required: bool = False
 
     @classmethod
-    def from_files(cls, cert_path: str, key_path: str, required: bool = False) -> TLSPolicy:
+    def from_files(
+        cls, cert_path: str, key_path: str, required: bool = False
+    ) -> TLSPolicy:
         return cls(context_from_pem(cert_path, key_path), required)

@@ -1,0 +1,472 @@
+"""Protocol tests over an in-memory transport with a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from twisted_smtpd import Limits, SMTPError, SMTPFactory
+from twisted_smtpd.handlers import MemoryHandler
+from twisted_smtpd.testing import FakeClient, connect
+
+
+def transaction(client: FakeClient, body: bytes = b"Subject: t\r\n\r\nhi\r\n") -> list:
+    client.command(b"EHLO client.example")
+    assert [b"250 2.1.0 Sender OK"] == client.command(b"MAIL FROM:<a@example.org>")
+    assert [b"250 2.1.5 Recipient OK"] == client.command(b"RCPT TO:<b@example.net>")
+    assert [b"354 End data with <CR><LF>.<CR><LF>"] == client.command(b"DATA")
+    client.send(body + b".\r\n")
+    return client.replies()
+
+
+class TestGreeting:
+    def test_banner(self, factory: SMTPFactory) -> None:
+        """The greeting is 220 with the hostname and app name."""
+        client = connect(factory)
+        assert [b"220 mx.test ESMTP twisted_smtpd ready"] == client.replies()
+
+    def test_ehlo_keywords(self, client: FakeClient) -> None:
+        """EHLO lists the extensions the server implements."""
+        assert [
+            b"250-mx.test Hello client.example",
+            b"250-PIPELINING",
+            b"250-SIZE 33554432",
+            b"250-8BITMIME",
+            b"250-ENHANCEDSTATUSCODES",
+            b"250-SMTPUTF8",
+            b"250 HELP",
+        ] == client.command(b"EHLO client.example")
+
+    def test_helo_has_no_enhanced_codes(self, client: FakeClient) -> None:
+        """After HELO, replies carry no enhanced status code (RFC 2034)."""
+        assert [b"250 mx.test Hello client.example"] == client.command(
+            b"HELO client.example"
+        )
+        assert [b"250 Sender OK"] == client.command(b"MAIL FROM:<a@b.example>")
+
+    def test_ehlo_without_domain(self, client: FakeClient) -> None:
+        """EHLO with no domain is a syntax error."""
+        assert [b"501 Syntax: HELO/EHLO domain"] == client.command(b"EHLO")
+
+    def test_size_zero_means_unlimited(
+        self, memory: MemoryHandler, clock: Clock
+    ) -> None:
+        """A zero size limit is advertised as plain SIZE."""
+        factory = SMTPFactory(
+            memory, hostname="mx.test", reactor=clock, limits=Limits(max_message_size=0)
+        )
+        client = connect(factory)
+        client.replies()
+        assert b"250-SIZE" in client.command(b"EHLO c.example")
+
+
+class TestSequence:
+    @pytest.mark.parametrize(
+        "line, expected",
+        [
+            (b"MAIL FROM:<a@b.example>", b"503 Send HELO/EHLO first"),
+            (b"RCPT TO:<a@b.example>", b"503 Send HELO/EHLO first"),
+            (b"DATA", b"503 Send HELO/EHLO first"),
+        ],
+    )
+    def test_before_helo(
+        self, client: FakeClient, line: bytes, expected: bytes
+    ) -> None:
+        """Transaction commands before HELO/EHLO get 503."""
+        assert [expected] == client.command(line)
+
+    def test_rcpt_before_mail(self, client: FakeClient) -> None:
+        """RCPT without MAIL gets 503 5.5.1."""
+        client.command(b"EHLO c.example")
+        assert [b"503 5.5.1 Need MAIL before RCPT"] == client.command(
+            b"RCPT TO:<a@b.c>"
+        )
+
+    def test_nested_mail(self, client: FakeClient) -> None:
+        """A second MAIL in a transaction gets 503."""
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        assert [b"503 5.5.1 Sender already specified"] == client.command(
+            b"MAIL FROM:<a@b.example>"
+        )
+
+    def test_data_without_rcpt(self, client: FakeClient) -> None:
+        """DATA with a sender but no recipient gets 503."""
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        assert [b"503 5.5.1 Need RCPT before DATA"] == client.command(b"DATA")
+
+    def test_unknown_verb(self, client: FakeClient) -> None:
+        """Unknown verbs get 500 and the session goes on."""
+        assert [b"500 Command not recognized"] == client.command(b"FROB x")
+        assert [b"250 OK"] == client.command(b"NOOP")
+
+    def test_rset_keeps_greeting(self, client: FakeClient) -> None:
+        """RSET aborts the transaction but not the greeting."""
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        assert [b"250 2.0.0 Reset OK"] == client.command(b"RSET")
+        assert [b"250 2.1.0 Sender OK"] == client.command(b"MAIL FROM:<>")
+
+    def test_vrfy_and_help(self, client: FakeClient) -> None:
+        """VRFY answers 252 (no enumeration); HELP answers 214; EXPN 502."""
+        client.command(b"EHLO c.example")
+        assert client.command(b"VRFY bob")[0].startswith(b"252 2.5.2 ")
+        assert client.command(b"HELP")[0].startswith(b"214 2.0.0 ")
+        assert [b"502 5.5.1 Command not implemented"] == client.command(b"EXPN list")
+        assert [b"501 5.5.4 Syntax: VRFY address"] == client.command(b"VRFY")
+
+    def test_quit(self, client: FakeClient) -> None:
+        """QUIT gets 221 and the connection closes."""
+        assert [b"221 Bye"] == client.command(b"QUIT")
+        assert client.closed
+
+    def test_too_many_bad_commands(self, memory: MemoryHandler, clock: Clock) -> None:
+        """After the bad-command budget the server says 421 and closes."""
+        factory = SMTPFactory(
+            memory, hostname="mx.test", reactor=clock, limits=Limits(max_bad_commands=3)
+        )
+        client = connect(factory)
+        client.replies()
+        client.command(b"BOGUS")
+        client.command(b"BOGUS")
+        assert [
+            b"500 Command not recognized",
+            b"421 mx.test Too many errors, closing connection",
+        ] == client.command(b"BOGUS")
+        assert client.closed
+
+
+class TestMailRcpt:
+    def test_size_over_limit(self, client: FakeClient) -> None:
+        """MAIL SIZE= above the limit gets 552 5.3.4."""
+        client.command(b"EHLO c.example")
+        assert [
+            b"552 5.3.4 Message size exceeds fixed maximum message size"
+        ] == client.command(b"MAIL FROM:<a@b.example> SIZE=999999999999")
+
+    def test_unknown_parameter(self, client: FakeClient) -> None:
+        """Unknown MAIL parameters get 555."""
+        client.command(b"EHLO c.example")
+        assert [b"555 5.5.4 Parameter FOO not recognized"] == client.command(
+            b"MAIL FROM:<a@b.example> FOO=bar"
+        )
+
+    def test_malformed_address(self, client: FakeClient) -> None:
+        """A malformed sender gets 501 5.1.7."""
+        client.command(b"EHLO c.example")
+        assert [b"501 5.1.7 Bad sender address syntax"] == client.command(
+            b"MAIL FROM:<a@@b>"
+        )
+
+    def test_max_recipients(self, memory: MemoryHandler, clock: Clock) -> None:
+        """Recipients beyond the limit get 452 4.5.3; earlier ones stand."""
+        factory = SMTPFactory(
+            memory, hostname="mx.test", reactor=clock, limits=Limits(max_recipients=2)
+        )
+        client = connect(factory)
+        client.replies()
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        client.command(b"RCPT TO:<1@b.example>")
+        client.command(b"RCPT TO:<2@b.example>")
+        assert [b"452 4.5.3 Too many recipients"] == client.command(
+            b"RCPT TO:<3@b.example>"
+        )
+        client.command(b"DATA")
+        client.send(b"x\r\n.\r\n")
+        assert ["1@b.example", "2@b.example"] == memory.messages[0].rcpt_tos
+
+    def test_smtputf8(self, client: FakeClient) -> None:
+        """Non-ASCII addresses are accepted with SMTPUTF8, refused without."""
+        client.command(b"EHLO c.example")
+        assert [b"553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter"] == (
+            client.command("MAIL FROM:<jos\u00e9@b.example>".encode())
+        )
+        assert [b"250 2.1.0 Sender OK"] == client.command(
+            "MAIL FROM:<jos\u00e9@b.example> SMTPUTF8".encode()
+        )
+        assert [b"250 2.1.5 Recipient OK"] == client.command(
+            "RCPT TO:<\u00fc@\u00e9.example>".encode()
+        )
+
+
+class TestLines:
+    def test_long_line_session_continues(self, client: FakeClient) -> None:
+        """A command line over 512 octets gets 500 5.5.2 and the session goes on."""
+        client.command(b"EHLO c.example")
+        assert [b"500 5.5.2 Line too long"] == client.command(b"NOOP " + b"x" * 600)
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
+
+    def test_huge_line_is_discarded_to_crlf(self, client: FakeClient) -> None:
+        """A line longer than any buffer is dropped up to its CRLF, then 500."""
+        client.command(b"EHLO c.example")
+        client.send(b"X" * 20000)
+        client.send(b"Y" * 20000 + b"\r")
+        client.send(b"\nNOOP\r\n")
+        assert [b"500 5.5.2 Line too long", b"250 2.0.0 OK"] == client.replies()
+
+    def test_bare_lf_does_not_split_commands(self, client: FakeClient) -> None:
+        """A bare LF never ends a command (smuggling defence)."""
+        client.command(b"EHLO c.example")
+        replies = client.command(b"NOOP\nQUIT")
+        assert [b"500 5.5.2 Command not recognized"] == replies
+        assert not client.closed
+
+
+class TestData:
+    def test_message_delivered(self, client: FakeClient, memory: MemoryHandler) -> None:
+        """A message is handed to the handler whole, with 250 and a queue id."""
+        replies = transaction(client, b"Subject: t\r\n\r\n..dot\r\nline\r\n")
+        assert 1 == len(replies) and replies[0].startswith(b"250 2.0.0 OK: queued as ")
+        envelope = memory.messages[0]
+        assert b"Subject: t\r\n\r\n.dot\r\nline\r\n" == envelope.content
+        assert "a@example.org" == envelope.mail_from
+        assert ["b@example.net"] == envelope.rcpt_tos
+        assert envelope.received_header.startswith(b"Received: from client.example")
+        assert (
+            b"with ESMTP id " + envelope.message_id.encode() in envelope.received_header
+        )
+
+    def test_bare_lf_dot_does_not_end_data(
+        self, client: FakeClient, memory: MemoryHandler
+    ) -> None:
+        """<LF>.<LF> and <LF>.<CR><LF> stay in the message (SMTP smuggling)."""
+        transaction(
+            client,
+            b"a\n.\nMAIL FROM:<evil@x.example>\r\nb\n.\r\nc\r.\r\n",
+        )
+        assert b"a\n.\nMAIL FROM:<evil@x.example>\r\nb\n.\r\nc\r.\r\n" == (
+            memory.messages[0].content
+        )
+
+    def test_too_big(self, memory: MemoryHandler, clock: Clock) -> None:
+        """Over the size limit: read to the end, one 552, nothing delivered."""
+        factory = SMTPFactory(
+            memory,
+            hostname="mx.test",
+            reactor=clock,
+            limits=Limits(max_message_size=10),
+        )
+        client = connect(factory)
+        client.replies()
+        replies = transaction(client, b"0123456789abcdef\r\nRCPT TO:<x@y.example>\r\n")
+        assert [b"552 5.3.4 Message size exceeds fixed maximum message size"] == replies
+        assert [] == memory.messages
+        assert [b"250 2.1.0 Sender OK"] == client.command(b"MAIL FROM:<a@b.example>")
+
+    def test_pipelined_after_data(
+        self, client: FakeClient, memory: MemoryHandler
+    ) -> None:
+        """Commands pipelined after the end marker are answered after the 250."""
+        client.send(
+            b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n"
+            b"DATA\r\nhello\r\n.\r\n"
+            b"MAIL FROM:<e@f.example>\r\nRCPT TO:<g@h.example>\r\n"
+            b"DATA\r\nsecond\r\n.\r\nQUIT\r\n"
+        )
+        codes = [line[:4] for line in client.replies() if line[3:4] == b" "]
+        assert [
+            b"250 ",  # EHLO
+            b"250 ",
+            b"250 ",
+            b"354 ",
+            b"250 ",
+            b"250 ",
+            b"250 ",
+            b"354 ",
+            b"250 ",
+            b"221 ",
+        ] == codes
+        assert [b"hello\r\n", b"second\r\n"] == [e.content for e in memory.messages]
+        assert client.closed
+
+    def test_data_with_argument(self, client: FakeClient) -> None:
+        """DATA takes no argument."""
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        client.command(b"RCPT TO:<c@d.example>")
+        assert [b"501 5.5.4 Syntax: DATA takes no arguments"] == client.command(
+            b"DATA now"
+        )
+
+
+class Hooks:
+    """A full handler whose hooks answer through Deferreds the test controls."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred] = []
+        self.messages: list = []
+
+    def check_sender(self, envelope):
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return d
+
+    def check_recipient(self, envelope, address, options):
+        if address.startswith("nobody@"):
+            raise SMTPError(550, "5.1.1", "No such user here")
+        if address.startswith("crash@"):
+            raise RuntimeError("boom")
+        return succeed(None)
+
+    def handle_message(self, envelope):
+        self.messages.append(envelope)
+        return "QID1"
+
+
+class TestHandlers:
+    def _client(self, handler, clock) -> FakeClient:
+        client = connect(SMTPFactory(handler, hostname="mx.test", reactor=clock))
+        client.replies()
+        return client
+
+    def test_replies_wait_for_pending_hook(self, clock: Clock) -> None:
+        """Pipelined commands are held while a hook's Deferred is pending."""
+        hooks = Hooks()
+        client = self._client(hooks, clock)
+        client.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nNOOP\r\n")
+        assert b"250 HELP" == client.replies()[-1]
+        hooks.pending[0].callback(None)
+        assert [b"250 2.1.0 Sender OK", b"250 2.0.0 OK"] == client.replies()
+
+    def test_smtp_error_and_unexpected_error(self, clock: Clock) -> None:
+        """SMTPError gives its reply; any other exception gives 451 4.3.0."""
+        hooks = Hooks()
+        client = self._client(hooks, clock)
+        client.command(b"EHLO c.example")
+        client.send(b"MAIL FROM:<a@b.example>\r\n")
+        hooks.pending[0].callback(None)
+        client.replies()
+        assert [b"550 5.1.1 No such user here"] == client.command(
+            b"RCPT TO:<nobody@b.example>"
+        )
+        assert [b"451 4.3.0 Requested action aborted: local error"] == client.command(
+            b"RCPT TO:<crash@b.example>"
+        )
+        assert [b"250 2.1.5 Recipient OK"] == client.command(b"RCPT TO:<ok@b.example>")
+        client.command(b"DATA")
+        assert [b"250 2.0.0 OK: queued as QID1"] == client.command(b"x\r\n.")
+
+    def test_coroutine_handler(self, clock: Clock) -> None:
+        """A coroutine handler's SMTPError becomes the reply to DATA."""
+
+        async def handle(envelope):
+            if b"spam" in envelope.content:
+                raise SMTPError(550, "5.7.1", "Spam is not welcome here")
+
+        client = self._client(handle, clock)
+        assert [b"550 5.7.1 Spam is not welcome here"] == transaction(
+            client, b"spam\r\n"
+        )
+        assert transaction(client, b"ham\r\n")[0].startswith(b"250 2.0.0 OK: queued")
+
+    def test_handler_failure_nothing_accepted(self, clock: Clock) -> None:
+        """A failing handler gets 451, and the session takes the next message."""
+        calls = []
+
+        def handle(envelope):
+            calls.append(envelope)
+            if len(calls) == 1:
+                raise OSError("disk full")
+
+        client = self._client(handle, clock)
+        assert [b"451 4.3.0 Requested action aborted: local error"] == transaction(
+            client
+        )
+        assert transaction(client)[0].startswith(b"250 2.0.0 OK: queued as ")
+
+    def test_handler_must_be_usable(self, clock: Clock) -> None:
+        """A handler that is neither callable nor has hooks is refused at once."""
+        with pytest.raises(TypeError):
+            SMTPFactory(object(), hostname="mx.test", reactor=clock)
+
+    def test_streaming_receiver_back_pressure(self, clock: Clock) -> None:
+        """A streaming receiver gets chunks and may pause the connection."""
+
+        class Receiver:
+            def __init__(self):
+                self.data = []
+                self.producer = None
+                self.finished = Deferred()
+
+            def registerProducer(self, producer, streaming):
+                self.producer = producer
+
+            def unregisterProducer(self):
+                self.producer = None
+
+            def write(self, data):
+                self.data.append(data)
+                self.producer.pauseProducing()
+
+            def finish(self):
+                return self.finished
+
+            def abort(self):
+                raise AssertionError("not aborted")
+
+        receiver = Receiver()
+
+        class Streaming:
+            def open_message(self, envelope):
+                return receiver
+
+        client = self._client(Streaming(), clock)
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        client.command(b"RCPT TO:<c@d.example>")
+        client.command(b"DATA")
+        client.send(b"x" * 1000 + b"\r\n")
+        assert "paused" == client.transport.producerState
+        client.send(b".\r\nNOOP\r\n")
+        assert [] == client.replies()
+        receiver.finished.callback("Q9")
+        assert [b"250 2.0.0 OK: queued as Q9", b"250 2.0.0 OK"] == client.replies()
+        assert b"x" * 1000 + b"\r\n" == b"".join(receiver.data)
+
+
+class TestTimeout:
+    def test_idle_timeout(self, factory: SMTPFactory, clock: Clock) -> None:
+        """An idle session gets 421 4.4.2 and is closed."""
+        client = connect(factory)
+        client.replies()
+        clock.advance(299)
+        client.command(b"EHLO c.example")
+        clock.advance(299)
+        assert not client.closed
+        clock.advance(2)
+        assert [b"421 4.4.2 mx.test Timeout, closing connection"] == client.replies()
+        assert client.closed
+
+    def test_bytes_reset_timer_during_data(
+        self, factory: SMTPFactory, clock: Clock
+    ) -> None:
+        """Any received bytes, even mid-DATA, reset the idle timer."""
+        client = connect(factory)
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        client.command(b"RCPT TO:<c@d.example>")
+        client.command(b"DATA")
+        for _ in range(5):
+            clock.advance(200)
+            client.send(b"more\r\n")
+        assert not client.closed
+
+
+class TestConnectionLimits:
+    def test_max_connections(self, memory: MemoryHandler, clock: Clock) -> None:
+        """Beyond max_connections a new client gets 421 4.7.0 and is closed."""
+        factory = SMTPFactory(
+            memory, hostname="mx.test", reactor=clock, limits=Limits(max_connections=1)
+        )
+        first = connect(factory)
+        second = connect(factory)
+        assert [
+            b"421 mx.test Too many connections, try again later"
+        ] == second.replies()
+        assert second.closed and not first.closed
+        first.protocol.connectionLost(None)
+        third = connect(factory)
+        assert third.replies()[0].startswith(b"220 ")
