@@ -28,3 +28,37 @@ def client(factory: SMTPFactory) -> FakeClient:
     c = connect(factory)
     c.replies()  # the greeting
     return c
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory):
+    """Paths of a CA, a server certificate (with chain) and its key."""
+    from .certs import make_certificates
+
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def listen():
+    """Start servers on free loopback ports; stop them after the test.
+
+    C{listen(handler, ssl_context=None, **factory_kwargs)} returns the port
+    number; with an C{ssl_context} the listener is implicit TLS.
+    """
+    from twisted.internet import reactor
+
+    ports = []
+
+    def start(handler, ssl_context=None, **kwargs):
+        kwargs.setdefault("hostname", "mx.test")
+        factory = SMTPFactory(handler, **kwargs)
+        if ssl_context is not None:
+            port = reactor.listenSSL(0, factory, ssl_context, interface="127.0.0.1")
+        else:
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        ports.append(port)
+        return port.getHost().port
+
+    yield start
+    for port in ports:
+        port.stopListening()

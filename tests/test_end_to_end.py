@@ -2,48 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import smtplib
 import socket
 import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
-from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
+from twisted.internet import threads
 from twisted.mail.smtp import sendmail as twisted_sendmail
 
-from twisted_smtpd import Limits, SMTPFactory
-from twisted_smtpd.handlers import MaildirHandler, MemoryHandler
+from twisted_smtpd import Limits
+from twisted_smtpd.handlers import MaildirHandler
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def memory() -> MemoryHandler:
-    return MemoryHandler()
-
-
-@pytest.fixture
-def listen():
-    """Start a server on a free loopback port; stop it after the test."""
-    ports = []
-
-    def start(handler, **kwargs):
-        kwargs.setdefault("hostname", "mx.test")
-        factory = SMTPFactory(handler, **kwargs)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        ports.append(port)
-        return port.getHost().port
-
-    yield start
-    for port in ports:
-        port.stopListening()
+from .helpers import free_port, twistd_command, twistd_env, wait_for_port
 
 
 def in_thread(fn, *args):
@@ -213,49 +187,12 @@ def test_maildir_delivery(listen, tmp_path):
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"twistd exited early: {proc.stdout.read()!r}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("twistd did not start listening")
-
-
-def twistd_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def test_twistd_plugin_delivers_into_maildir(tmp_path) -> None:
     """`twistd -n smtpd` as a user runs it: a message lands in the Maildir."""
-    port = _free_port()
+    port = free_port()
     maildir = tmp_path / "Maildir"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "twisted", "--help"],
-        stdout=subprocess.DEVNULL,
-    )
-    proc.wait()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            "-l",
-            "-",
+        twistd_command(
             "smtpd",
             "--port",
             f"tcp:{port}:interface=127.0.0.1",
@@ -263,7 +200,7 @@ def test_twistd_plugin_delivers_into_maildir(tmp_path) -> None:
             str(maildir),
             "--hostname",
             "mx.test",
-        ],
+        ),
         cwd=tmp_path,
         env=twistd_env(),
         stdout=subprocess.PIPE,
@@ -271,7 +208,7 @@ def test_twistd_plugin_delivers_into_maildir(tmp_path) -> None:
         text=True,
     )
     try:
-        _wait_for_port(port, proc)
+        wait_for_port(port, proc)
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
             code, banner = smtp.ehlo()
             assert 250 == code and banner.startswith(b"mx.test")
@@ -298,20 +235,15 @@ def test_twistd_plugin_delivers_into_maildir(tmp_path) -> None:
             ["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.pem"],
             "cannot read TLS certificate",
         ),
+        (["--tls-cert", "/etc/hostname"], "--tls-cert and --tls-key go together"),
+        (["--require-tls"], "--require-tls needs --tls-cert and --tls-key"),
+        (["--bogus"], "option --bogus not recognized"),
     ],
 )
 def test_twistd_bad_options_one_line(tmp_path, args, expected) -> None:
     """Bad options stop twistd at start-up with one clear line, no traceback."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            "smtpd",
-            *args,
-        ],
+        twistd_command("smtpd", *args),
         cwd=tmp_path,
         env=twistd_env(),
         capture_output=True,

@@ -59,11 +59,14 @@ def parse_command(line: bytes) -> Command:
 
 
 # RFC 5321 4.1.2 / RFC 6531 3.3 -------------------------------------------------
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]"
+# UTF8-non-ascii: any non-ASCII character but the lone surrogates that stand for
+# bytes that were not UTF-8 (decode_line's surrogateescape).
+_U = "\u0080-\ud7ff\ue000-\U0010ffff"
+_ATEXT = rf"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-{_U}]"
 _DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010FFFF]|\\[\x20-\x7e])*"'
-_LETTER_DIGIT = r"[A-Za-z0-9\u0080-\U0010FFFF]"
-_LABEL = rf"{_LETTER_DIGIT}(?:[A-Za-z0-9\-\u0080-\U0010FFFF]*{_LETTER_DIGIT})?"
+_QUOTED_STRING = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_U}]|\\[\x20-\x7e])*"'
+_LETTER_DIGIT = rf"[A-Za-z0-9{_U}]"
+_LABEL = rf"{_LETTER_DIGIT}(?:[A-Za-z0-9\-{_U}]*{_LETTER_DIGIT})?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
 _IPV4 = (
     r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}"

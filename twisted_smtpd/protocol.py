@@ -186,11 +186,24 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self._receiver is not None:
             self._abort_receiver()
         self.factory.release(self)
+        if reason is not None and self.session is not None:
+            self._log_tls_failure(reason)
         if self.session is not None:
             self._log.info(
                 "smtpd session {session_id} closed after {messages} messages",
                 session_id=self.session.session_id,
                 messages=self.session.messages,
+            )
+
+    def _log_tls_failure(self, reason: Failure) -> None:
+        """A failed TLS handshake is one log line, never a traceback."""
+        from OpenSSL.SSL import Error as TLSError
+
+        if reason.check(TLSError):
+            self._log.info(
+                "smtpd session {session_id}: TLS failed: {error}",
+                session_id=self.session.session_id,
+                error=_tls_error_text(reason.value),
             )
 
     def timeoutConnection(self) -> None:
@@ -604,6 +617,14 @@ def _address_text(address: Any) -> str:
     if host is None:
         return str(address)
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _tls_error_text(error: Exception) -> str:
+    """OpenSSL's error list as one short line."""
+    parts = []
+    for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
+        parts.append(item[-1] if isinstance(item, tuple) else str(item))
+    return "; ".join(parts) or repr(error)
 
 
 def _mask(line: bytes) -> bytes:

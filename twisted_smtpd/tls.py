@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import ssl
 
 __all__ = ["TLSPolicy", "context_from_pem"]
@@ -45,22 +47,27 @@ def context_from_pem(cert_path: str, key_path: str) -> ssl.CertificateOptions:
     if not blocks:
         raise ValueError(f"no PEM certificate in {cert_path!r}")
     try:
-        key = ssl.KeyPair.load(key_data, ssl.FILETYPE_PEM)
+        key = serialization.load_pem_private_key(key_data, password=None)
     except Exception:
         raise ValueError(f"no usable PEM private key in {key_path!r}") from None
     try:
-        certificate = ssl.PrivateCertificate.load(blocks[0], key, ssl.FILETYPE_PEM)
-        chain = [ssl.Certificate.loadPEM(block).original for block in blocks[1:]]
-        return ssl.CertificateOptions(
-            privateKey=certificate.privateKey.original,
-            certificate=certificate.original,
-            extraCertChain=chain,
-        )
+        certificates = [x509.load_pem_x509_certificate(block) for block in blocks]
     except Exception as error:
+        raise ValueError(f"bad PEM certificate in {cert_path!r}: {error}") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.DER
+    if certificates[0].public_key().public_bytes(encoding, public) != (
+        key.public_key().public_bytes(encoding, public)
+    ):
         raise ValueError(
-            f"TLS certificate {cert_path!r} and key {key_path!r} do not fit"
-            f" together: {error}"
-        ) from None
+            f"TLS certificate {cert_path!r} and key {key_path!r} do not fit together"
+        )
+    # cryptography objects, not pyOpenSSL ones: pyOpenSSL deprecates the latter.
+    return ssl.CertificateOptions(
+        privateKey=key,
+        certificate=certificates[0],
+        extraCertChain=certificates[1:],
+    )
 
 
 @dataclass(frozen=True)
