@@ -61,8 +61,8 @@ def parse_command(line: bytes) -> Command:
 # RFC 5321 4.1.2 / RFC 6531 3.3 -------------------------------------------------
 # UTF8-non-ascii: any non-ASCII character but the lone surrogates that stand for
 # bytes that were not UTF-8 (decode_line's surrogateescape).
-_U = "\u0080-\ud7ff\ue000-\U0010ffff"
-_ATEXT = rf"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-{_U}]"
+_U = r"\u0080-\ud7ff\ue000-\U0010ffff"
+_ATEXT = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\-{_U}]"
 _DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
 _QUOTED_STRING = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_U}]|\\[\x20-\x7e])*"'
 _LETTER_DIGIT = rf"[A-Za-z0-9{_U}]"
