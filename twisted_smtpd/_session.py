@@ -205,6 +205,7 @@ class Session:
         self.esmtp = False
         self.auth: Any = None
         self.bad_commands = 0
+        self.auth_failures = 0
         self.messages = 0
         self.envelope: Optional[Envelope] = None
 

@@ -37,7 +37,7 @@ class SMTPFactory(ServerFactory):
         tls: a L{TLSPolicy <twisted_smtpd.tls.TLSPolicy>} to offer STARTTLS
             and/or require TLS.
         auth: an L{AuthPolicy <twisted_smtpd.auth.AuthPolicy>} to offer AUTH.
-        debug: log the dialogue (AUTH payloads masked) at debug level.
+        debug: log the dialogue (AUTH payloads masked).
         reactor: the reactor for timeouts and threads; default the global one.
     """
 

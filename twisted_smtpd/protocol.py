@@ -41,6 +41,7 @@ from .replies import (
     R421_SHUTTING_DOWN,
     R421_TIMEOUT,
     R451_LOCAL_ERROR,
+    R500_AUTH_LINE_TOO_LONG,
     R500_LINE_TOO_LONG,
     R500_UNKNOWN_COMMAND,
     R501_NO_ARGUMENTS,
@@ -138,6 +139,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._discard_line = False  # dropping the rest of an overlong line
         self._drop_input = False  # STARTTLS: forget buffered plaintext
         self._reader: Optional[DataReader] = None
+        self._sasl: Optional[Callable[[str], None]] = None  # AUTH continuation
         self._receiver: Any = None
         self._envelope: Optional[Envelope] = None
         self._debug = factory.debug
@@ -168,11 +170,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         )
         refusal = self.factory.admit(self)
         if refusal is not None:
-            self._reply(refusal)
+            self.reply(refusal)
             self._close()
             return
         self.setTimeout(self.limits.timeout)
-        self._reply(
+        self.reply(
             R220_READY.with_text(
                 R220_READY.text.format(
                     hostname=self.factory.hostname, app=self.factory.app_name
@@ -211,12 +213,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             "smtpd session {session_id} idle timeout",
             session_id=self.session.session_id,
         )
-        self._reply(fill(R421_TIMEOUT, hostname=self.factory.hostname))
+        self.reply(fill(R421_TIMEOUT, hostname=self.factory.hostname))
         self._close()
 
     def shutdown(self) -> None:
         """Close an idle session with 421 (server going down)."""
-        self._reply(fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname))
+        self.reply(fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname))
         self._close()
 
     @property
@@ -274,7 +276,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _start_discarding(self) -> None:
         if not self._discard_line:
             self._discard_line = True
-            self._reply(R500_LINE_TOO_LONG)
+            self.reply(R500_LINE_TOO_LONG)
             self._count_bad(R500_LINE_TOO_LONG)
 
     def _limit_held_input(self) -> None:
@@ -282,10 +284,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._transport_paused = True
             self.transport.pauseProducing()
 
-    def _hold(self) -> None:
+    def hold_input(self) -> None:
+        """Answer nothing more until L{release_input}: keeps replies in order."""
         self._held = True
 
-    def _release(self, _: Any = None) -> Any:
+    def release_input(self, _: Any = None) -> Any:
         self._held = False
         if self._transport_paused:
             self._transport_paused = False
@@ -295,10 +298,13 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return _
 
     def lineReceived(self, line: bytes) -> None:
+        if self._sasl is not None:
+            self._sasl_line(line)
+            return
         command = parse_command(line)
         verb = command.verb
         if self._debug:
-            self._log.debug(
+            self._log.info(
                 "smtpd {session_id} <<< {line}",
                 session_id=self.session.session_id,
                 line=_mask(line),
@@ -319,12 +325,33 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         except SMTPError as error:
             self._reply_bad(error.reply)
 
+    def _sasl_line(self, line: bytes) -> None:
+        if self._debug:
+            self._log.info(
+                "smtpd {session_id} <<< ****", session_id=self.session.session_id
+            )
+        answer = self._sasl
+        assert answer is not None
+        if len(line) + 2 > self.limits.max_auth_line:
+            self.sasl_done()
+            self.reply(R500_AUTH_LINE_TOO_LONG)
+            return
+        answer(line.decode("ascii", "replace").strip())
+
+    def sasl_continue(self, answer: Callable[[str], None]) -> None:
+        """Send the client's next line to C{answer} instead of the command parser."""
+        self._sasl = answer
+
+    def sasl_done(self) -> None:
+        self._sasl = None
+
     # -- output ----------------------------------------------------------------
-    def _reply(self, reply: Reply) -> None:
+    def reply(self, reply: Reply) -> None:
+        """Send one reply (enhanced status codes only after EHLO)."""
         esmtp = self.session is not None and self.session.esmtp
         data = format_reply(reply, esmtp)
         if self._debug:
-            self._log.debug(
+            self._log.info(
                 "smtpd {session_id} >>> {line}",
                 session_id=self.session.session_id if self.session else "-",
                 line=data.rstrip(b"\r\n"),
@@ -332,15 +359,20 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.transport.write(data)
 
     def _reply_bad(self, reply: Reply) -> None:
-        self._reply(reply)
+        self.reply(reply)
         self._count_bad(reply)
 
     def _count_bad(self, reply: Reply) -> None:
         if reply.code in _BAD_COMMAND_CODES:
             closing = self.session.bad_command()
             if closing is not None:
-                self._reply(fill(closing, hostname=self.factory.hostname))
+                self.reply(fill(closing, hostname=self.factory.hostname))
                 self._close()
+
+    def close_with(self, reply: Reply) -> None:
+        """Send C{reply} (a 421) and close."""
+        self.reply(reply)
+        self._close()
 
     def _close(self) -> None:
         self._closing = True
@@ -371,10 +403,10 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if not isinstance(result, Deferred):
             succeeded(result)
             return
-        self._hold()
+        self.hold_input()
         result.addCallbacks(succeeded, self._hook_failed, errbackArgs=(failed,))
         result.addErrback(self._unexpected)
-        result.addBoth(self._release)
+        result.addBoth(self.release_input)
 
     def _hook_failed(
         self, failure: Failure, failed: Optional[Callable[[], None]]
@@ -390,24 +422,24 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             reply = R451_LOCAL_ERROR
         if failed is not None:
             failed()
-        self._reply(reply)
+        self.reply(reply)
 
     def _unexpected(self, failure: Failure) -> None:
         self._log.failure("smtpd internal error", failure)
-        self._reply(R451_LOCAL_ERROR)
+        self.reply(R451_LOCAL_ERROR)
 
     # -- commands --------------------------------------------------------------
     def do_HELO(self, argument: str) -> None:
         name = parse_helo(argument)
         self.session.greeted(name, esmtp=False)
-        self._reply(fill(R250_HELO, hostname=self.factory.hostname, name=name))
+        self.reply(fill(R250_HELO, hostname=self.factory.hostname, name=name))
 
     def do_EHLO(self, argument: str) -> None:
         name = parse_helo(argument)
         self.session.greeted(name, esmtp=True)
         lines = [f"{self.factory.hostname} Hello {name}"]
         lines.extend(self.factory.extensions(self.session))
-        self._reply(Reply(R250_HELO.code, "", "\n".join(lines)))
+        self.reply(Reply(R250_HELO.code, "", "\n".join(lines)))
 
     def do_MAIL(self, argument: str) -> None:
         sender, params = parse_mail(argument)
@@ -420,7 +452,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
         def accepted(_: Any) -> None:
             self.session.mail(envelope)
-            self._reply(R250_SENDER_OK)
+            self.reply(R250_SENDER_OK)
 
         self._run(self._hooks.check_sender, (envelope,), accepted)
 
@@ -432,7 +464,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
         def accepted(_: Any) -> None:
             self.session.rcpt(address, params)
-            self._reply(R250_RECIPIENT_OK)
+            self.reply(R250_RECIPIENT_OK)
 
         self._run(self._hooks.check_recipient, (envelope, address, params), accepted)
 
@@ -452,7 +484,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if register is not None:
             register(_BodyProducer(self), True)
         self._reader = DataReader(self.limits.max_message_size)
-        self._reply(R354_START_INPUT)
+        self.reply(R354_START_INPUT)
 
     def _raw_data(self, buffer: bytes, pos: int) -> int:
         """Feed DATA bytes from C{buffer[pos:]}; return where line mode resumes."""
@@ -474,14 +506,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if reader.too_big:
             self._abort_receiver()
             self._message_done(envelope, "too big")
-            self._reply(R552_TOO_BIG)
+            self.reply(R552_TOO_BIG)
             return
         receiver = self._receiver
 
         def stored(queue_id: Any) -> None:
             self._receiver_done(receiver)
             self._message_done(envelope, "accepted")
-            self._reply(
+            self.reply(
                 fill(
                     R250_QUEUED, queue_id=queue_id if queue_id else envelope.message_id
                 )
@@ -526,22 +558,22 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if argument:
             raise SMTPError(fill(R501_NO_ARGUMENTS, verb="RSET"))
         self.session.reset()
-        self._reply(R250_RESET)
+        self.reply(R250_RESET)
 
     def do_NOOP(self, argument: str) -> None:
-        self._reply(R250_OK)
+        self.reply(R250_OK)
 
     def do_QUIT(self, argument: str) -> None:
-        self._reply(R221_BYE)
+        self.reply(R221_BYE)
         self._close()
 
     def do_VRFY(self, argument: str) -> None:
         if not argument:
             raise SMTPError(R501_SYNTAX_VRFY)
-        self._reply(R252_CANNOT_VRFY)
+        self.reply(R252_CANNOT_VRFY)
 
     def do_HELP(self, argument: str) -> None:
-        self._reply(R214_HELP)
+        self.reply(R214_HELP)
 
     def do_EXPN(self, argument: str) -> None:
         raise SMTPError(R502_NOT_IMPLEMENTED)
@@ -554,7 +586,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             raise SMTPError(R502_NOT_IMPLEMENTED)
         if argument:
             raise SMTPError(fill(R501_NO_ARGUMENTS, verb="STARTTLS"))
-        self._reply(R220_STARTTLS)
+        self.reply(R220_STARTTLS)
         # Anything the client sent after STARTTLS in plaintext is an injection
         # attempt (CVE-2011-0411 class): drop it before the handshake.
         self._drop_input = True

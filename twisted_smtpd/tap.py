@@ -12,6 +12,7 @@ from typing import Any, Optional
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.cred import strcred
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.internet import endpoints
 from twisted.python import usage
 from twisted.python.reflect import namedAny
@@ -38,6 +39,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     """Options for C{twistd smtpd}; see DESIGN.md section 5 and the README."""
 
     synopsis = "[options]"
+    # SASL hands us user names and passwords (or CRAM-MD5 digests).
+    supportedInterfaces = (IUsernamePassword, IUsernameHashedPassword)
     longdesc = (
         "Receive mail over SMTP/ESMTP. By default listens on tcp:2525 and"
         " delivers into ./Maildir."

@@ -1,0 +1,321 @@
+# -*- test-case-name: tests.test_auth -*-
+"""
+SMTP AUTH (RFC 4954): SASL PLAIN, LOGIN and CRAM-MD5 over C{twisted.cred}.
+
+The protocol hands AUTH lines and the client's continuation lines here; a
+mechanism turns them into C{twisted.cred} credentials, the portal checks them,
+and the avatar becomes C{envelope.auth}.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import time
+from base64 import b64decode, b64encode
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from twisted.cred import credentials as cred_credentials
+from twisted.cred.checkers import (
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
+from twisted.cred.error import LoginFailed, UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from .replies import (
+    R235_AUTH_OK,
+    R334_CHALLENGE,
+    R421_AUTH_FAILURES,
+    R454_AUTH_TEMPORARY,
+    R501_AUTH_BASE64,
+    R501_AUTH_CANCELLED,
+    R501_SYNTAX_AUTH,
+    R503_ALREADY_AUTH,
+    R504_UNKNOWN_MECHANISM,
+    R535_AUTH_FAILED,
+    R538_AUTH_NEEDS_TLS,
+    Reply,
+    SMTPError,
+    fill,
+)
+
+if TYPE_CHECKING:
+    from ._session import Session
+    from .protocol import SMTPServerProtocol
+
+__all__ = ["AuthPolicy", "IAuthenticatedSender", "MECHANISMS"]
+
+_log = Logger()
+
+
+class IAuthenticatedSender(Interface):
+    """The avatar interface asked of the realm; the avatar is C{envelope.auth}."""
+
+
+@implementer(IRealm)
+class IdentityRealm:
+    """The default realm: the avatar is the authenticated user name (str)."""
+
+    def requestAvatar(
+        self, avatarId: Any, mind: Any, *interfaces: Any
+    ) -> tuple[Any, Any, Callable[[], None]]:
+        if isinstance(avatarId, bytes):
+            avatarId = avatarId.decode("utf-8", "replace")
+        return IAuthenticatedSender, avatarId, lambda: None
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _decode(line: str) -> bytes:
+    """A client's base64 response; C{*} cancels; C{=} is an empty response."""
+    if line == "*":
+        raise _Cancelled()
+    if line == "=":
+        return b""
+    try:
+        return b64decode(line.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise SMTPError(R501_AUTH_BASE64) from None
+
+
+def _challenge(data: bytes) -> Reply:
+    return fill(R334_CHALLENGE, challenge=b64encode(data).decode("ascii"))
+
+
+class _Exchange:
+    """One SASL exchange: a generator of challenges fed the client's answers."""
+
+    def __init__(self, mechanism: Callable[..., Any], initial: Optional[str]) -> None:
+        self._steps = mechanism(initial)
+
+    def start(self) -> Any:
+        return next(self._steps)
+
+    def answer(self, line: str) -> Any:
+        return self._steps.send(line)
+
+
+def _plain(initial: Optional[str], **_: Any) -> Any:
+    response = _decode(initial) if initial is not None else None
+    if response is None:
+        response = _decode((yield _challenge(b"")))
+    parts = response.split(b"\0")
+    if len(parts) != 3 or not parts[1]:
+        raise SMTPError(R501_AUTH_BASE64.with_text("Malformed PLAIN response"))
+    authzid, username, password = parts
+    if authzid and authzid != username:
+        # Acting for another user is not supported.
+        yield None
+        return
+    yield cred_credentials.UsernamePassword(username, password)
+
+
+def _login(initial: Optional[str], **_: Any) -> Any:
+    if initial is not None:
+        username = _decode(initial)
+    else:
+        username = _decode((yield _challenge(b"Username:")))
+    password = _decode((yield _challenge(b"Password:")))
+    yield cred_credentials.UsernamePassword(username, password)
+
+
+def _cram_md5(initial: Optional[str], *, hostname: str = "localhost") -> Any:
+    if initial is not None:
+        raise SMTPError(R501_SYNTAX_AUTH)
+    credentials = cred_credentials.CramMD5Credentials(hostname.encode("idna"))
+    credentials.challenge = (
+        f"<{int.from_bytes(os.urandom(8), 'big')}.{int(time.time())}@{hostname}>"
+    ).encode("ascii")
+    response = _decode((yield _challenge(credentials.challenge)))
+    username, _, digest = response.rpartition(b" ")
+    if not username or len(digest) != 32:
+        yield None
+        return
+    credentials.username = username
+    credentials.response = digest.lower()
+    yield credentials
+
+
+#: mechanism name -> (exchange, credentials interface it needs)
+MECHANISMS: dict[str, tuple[Callable[..., Any], Any]] = {
+    "PLAIN": (_plain, cred_credentials.IUsernamePassword),
+    "LOGIN": (_login, cred_credentials.IUsernamePassword),
+    "CRAM-MD5": (_cram_md5, cred_credentials.IUsernameHashedPassword),
+}
+
+
+def _bytes_users(checker: Any) -> Any:
+    """strcred's memory checker keeps str; SASL credentials are bytes."""
+    if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+        checker.users = {
+            (k.encode() if isinstance(k, str) else k): (
+                v.encode() if isinstance(v, str) else v
+            )
+            for k, v in checker.users.items()
+        }
+    return checker
+
+
+class AuthPolicy:
+    """Who may AUTH, how, and what happens on failure.
+
+    Args:
+        portal: a C{twisted.cred} portal; its realm is asked for
+            L{IAuthenticatedSender} and the avatar becomes C{envelope.auth}.
+        mechanisms: offered mechanisms in order; those the portal's checkers
+            cannot verify (CRAM-MD5 needs C{IUsernameHashedPassword}) are
+            dropped.
+        required: refuse MAIL before AUTH (530 5.7.0).
+        allow_without_tls: offer AUTH on connections without TLS.
+        max_failures: failed attempts before 421 and close.
+        failure_delay: seconds to wait before each 535, times the attempt.
+    """
+
+    def __init__(
+        self,
+        portal: Portal,
+        *,
+        mechanisms: Sequence[str] = ("PLAIN", "LOGIN", "CRAM-MD5"),
+        required: bool = False,
+        allow_without_tls: bool = False,
+        max_failures: int = 5,
+        failure_delay: float = 1.0,
+    ) -> None:
+        supported = set(portal.listCredentialsInterfaces())
+        unknown = [m for m in mechanisms if m.upper() not in MECHANISMS]
+        if unknown:
+            raise ValueError(f"unknown SASL mechanisms: {', '.join(unknown)}")
+        self.portal = portal
+        self.mechanisms = [
+            m.upper() for m in mechanisms if MECHANISMS[m.upper()][1] in supported
+        ]
+        self.required = required
+        self.allow_without_tls = allow_without_tls
+        self.max_failures = max_failures
+        self.failure_delay = failure_delay
+
+    @classmethod
+    def from_checkers(
+        cls, checkers: Iterable[ICredentialsChecker], **kwargs: Any
+    ) -> AuthPolicy:
+        """A policy over a portal with the default realm and these checkers."""
+        portal = Portal(IdentityRealm(), [_bytes_users(c) for c in checkers])
+        return cls(portal, **kwargs)
+
+    def available(self, session: Session) -> bool:
+        return session.tls is not None or self.allow_without_tls
+
+    def advertised(self, session: Session) -> list[str]:
+        return self.mechanisms if self.available(session) else []
+
+    # -- the exchange ------------------------------------------------------------
+    def begin(self, protocol: SMTPServerProtocol, argument: str) -> None:
+        """Handle C{AUTH mechanism [initial-response]}."""
+        session = protocol.session
+        if session.auth is not None:
+            raise SMTPError(R503_ALREADY_AUTH)
+        name, _, initial = argument.partition(" ")
+        name = name.upper()
+        if not name or " " in initial.strip():
+            raise SMTPError(R501_SYNTAX_AUTH)
+        if name not in self.mechanisms:
+            raise SMTPError(R504_UNKNOWN_MECHANISM)
+        if not self.available(session):
+            raise SMTPError(R538_AUTH_NEEDS_TLS)
+        mechanism = MECHANISMS[name][0]
+        exchange = _Exchange(
+            lambda i: mechanism(i, hostname=protocol.factory.hostname),
+            initial.strip() or None,
+        )
+        self._step(protocol, exchange, exchange.start)
+
+    def _step(
+        self,
+        protocol: SMTPServerProtocol,
+        exchange: _Exchange,
+        advance: Callable[[], Any],
+    ) -> None:
+        try:
+            result = advance()
+        except _Cancelled:
+            protocol.sasl_done()
+            protocol.reply(R501_AUTH_CANCELLED)
+            return
+        except SMTPError as error:
+            protocol.sasl_done()
+            protocol.reply(error.reply)
+            return
+        if isinstance(result, Reply):
+            protocol.sasl_continue(
+                lambda line: self._step(
+                    protocol, exchange, lambda: exchange.answer(line)
+                )
+            )
+            protocol.reply(result)
+            return
+        protocol.sasl_done()
+        if result is None:
+            self._failed(protocol, None)
+            return
+        protocol.hold_input()
+        login: Deferred[Any] = self.portal.login(result, None, IAuthenticatedSender)
+        login.addCallbacks(
+            self._succeeded,
+            self._failed,
+            callbackArgs=(protocol,),
+            errbackArgs=(protocol,),
+        )
+
+    def _succeeded(self, login_result: Any, protocol: SMTPServerProtocol) -> None:
+        _interface, avatar, _logout = login_result
+        protocol.session.authenticated(avatar)
+        _log.info(
+            "smtpd session {session_id} authenticated as {identity}",
+            session_id=protocol.session.session_id,
+            identity=avatar,
+        )
+        protocol.reply(R235_AUTH_OK)
+        protocol.release_input()
+
+    def _failed(self, failure: Optional[Failure], protocol: SMTPServerProtocol) -> None:
+        protocol.hold_input()
+        if failure is not None and not failure.check(UnauthorizedLogin, LoginFailed):
+            _log.failure(
+                "smtpd session {session_id}: credentials check failed",
+                failure,
+                session_id=protocol.session.session_id,
+            )
+            protocol.reply(R454_AUTH_TEMPORARY)
+            protocol.release_input()
+            return
+        session = protocol.session
+        session.auth_failures += 1
+        _log.info(
+            "smtpd session {session_id}: authentication failed ({count})",
+            session_id=session.session_id,
+            count=session.auth_failures,
+        )
+        delay = self.failure_delay * session.auth_failures
+
+        def answer() -> None:
+            if session.auth_failures >= self.max_failures:
+                protocol.reply(R535_AUTH_FAILED)
+                protocol.close_with(
+                    fill(R421_AUTH_FAILURES, hostname=protocol.factory.hostname)
+                )
+                return
+            protocol.reply(R535_AUTH_FAILED)
+            protocol.release_input()
+
+        if delay > 0:
+            protocol.factory.reactor.callLater(delay, answer)
+        else:
+            answer()
