@@ -470,3 +470,40 @@ class TestConnectionLimits:
         first.protocol.connectionLost(None)
         third = connect(factory)
         assert third.replies()[0].startswith(b"220 ")
+
+
+class TestSlowClients:
+    def test_dripped_command_line(self, factory: SMTPFactory, clock: Clock) -> None:
+        """A command line dripped byte by byte is cut off after line_timeout."""
+        client = connect(factory)
+        client.replies()
+        for byte in b"EHLO slow.example":
+            clock.advance(20)
+            client.send(bytes([byte]))
+        assert client.closed
+        assert [b"421 mx.test Timeout, closing connection"] == client.replies()
+
+    def test_complete_lines_do_not_start_the_clock(
+        self, factory: SMTPFactory, clock: Clock
+    ) -> None:
+        """Only a partial line is on the line clock; whole lines leave it off."""
+        client = connect(factory)
+        client.replies()
+        for _ in range(20):
+            clock.advance(100)
+            client.command(b"NOOP")
+        assert not client.closed
+        assert [] == clock.getDelayedCalls()[1:]
+
+    def test_dripped_data(self, factory: SMTPFactory, clock: Clock) -> None:
+        """A message dripped slowly is cut off after data_timeout."""
+        client = connect(factory)
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        client.command(b"RCPT TO:<c@d.example>")
+        client.command(b"DATA")
+        for _ in range(int(1800 / 200)):
+            clock.advance(200)
+            client.send(b"x\r\n")
+        assert client.closed
+        assert [b"421 4.4.2 mx.test Timeout, closing connection"] == client.replies()

@@ -94,6 +94,9 @@ class Limits:
         max_bad_commands: unknown, malformed or out-of-sequence commands
             before the session is closed with 421.
         timeout: idle seconds before 421 4.4.2 and close.
+        line_timeout: seconds a command line may take from its first byte to
+            its CRLF (bounds clients that drip bytes to dodge the idle timer).
+        data_timeout: seconds the whole DATA phase may take.
         max_connections: concurrent sessions per factory (0 = no limit).
         max_connections_per_ip: concurrent sessions per client address.
     """
@@ -105,6 +108,8 @@ class Limits:
     max_auth_line: int = 12_288
     max_bad_commands: int = 10
     timeout: float = 300.0
+    line_timeout: float = 300.0
+    data_timeout: float = 1800.0
     max_connections: int = 0
     max_connections_per_ip: int = 0
 

@@ -11,12 +11,14 @@ from base64 import b32encode
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Optional
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
 
 from ._session import Envelope, Limits, Session
 from .protocol import HandlerHooks, SMTPServerProtocol, received_header
-from .replies import R421_TOO_MANY_CONNECTIONS, Reply, fill
+from .replies import R421_SHUTTING_DOWN, R421_TOO_MANY_CONNECTIONS, Reply, fill
 
 if TYPE_CHECKING:
     from .tls import TLSPolicy
@@ -42,6 +44,8 @@ class SMTPFactory(ServerFactory):
     """
 
     protocol = SMTPServerProtocol  # type: ignore[assignment]
+    noisy = False
+    _log = Logger()
 
     def __init__(
         self,
@@ -70,6 +74,9 @@ class SMTPFactory(ServerFactory):
         self.debug = debug
         self.sessions: set[SMTPServerProtocol] = set()
         self._per_ip: Counter[str] = Counter()
+        self.shutting_down = False
+        self._drained: Optional[Deferred[None]] = None
+        self._grace_call: Any = None
         self._id_prefix = b32encode(os.urandom(5)).decode("ascii")
         self._id_counter = 0
 
@@ -119,6 +126,8 @@ class SMTPFactory(ServerFactory):
         """Register a new session; the 421 to refuse it with, if over a limit."""
         ip = str(getattr(protocol.session.peer, "host", ""))
         limits = self.limits
+        if self.shutting_down:
+            return fill(R421_SHUTTING_DOWN, hostname=self.hostname)
         if (
             limits.max_connections and len(self.sessions) >= limits.max_connections
         ) or (
@@ -137,6 +146,39 @@ class SMTPFactory(ServerFactory):
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
+        if self._drained is not None and not self.sessions:
+            drained, self._drained = self._drained, None
+            if self._grace_call is not None and self._grace_call.active():
+                self._grace_call.cancel()
+            drained.callback(None)
+
+    def shutdown(self, grace: float = 30.0) -> Deferred[None]:
+        """Close every session; those with a message in flight get C{grace} seconds.
+
+        Idle sessions get 421 4.3.2 at once; a session reading a message or
+        waiting for its handler gets its reply first, then 421.  Fires when all
+        sessions are closed.
+        """
+        self.shutting_down = True
+        for protocol in list(self.sessions):
+            protocol.shutdown()
+        if not self.sessions:
+            return succeed(None)
+        if self._drained is None:
+            self._drained = Deferred()
+            self._grace_call = self.reactor.callLater(grace, self._force_close)
+        drained: Deferred[None] = Deferred()
+        self._drained.addBoth(lambda result: (drained.callback(None), result)[1])
+        return drained
+
+    def _force_close(self) -> None:
+        if self.sessions:
+            self._log.info(
+                "smtpd: grace period over, closing {count} sessions",
+                count=len(self.sessions),
+            )
+        for protocol in list(self.sessions):
+            protocol.force_close()
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         protocol = self.protocol(self)

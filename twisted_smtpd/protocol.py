@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
-from ._session import KNOWN_VERBS, Envelope, Session, State, TLSInfo
+from ._session import KNOWN_VERBS, Envelope, Session, TLSInfo
 from .replies import (
     R214_HELP,
     R220_READY,
@@ -138,6 +138,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._closing = False
         self._discard_line = False  # dropping the rest of an overlong line
         self._drop_input = False  # STARTTLS: forget buffered plaintext
+        self._close_when_idle = False  # shutting down once the work in flight ends
+        self._deadline: Any = None  # a line or the DATA phase must end by then
         self._reader: Optional[DataReader] = None
         self._sasl: Optional[Callable[[str], None]] = None  # AUTH continuation
         self._receiver: Any = None
@@ -184,6 +186,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
+        self._cancel_deadline()
         self._closing = True
         if self._receiver is not None:
             self._abort_receiver()
@@ -217,15 +220,29 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._close()
 
     def shutdown(self) -> None:
-        """Close an idle session with 421 (server going down)."""
-        self.reply(fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname))
-        self._close()
+        """Server going down: 421 now, or once the message in flight is answered."""
+        if self._closing:
+            return
+        if self.busy:
+            self._close_when_idle = True
+            return
+        self.close_with(fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname))
+
+    def force_close(self) -> None:
+        """Grace period over: 421 and drop the connection, whatever it is doing."""
+        if not self._closing:
+            self.reply(fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname))
+        self._closing = True
+        self.transport.abortConnection()
 
     @property
-    def in_data(self) -> bool:
-        return self._reader is not None or (
-            self.session is not None and self.session.state is State.DATA
-        )
+    def busy(self) -> bool:
+        """Reading a message, or waiting for a handler: closing now loses work."""
+        return self._reader is not None or self._held
+
+    def _close_if_draining(self) -> None:
+        if self._close_when_idle and not self.busy and not self._closing:
+            self.close_with(fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname))
 
     # -- input -----------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
@@ -244,6 +261,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             pos = 0
             size = len(buffer)
             while pos < size and not self._held and not self._closing:
+                if self._close_when_idle and self._reader is None:
+                    break  # shutting down: the message in flight is answered
                 if self._reader is not None:
                     pos = self._raw_data(buffer, pos)
                     continue
@@ -268,10 +287,40 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             arrived_meanwhile = self._buffer
             if not self._closing:
                 self._buffer = buffer[pos:] + arrived_meanwhile
+                if self._reader is None:
+                    self._line_deadline(bool(self._buffer) and not self._held)
         finally:
             self._busy = False
+        if self._close_when_idle:
+            self._close_if_draining()
         if arrived_meanwhile and not self._held and not self._closing:
             self.dataReceived(b"")
+
+    def _line_deadline(self, partial_line: bool) -> None:
+        """Bound the time to finish a command line once its first byte is in."""
+        if partial_line:
+            if self._deadline is None:
+                self._set_deadline(self.limits.line_timeout)
+        elif self._deadline is not None:
+            self._cancel_deadline()
+
+    def _set_deadline(self, seconds: float) -> None:
+        self._cancel_deadline()
+        self._deadline = self.callLater(seconds, self._deadline_passed)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        self._log.info(
+            "smtpd session {session_id}: too slow, closing",
+            session_id=self.session.session_id,
+        )
+        self.close_with(fill(R421_TIMEOUT, hostname=self.factory.hostname))
 
     def _start_discarding(self) -> None:
         if not self._discard_line:
@@ -290,6 +339,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def release_input(self, _: Any = None) -> Any:
         self._held = False
+        if self._close_when_idle:
+            self._close_if_draining()
         if self._transport_paused:
             self._transport_paused = False
             self.transport.resumeProducing()
@@ -377,6 +428,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _close(self) -> None:
         self._closing = True
         self.setTimeout(None)
+        self._cancel_deadline()
         self.transport.loseConnection()
 
     # -- hooks -----------------------------------------------------------------
@@ -484,6 +536,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if register is not None:
             register(_BodyProducer(self), True)
         self._reader = DataReader(self.limits.max_message_size)
+        self._set_deadline(self.limits.data_timeout)
         self.reply(R354_START_INPUT)
 
     def _raw_data(self, buffer: bytes, pos: int) -> int:
@@ -496,6 +549,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if leftover is None:
             return len(buffer)
         self._reader = None
+        self._cancel_deadline()
         self._end_of_data(reader)
         return len(buffer) - len(leftover)
 

@@ -14,6 +14,8 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.python.reflect import namedAny
 
@@ -65,6 +67,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["timeout", None, "300", "Idle timeout in seconds."],
         ["max-connections", None, "0", "Concurrent sessions (0 = no limit)."],
         ["max-connections-per-ip", None, "0", "Concurrent sessions per client IP."],
+        [
+            "shutdown-grace",
+            None,
+            "30",
+            "Seconds to let messages in flight finish on shutdown.",
+        ],
         ["tls-cert", None, None, "PEM certificate (chain) for STARTTLS."],
         ["tls-key", None, None, "PEM private key for STARTTLS."],
     ]
@@ -118,6 +126,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "max-connections-per-ip", self["max-connections-per-ip"]
             ),
         )
+        self["grace"] = _positive_int("shutdown-grace", self["shutdown-grace"])
         self["handler_object"] = self._handler()
         self["tls_policy"] = self._tls()
         self["auth_policy"] = self._auth()
@@ -178,6 +187,36 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         )
 
 
+class SMTPService(service.MultiService):
+    """The listeners plus a graceful stop: stop accepting, drain, then close.
+
+    Args:
+        factory: the factory every listener shares.
+        grace: seconds sessions with a message in flight get to finish.
+    """
+
+    def __init__(self, factory: SMTPFactory, grace: float = 30.0) -> None:
+        super().__init__()
+        self.factory = factory
+        self.grace = grace
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            reason = getattr(error.socketError, "strerror", None) or error.socketError
+            sys.stderr.write(
+                f"twistd smtpd: error: cannot listen on"
+                f" {error.interface or '*'}:{error.port}: {reason}\n"
+            )
+            raise SystemExit(1)
+
+    def stopService(self) -> Deferred[None]:
+        stopped = super().stopService()  # the listeners: accept nothing more
+        stopped.addCallback(lambda _: self.factory.shutdown(self.grace))
+        return stopped
+
+
 def makeService(config: Options) -> service.IService:
     """One L{SMTPFactory}, one listening service per C{--port}."""
     factory = SMTPFactory(
@@ -188,7 +227,10 @@ def makeService(config: Options) -> service.IService:
         auth=config["auth_policy"],
         debug=config["debug"],
     )
-    parent = service.MultiService()
+    parent = SMTPService(factory, config["grace"])
     for endpoint in config["endpoints"]:
-        StreamServerEndpointService(endpoint, factory).setServiceParent(parent)
+        listener = StreamServerEndpointService(endpoint, factory)
+        # A port that cannot be bound stops twistd instead of serving nothing.
+        listener._raiseSynchronously = True
+        listener.setServiceParent(parent)
     return parent
