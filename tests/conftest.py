@@ -53,9 +53,11 @@ def listen():
         kwargs.setdefault("hostname", "mx.test")
         factory = SMTPFactory(handler, **kwargs)
         if ssl_context is not None:
-            port = reactor.listenSSL(0, factory, ssl_context, interface="127.0.0.1")
+            port = reactor.listenSSL(
+                0, factory, ssl_context, interface="127.0.0.1", backlog=1024
+            )
         else:
-            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=1024)
         ports.append(port)
         return port.getHost().port
 
