@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark twisted_smtpd against twisted.mail.smtp and aiosmtpd.
 
-    python bench/run.py                 # default set, ~4-5 minutes
+    python bench/run.py                 # default set, ~4 minutes
     python bench/run.py --quick         # ~1-1.5 minutes
     python bench/run.py --scenarios session,10m --repeat 3
     python bench/run.py --profile --scenarios session,10m   # py-spy, twisted_smtpd only
@@ -42,8 +42,10 @@ from _common import (  # noqa: E402
 )
 
 SERVERS = ("twisted_smtpd", "twisted_mail", "aiosmtpd")
+#: optional variants, only with --servers (extra columns in the tables)
+EXTRA_SERVERS = ("twisted_smtpd_quiet",)
 LABELS = {"twisted_smtpd": "twisted_smtpd", "twisted_mail": "twisted.mail",
-          "aiosmtpd": "aiosmtpd"}
+          "aiosmtpd": "aiosmtpd", "twisted_smtpd_quiet": "ts (no log)"}
 MAX_MESSAGE = 200 * 1024 * 1024
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
@@ -165,8 +167,10 @@ class Server:
 
     def argv(self) -> list[str]:
         py = sys.executable
-        if self.name == "twisted_smtpd":
-            argv = [*twistd(), "-n", "--pidfile=", "-l", "/dev/null", "smtpd",
+        if self.name in ("twisted_smtpd", "twisted_smtpd_quiet"):
+            logging = (["--logger", "bench.servers.quiet_log.observer"]
+                       if self.name == "twisted_smtpd_quiet" else ["-l", "/dev/null"])
+            argv = [*twistd(), "-n", "--pidfile=", *logging, "smtpd",
                     "--port", f"tcp:{self.port}:interface=127.0.0.1:backlog=1024",
                     "--hostname", "bench.local",
                     "--max-message-size", str(MAX_MESSAGE)]
@@ -638,9 +642,12 @@ def summarize(key: str, runs: list[dict]) -> dict:
 
 
 def table(summary: dict, field: str = "value", keys: Optional[list[str]] = None) -> str:
+    extras = [x for x in EXTRA_SERVERS
+              if any(x in e["servers"] for e in summary.values())]
     header = ["scenario", "unit", "twisted_smtpd", "twisted.mail", "aiosmtpd", "ts/tm", "ts/aio"]
     if field == "value":
         header.append("ts CPU")
+    header += [LABELS[x] for x in extras]
     rows = [header]
     for key, entry in summary.items():
         if keys is not None and key not in keys:
@@ -655,6 +662,7 @@ def table(summary: dict, field: str = "value", keys: Optional[list[str]] = None)
         if field == "value":
             cpu = per.get("twisted_smtpd", {}).get("server_cpu")
             row.append(pct(cpu) if cpu is not None else "")
+        row += [fmt_value(per.get(x, {}).get(field)) for x in extras]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     out = []
@@ -716,13 +724,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--scenarios", default=",".join(DEFAULT_ORDER),
                    help=f"comma-separated subset of {','.join(DEFAULT_ORDER)}")
     p.add_argument("--servers", default=",".join(SERVERS),
-                   help="comma-separated subset of " + ",".join(SERVERS))
+                   help="comma-separated subset of " + ",".join(SERVERS)
+                        + f" (optional extra: {','.join(EXTRA_SERVERS)})")
     p.add_argument("--repeat", type=int, default=None,
                    help="rounds of each throughput scenario; the best is reported"
-                        " [default 2, --quick 1]")
+                        " [default 3, --quick 1]")
     p.add_argument("--warmup", type=float, default=None, help="seconds [1.0, quick 0.5]")
     p.add_argument("--duration", type=float, default=None,
-                   help="measured seconds per run [3.0, quick 2.0]")
+                   help="measured seconds per run [2.5, quick 2.0]")
     p.add_argument("--idle-connections", type=int, default=2000)
     p.add_argument("--big-size", type=int, default=100 * 1024 * 1024,
                    help="bytes of the one big message [100 MiB]")
@@ -735,17 +744,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         " under the chosen throughput scenarios")
     p.add_argument("--profile-top", type=int, default=25)
     opts = p.parse_args(argv)
-    opts.repeat = opts.repeat or (1 if opts.quick else 2)
+    opts.repeat = opts.repeat or (1 if opts.quick else 3)
     opts.warmup = opts.warmup if opts.warmup is not None else (0.5 if opts.quick else 1.0)
-    opts.duration = opts.duration if opts.duration is not None else (2.0 if opts.quick else 3.0)
+    opts.duration = opts.duration if opts.duration is not None else (2.0 if opts.quick else 2.5)
     opts.scenario_list = [s.strip() for s in opts.scenarios.split(",") if s.strip()]
     opts.server_list = [s.strip() for s in opts.servers.split(",") if s.strip()]
     for s in opts.scenario_list:
         if s not in SCENARIOS:
             p.error(f"unknown scenario {s!r}; choose from {', '.join(DEFAULT_ORDER)}")
     for s in opts.server_list:
-        if s not in SERVERS:
-            p.error(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
+        if s not in SERVERS + EXTRA_SERVERS:
+            p.error(f"unknown server {s!r}; choose from {', '.join(SERVERS + EXTRA_SERVERS)}")
     return opts
 
 
@@ -761,9 +770,14 @@ def preflight(opts: argparse.Namespace) -> None:
 
 
 def git_commit() -> Optional[str]:
+    """HEAD, with a '+dirty' mark if twisted_smtpd/ has uncommitted changes."""
     try:
-        return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--",
+                                "twisted_smtpd"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return (head + ("+dirty" if dirty else "")) or None
     except Exception:
         return None
 
@@ -799,6 +813,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def compare(opts: argparse.Namespace, started: float) -> int:
     servers = opts.server_list
+    commit = git_commit()  # the code under test is the work tree, as it is now
     print(f"servers on CPU {opts.server_cpu or 'any'}, load on CPU {opts.client_cpu or 'any'};"
           f" {opts.repeat} round(s) of {opts.warmup}s warm-up + {opts.duration}s")
     results: dict[str, dict[str, list[dict]]] = {}
@@ -884,7 +899,7 @@ def compare(opts: argparse.Namespace, started: float) -> int:
         doc = {
             "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "git_commit": git_commit(),
+            "git_commit": commit,
             "machine": {"platform": platform.platform(), "python": platform.python_version(),
                         "cpus": os.cpu_count()},
             "settings": {k: getattr(opts, k) for k in (
