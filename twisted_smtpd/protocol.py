@@ -155,6 +155,18 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return self.factory.reactor.callLater(delay, fn, *a, **kw)
 
     def connectionMade(self) -> None:
+        if getattr(self.transport, "awaiting_proxy_header", False):
+            # Behind a PROXY-protocol listener: greet once the real peer is known.
+            self.setTimeout(self.limits.line_timeout)
+            return
+        self._start_session()
+
+    def proxyHeaderReceived(self) -> None:
+        """The PROXY header is in: C{transport.getPeer()} is the real client."""
+        if self.session is None:
+            self._start_session()
+
+    def _start_session(self) -> None:
         peer = self.transport.getPeer()
         tls = self._current_tls() if ISSLTransport.providedBy(self.transport) else None
         self.session = Session(
@@ -212,6 +224,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             )
 
     def timeoutConnection(self) -> None:
+        if self.session is None:  # no PROXY header in time
+            self._close()
+            return
         self._log.info(
             "smtpd session {session_id} idle timeout",
             session_id=self.session.session_id,
@@ -247,6 +262,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     # -- input -----------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         """Split on CRLF without re-copying the buffer per line."""
+        if self.session is None:  # bytes right behind a PROXY header
+            self._start_session()
         if data and self.timeOut is not None:
             self.resetTimeout()
         if self._busy or self._held or self._closing:

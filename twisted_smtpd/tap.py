@@ -21,6 +21,7 @@ from twisted.python.reflect import namedAny
 
 from ._session import Limits
 from .factory import SMTPFactory
+from .proxy import use_proxy_header_wrapper
 
 __all__ = ["Options", "makeService"]
 
@@ -73,6 +74,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "30",
             "Seconds to let messages in flight finish on shutdown.",
         ],
+        ["workers", None, "1", "Processes sharing the listening ports."],
         ["tls-cert", None, None, "PEM certificate (chain) for STARTTLS."],
         ["tls-key", None, None, "PEM private key for STARTTLS."],
     ]
@@ -97,6 +99,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Report a bad option in one line on stderr, not a page of help."""
+        # Workers are started with the same options.
+        self["argv"] = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)
         except usage.UsageError as error:
@@ -114,7 +118,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 endpoint = endpoints.serverFromString(reactor, description)
             except Exception as error:
                 raise usage.UsageError(f"bad --port {description!r}: {error}")
-            self["endpoints"].append(endpoint)
+            self["endpoints"].append(use_proxy_header_wrapper(endpoint))
         self["limits"] = Limits(
             max_message_size=_positive_int(
                 "max-message-size", self["max-message-size"]
@@ -127,6 +131,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             ),
         )
         self["grace"] = _positive_int("shutdown-grace", self["shutdown-grace"])
+        self["worker_count"] = _positive_int("workers", self["workers"], 1)
+        if self["worker_count"] > 1:
+            from .workers import SHAREABLE_ENDPOINTS
+
+            for description, endpoint in zip(self["ports"], self["endpoints"]):
+                if not isinstance(endpoint, SHAREABLE_ENDPOINTS):
+                    raise usage.UsageError(
+                        f"--workers can share tcp: and ssl: ports, not {description!r}"
+                    )
         self["handler_object"] = self._handler()
         self["tls_policy"] = self._tls()
         self["auth_policy"] = self._auth()
@@ -217,9 +230,9 @@ class SMTPService(service.MultiService):
         return stopped
 
 
-def makeService(config: Options) -> service.IService:
-    """One L{SMTPFactory}, one listening service per C{--port}."""
-    factory = SMTPFactory(
+def build_factory(config: Options) -> SMTPFactory:
+    """The L{SMTPFactory} the parsed options describe."""
+    return SMTPFactory(
         config["handler_object"],
         hostname=config["hostname"],
         limits=config["limits"],
@@ -227,10 +240,23 @@ def makeService(config: Options) -> service.IService:
         auth=config["auth_policy"],
         debug=config["debug"],
     )
+
+
+def makeService(config: Options) -> service.IService:
+    """One L{SMTPFactory}, one listening service per C{--port}, and workers."""
+    factory = build_factory(config)
     parent = SMTPService(factory, config["grace"])
+    listeners = []
     for endpoint in config["endpoints"]:
         listener = StreamServerEndpointService(endpoint, factory)
         # A port that cannot be bound stops twistd instead of serving nothing.
         listener._raiseSynchronously = True
         listener.setServiceParent(parent)
+        listeners.append(listener)
+    if config["worker_count"] > 1:
+        from .workers import WorkerPool
+
+        WorkerPool(
+            listeners, config["worker_count"] - 1, config["argv"], config["grace"]
+        ).setServiceParent(parent)
     return parent

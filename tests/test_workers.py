@@ -1,0 +1,112 @@
+"""--workers N: several processes serve one set of listening sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .helpers import free_port, twistd_command, twistd_env, wait_for_port
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            inodes.add(target)
+    return inodes
+
+
+def listening_inode(port: int) -> str:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                return f"socket:[{fields[9]}]"
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_workers_share_the_port_and_stop_cleanly(tmp_path) -> None:
+    """Workers adopt the parent's listening socket, deliver, and stop on SIGTERM."""
+    port = free_port()
+    maildir = tmp_path / "Maildir"
+    proc = subprocess.Popen(
+        twistd_command(
+            "smtpd",
+            "--port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--workers",
+            "3",
+            "--maildir",
+            str(maildir),
+        ),
+        cwd=tmp_path,
+        env=twistd_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for_port(port, proc)
+        deadline = time.monotonic() + 30
+        while (
+            time.monotonic() < deadline
+            and sum("serving" in line for line in list(lines)) < 2
+        ):
+            time.sleep(0.1)
+        workers = children(proc.pid)
+        assert 2 == len(workers), lines
+        inode = listening_inode(port)
+        for worker in workers:
+            assert inode in socket_inodes(worker)
+        for i in range(40):
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.sendmail("a@b.example", ["c@d.example"], f"n={i}\r\n")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        reader.join(10)
+        proc.stdout.close()
+    output = "".join(lines)
+    assert 40 == len(list((maildir / "new").iterdir()))
+    assert "smtpd worker 1 serving" in output and "smtpd worker 2 serving" in output
+    assert "smtpd worker 1 ended" in output and "smtpd worker 2 ended" in output
+    assert "Traceback" not in output
+    for worker in workers:
+        assert not Path(f"/proc/{worker}").exists()
+
+
+def test_workers_refuse_unshareable_ports(tmp_path) -> None:
+    """--workers with a port type that cannot be shared is a one-line error."""
+    proc = subprocess.run(
+        twistd_command(
+            "smtpd", "--workers", "2", "--port", f"unix:{tmp_path / 'sock'}"
+        ),
+        cwd=tmp_path,
+        env=twistd_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert 0 != proc.returncode
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert 1 == len(lines) and "--workers can share tcp: and ssl: ports" in lines[0]
