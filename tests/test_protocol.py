@@ -502,7 +502,7 @@ class TestSlowClients:
         client.command(b"MAIL FROM:<a@b.example>")
         client.command(b"RCPT TO:<c@d.example>")
         client.command(b"DATA")
-        for _ in range(int(1800 / 200)):
+        for _ in range(int(1800 / 200) + 1):
             clock.advance(200)
             client.send(b"x\r\n")
         assert client.closed

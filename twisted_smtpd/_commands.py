@@ -125,7 +125,7 @@ def _split_path(argument: str, prefix: str) -> tuple[str, str] | None:
         return None
     rest = argument[len(prefix) :].lstrip(" ")
     if rest.startswith("<"):
-        end = _closing_bracket(rest)
+        end = rest.find(">") if '"' not in rest else _closing_bracket(rest)
         if end < 0:
             return None
         path, params = rest[1:end], rest[end + 1 :]

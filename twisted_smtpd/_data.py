@@ -54,6 +54,24 @@ class DataReader:
         if self.done:
             raise RuntimeError("DataReader.feed after the end of data")
         buffer = self._pending + data if self._pending else data
+        if buffer.find(_STUFFED) < 0:
+            # Fast path, one scan: no line in here starts with a dot, so there
+            # is neither an end marker nor stuffing; keep back only a CR or
+            # CRLF that could begin one in the next read.
+            if buffer.endswith(_CRLF):
+                hold = 2
+            elif buffer.endswith(b"\r"):
+                hold = 1
+            else:
+                hold = 0
+            if len(buffer) - hold <= self._skip:
+                self._pending = buffer
+                return b"", None
+            if hold:
+                self._pending = buffer[-hold:]
+                return self._count(buffer[self._skip : -hold]), None
+            self._pending = b""
+            return self._count(buffer[self._skip :] if self._skip else buffer), None
         end = buffer.find(_END)
         if end >= 0:
             # Keep the CRLF that ends the last line; drop ". CRLF".
@@ -80,7 +98,11 @@ class DataReader:
         body = raw.replace(_STUFFED, _CRLF)
         if self._skip:
             body = body[self._skip :]
-            self._skip = 0
+        return self._count(body)
+
+    def _count(self, body: bytes) -> bytes:
+        """Account for unstuffed C{body}; pass it on unless over the limit."""
+        self._skip = 0
         self.size += len(body)
         if self.too_big:
             return b""

@@ -10,8 +10,9 @@ L{Session.check} and sends the reply it gets, or runs the command.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .replies import (
     R421_TOO_MANY_ERRORS,
@@ -115,11 +116,15 @@ class Limits:
 
     def line_limit(self, verb: str) -> int:
         """The longest line, CRLF included, allowed for C{verb}."""
-        if verb in ("MAIL", "RCPT"):
-            return self.max_parameter_line
-        if verb == "AUTH":
-            return self.max_auth_line
-        return self.max_command_line
+        return self._line_limits.get(verb, self.max_command_line)
+
+    @functools.cached_property
+    def _line_limits(self) -> dict[str, int]:
+        return {
+            "MAIL": self.max_parameter_line,
+            "RCPT": self.max_parameter_line,
+            "AUTH": self.max_auth_line,
+        }
 
     @property
     def max_line(self) -> int:
@@ -157,8 +162,26 @@ class Envelope:
     rcpt_options: list[dict[str, Optional[str]]] = field(default_factory=list)
     content: bytes = b""
     size: int = 0
-    received_header: bytes = b""
     message_id: str = ""
+    #: when DATA began (reactor seconds); the date of the Received: header
+    received_at: float = 0.0
+    # Builds the Received: header on first use: most handlers never read it.
+    _trace_builder: Optional[Callable[[Envelope], bytes]] = field(
+        default=None, repr=False, compare=False
+    )
+    _trace: Optional[bytes] = field(default=None, repr=False, compare=False)
+
+    @property
+    def received_header(self) -> bytes:
+        """The C{Received:} trace field the server made for this message."""
+        if self._trace is None:
+            builder = self._trace_builder
+            self._trace = builder(self) if builder is not None else b""
+        return self._trace
+
+    @received_header.setter
+    def received_header(self, value: bytes) -> None:
+        self._trace = value
 
     @property
     def smtputf8(self) -> bool:

@@ -18,7 +18,13 @@ from twisted.logger import Logger
 
 from ._session import Envelope, Limits, Session
 from .protocol import HandlerHooks, SMTPServerProtocol, received_header
-from .replies import R421_SHUTTING_DOWN, R421_TOO_MANY_CONNECTIONS, Reply, fill
+from .replies import (
+    R220_READY,
+    R421_SHUTTING_DOWN,
+    R421_TOO_MANY_CONNECTIONS,
+    Reply,
+    fill,
+)
 
 if TYPE_CHECKING:
     from .tls import TLSPolicy
@@ -74,6 +80,8 @@ class SMTPFactory(ServerFactory):
         self.debug = debug
         self.sessions: set[SMTPServerProtocol] = set()
         self._per_ip: Counter[str] = Counter()
+        self._ehlo_cache: dict[tuple[str, ...], bytes] = {}
+        self._greeting: Optional[tuple[tuple[str, str], Reply]] = None
         self.shutting_down = False
         self._drained: Optional[Deferred[None]] = None
         self._grace_call: Any = None
@@ -92,6 +100,31 @@ class SMTPFactory(ServerFactory):
     @property
     def auth_required(self) -> bool:
         return self.auth is not None and self.auth.required
+
+    @property
+    def greeting(self) -> Reply:
+        """The 220 banner (built once per hostname and app name)."""
+        key = (self.hostname, self.app_name)
+        if self._greeting is None or self._greeting[0] != key:
+            self._greeting = (
+                key,
+                fill(R220_READY, hostname=self.hostname, app=self.app_name),
+            )
+        return self._greeting[1]
+
+    def ehlo_keywords(self, session: Session) -> bytes:
+        """The EHLO reply after its first line, as bytes (cached per variant)."""
+        keywords = self.extensions(session)
+        key = tuple(keywords)
+        data = self._ehlo_cache.get(key)
+        if data is None:
+            last = len(keywords) - 1
+            data = "".join(
+                f"250{' ' if i == last else '-'}{keyword}\r\n"
+                for i, keyword in enumerate(keywords)
+            ).encode("ascii")
+            self._ehlo_cache[key] = data
+        return data
 
     def extensions(self, session: Session) -> list[str]:
         """The EHLO keywords for this session, in a stable order."""
@@ -114,7 +147,7 @@ class SMTPFactory(ServerFactory):
 
     def received_header(self, envelope: Envelope) -> bytes:
         return received_header(
-            envelope, self.hostname, self.app_name, self.reactor.seconds()
+            envelope, self.hostname, self.app_name, envelope.received_at
         )
 
     def new_session_id(self) -> str:

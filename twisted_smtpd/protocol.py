@@ -11,10 +11,12 @@ answered strictly in order.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from OpenSSL.SSL import Error as TLSError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
@@ -27,7 +29,6 @@ from ._data import DataReader
 from ._session import KNOWN_VERBS, Envelope, Session, TLSInfo
 from .replies import (
     R214_HELP,
-    R220_READY,
     R220_STARTTLS,
     R221_BYE,
     R250_HELO,
@@ -52,13 +53,15 @@ from .replies import (
     Reply,
     SMTPError,
     fill,
-    format_reply,
 )
 
 if TYPE_CHECKING:
     from .factory import SMTPFactory
 
 __all__ = ["SMTPServerProtocol"]
+
+# A module logger: a Logger class attribute builds a new Logger on every access.
+_log = Logger(namespace="twisted_smtpd.protocol")
 
 #: replies that count against the bad-command budget
 _BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 530, 555})
@@ -124,7 +127,6 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     """One SMTP session.  Built by L{SMTPFactory}; holds no policy of its own."""
 
     delimiter = b"\r\n"
-    _log = Logger()
 
     def __init__(self, factory: SMTPFactory) -> None:
         self.factory = factory
@@ -139,7 +141,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._discard_line = False  # dropping the rest of an overlong line
         self._drop_input = False  # STARTTLS: forget buffered plaintext
         self._close_when_idle = False  # shutting down once the work in flight ends
-        self._deadline: Any = None  # a line or the DATA phase must end by then
+        # a partial line or the DATA phase must be complete by then
+        self._deadline: Optional[float] = None
         self._reader: Optional[DataReader] = None
         self._sasl: Optional[Callable[[str], None]] = None  # AUTH continuation
         self._receiver: Any = None
@@ -177,28 +180,22 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             tls_required=self.factory.tls_required,
             auth_required=self.factory.auth_required,
         )
-        self._log.info(
-            "smtpd session {session_id} connected from {peer}",
-            session_id=self.session.session_id,
-            peer=_address_text(peer),
-        )
+        if self._debug:
+            _log.info(
+                "smtpd session {session_id} connected from {peer}",
+                session_id=self.session.session_id,
+                peer=_address_text(peer),
+            )
         refusal = self.factory.admit(self)
         if refusal is not None:
             self.reply(refusal)
             self._close()
             return
         self.setTimeout(self.limits.timeout)
-        self.reply(
-            R220_READY.with_text(
-                R220_READY.text.format(
-                    hostname=self.factory.hostname, app=self.factory.app_name
-                )
-            )
-        )
+        self.reply(self.factory.greeting)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
-        self._cancel_deadline()
         self._closing = True
         if self._receiver is not None:
             self._abort_receiver()
@@ -206,18 +203,18 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if reason is not None and self.session is not None:
             self._log_tls_failure(reason)
         if self.session is not None:
-            self._log.info(
-                "smtpd session {session_id} closed after {messages} messages",
+            _log.info(
+                "smtpd session {session_id} from {peer} closed after"
+                " {messages} messages",
                 session_id=self.session.session_id,
+                peer=_address_text(self.session.peer),
                 messages=self.session.messages,
             )
 
     def _log_tls_failure(self, reason: Failure) -> None:
         """A failed TLS handshake is one log line, never a traceback."""
-        from OpenSSL.SSL import Error as TLSError
-
         if reason.check(TLSError):
-            self._log.info(
+            _log.info(
                 "smtpd session {session_id}: TLS failed: {error}",
                 session_id=self.session.session_id,
                 error=_tls_error_text(reason.value),
@@ -227,7 +224,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self.session is None:  # no PROXY header in time
             self._close()
             return
-        self._log.info(
+        _log.info(
             "smtpd session {session_id} idle timeout",
             session_id=self.session.session_id,
         )
@@ -264,6 +261,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         """Split on CRLF without re-copying the buffer per line."""
         if self.session is None:  # bytes right behind a PROXY header
             self._start_session()
+        if self._deadline is not None and self._deadline_passed():
+            return
         if data and self.timeOut is not None:
             self.resetTimeout()
         if self._busy or self._held or self._closing:
@@ -317,27 +316,23 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         """Bound the time to finish a command line once its first byte is in."""
         if partial_line:
             if self._deadline is None:
-                self._set_deadline(self.limits.line_timeout)
-        elif self._deadline is not None:
-            self._cancel_deadline()
-
-    def _set_deadline(self, seconds: float) -> None:
-        self._cancel_deadline()
-        self._deadline = self.callLater(seconds, self._deadline_passed)
-
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
+                self._deadline = (
+                    self.factory.reactor.seconds() + self.limits.line_timeout
+                )
+        else:
             self._deadline = None
 
-    def _deadline_passed(self) -> None:
+    def _deadline_passed(self) -> bool:
+        """Checked as bytes arrive: silence is the idle timer's job, not this."""
+        if self.factory.reactor.seconds() <= self._deadline:
+            return False
         self._deadline = None
-        self._log.info(
+        _log.info(
             "smtpd session {session_id}: too slow, closing",
             session_id=self.session.session_id,
         )
         self.close_with(fill(R421_TIMEOUT, hostname=self.factory.hostname))
+        return True
 
     def _start_discarding(self) -> None:
         if not self._discard_line:
@@ -372,7 +367,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         command = parse_command(line)
         verb = command.verb
         if self._debug:
-            self._log.info(
+            _log.info(
                 "smtpd {session_id} <<< {line}",
                 session_id=self.session.session_id,
                 line=_mask(line),
@@ -395,9 +390,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _sasl_line(self, line: bytes) -> None:
         if self._debug:
-            self._log.info(
-                "smtpd {session_id} <<< ****", session_id=self.session.session_id
-            )
+            _log.info("smtpd {session_id} <<< ****", session_id=self.session.session_id)
         answer = self._sasl
         assert answer is not None
         if len(line) + 2 > self.limits.max_auth_line:
@@ -416,10 +409,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     # -- output ----------------------------------------------------------------
     def reply(self, reply: Reply) -> None:
         """Send one reply (enhanced status codes only after EHLO)."""
-        esmtp = self.session is not None and self.session.esmtp
-        data = format_reply(reply, esmtp)
+        data = reply.encoded(self.session is not None and self.session.esmtp)
         if self._debug:
-            self._log.info(
+            _log.info(
                 "smtpd {session_id} >>> {line}",
                 session_id=self.session.session_id if self.session else "-",
                 line=data.rstrip(b"\r\n"),
@@ -445,7 +437,6 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _close(self) -> None:
         self._closing = True
         self.setTimeout(None)
-        self._cancel_deadline()
         self.transport.loseConnection()
 
     # -- hooks -----------------------------------------------------------------
@@ -483,7 +474,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if failure.check(SMTPError):
             reply = failure.value.reply
         else:
-            self._log.failure(
+            _log.failure(
                 "smtpd {session_id}: handler failed",
                 failure,
                 session_id=self.session.session_id,
@@ -494,7 +485,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.reply(reply)
 
     def _unexpected(self, failure: Failure) -> None:
-        self._log.failure("smtpd internal error", failure)
+        _log.failure("smtpd internal error", failure)
         self.reply(R451_LOCAL_ERROR)
 
     # -- commands --------------------------------------------------------------
@@ -506,9 +497,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def do_EHLO(self, argument: str) -> None:
         name = parse_helo(argument)
         self.session.greeted(name, esmtp=True)
-        lines = [f"{self.factory.hostname} Hello {name}"]
-        lines.extend(self.factory.extensions(self.session))
-        self.reply(Reply(R250_HELO.code, "", "\n".join(lines)))
+        hello = fill(R250_HELO, hostname=self.factory.hostname, name=name)
+        # Only the first line varies per client; the keywords are cached bytes.
+        self.transport.write(
+            b"250-" + hello.text.encode("utf-8", "surrogateescape") + b"\r\n"
+        )
+        self.transport.write(self.factory.ehlo_keywords(self.session))
 
     def do_MAIL(self, argument: str) -> None:
         sender, params = parse_mail(argument)
@@ -541,7 +535,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if argument:
             raise SMTPError(fill(R501_NO_ARGUMENTS, verb="DATA"))
         envelope = self.session.start_data()
-        envelope.received_header = self.factory.received_header(envelope)
+        envelope.received_at = self.factory.reactor.seconds()
+        envelope._trace_builder = self.factory.received_header
         try:
             self._receiver = self._hooks.open_message(envelope)
         except Exception:
@@ -553,7 +548,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if register is not None:
             register(_BodyProducer(self), True)
         self._reader = DataReader(self.limits.max_message_size)
-        self._set_deadline(self.limits.data_timeout)
+        self._deadline = self.factory.reactor.seconds() + self.limits.data_timeout
         self.reply(R354_START_INPUT)
 
     def _raw_data(self, buffer: bytes, pos: int) -> int:
@@ -566,7 +561,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if leftover is None:
             return len(buffer)
         self._reader = None
-        self._cancel_deadline()
+        self._deadline = None
         self._end_of_data(reader)
         return len(buffer) - len(leftover)
 
@@ -610,11 +605,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         try:
             receiver.abort()
         except Exception:
-            self._log.failure("smtpd: receiver.abort failed")
+            _log.failure("smtpd: receiver.abort failed")
 
     def _message_done(self, envelope: Envelope, outcome: str) -> None:
         self.session.reset()
-        self._log.info(
+        _log.info(
             "smtpd {session_id} message {message_id} from <{mail_from}> to"
             " {rcpt_count} recipients, {size} bytes: {outcome}",
             session_id=self.session.session_id,
@@ -738,12 +733,18 @@ def _mask(line: bytes) -> bytes:
     return line
 
 
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(seconds: int) -> str:
+    """The date for Received: headers; formatted once per second, not per message."""
+    return formatdate(seconds, localtime=True)
+
+
 def received_header(
     envelope: Envelope, hostname: str, app_name: str, when: float
 ) -> bytes:
     """The C{Received:} trace field for a message (RFC 5321 4.4)."""
     peer = envelope.peer
-    ip = getattr(peer, "host", str(peer))
+    ip = getattr(peer, "host", None) or str(peer)
     literal = f"IPv6:{ip}" if ":" in ip else ip
     tls = envelope.tls
     lines = [f"Received: from {envelope.helo or 'unknown'} ([{literal}])"]
@@ -755,5 +756,5 @@ def received_header(
     )
     if len(envelope.rcpt_tos) == 1:
         lines.append(f"\tfor <{envelope.rcpt_tos[0]}>")
-    lines[-1] += f"; {formatdate(when, localtime=True)}"
+    lines[-1] += f"; {_rfc5322_date(int(when))}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")

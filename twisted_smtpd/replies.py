@@ -38,6 +38,14 @@ class Reply:
                     f"enhanced status {self.enhanced!r} does not fit code {self.code}"
                 )
 
+    def encoded(self, enhanced: bool) -> bytes:
+        """L{format_reply}, computed once per reply and kept (the hot path)."""
+        key = "_wire_enhanced" if enhanced else "_wire"
+        data = self.__dict__.get(key)
+        if data is None:
+            data = self.__dict__[key] = format_reply(self, enhanced)
+        return data
+
     def with_text(self, text: str) -> Reply:
         """The same reply with other text."""
         return Reply(self.code, self.enhanced, text)
@@ -51,6 +59,9 @@ def format_reply(reply: Reply, enhanced: bool) -> bytes:
         enhanced: whether to print the enhanced status code (after EHLO).
     """
     prefix = f"{reply.enhanced} " if enhanced and reply.enhanced else ""
+    if "\n" not in reply.text:
+        line = f"{reply.code} {prefix}{reply.text}\r\n"
+        return line.encode("utf-8", "surrogateescape")
     lines = reply.text.split("\n")
     last = len(lines) - 1
     out = [
