@@ -507,3 +507,46 @@ class TestSlowClients:
             client.send(b"x\r\n")
         assert client.closed
         assert [b"421 4.4.2 mx.test Timeout, closing connection"] == client.replies()
+
+
+class TestLogging:
+    def _events(self, factory, body=b"x\r\n"):
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            client = connect(factory)
+            transaction(client, body)
+            client.command(b"QUIT")
+            client.protocol.connectionLost(None)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        return [e for e in events if e.get("log_namespace") == "twisted_smtpd.protocol"]
+
+    def test_message_and_session_events(self, factory: SMTPFactory) -> None:
+        """Each message and each session leave one structured log event."""
+        events = self._events(factory)
+        message = [e for e in events if "outcome" in e]
+        assert 1 == len(message)
+        assert "a@example.org" == message[0]["mail_from"]
+        assert 1 == message[0]["rcpt_count"]
+        assert 3 == message[0]["size"]
+        assert "accepted" == message[0]["outcome"]
+        closed = [e for e in events if "messages" in e]
+        assert 1 == len(closed) and "192.0.2.1:40000" == closed[0]["peer"]
+        assert message[0]["session_id"] == closed[0]["session_id"]
+
+    def test_quiet_logs_only_refusals(self, clock: Clock) -> None:
+        """quiet=True drops the routine lines but keeps refused messages."""
+
+        def refuse_spam(envelope):
+            if b"spam" in envelope.content:
+                raise SMTPError(550, "5.7.1", "no")
+
+        factory = SMTPFactory(
+            refuse_spam, hostname="mx.test", reactor=clock, quiet=True
+        )
+        assert [] == self._events(factory)
+        refused = self._events(factory, b"spam\r\n")
+        assert ["refused"] == [e["outcome"] for e in refused]

@@ -46,6 +46,8 @@ class SMTPFactory(ServerFactory):
             and/or require TLS.
         auth: an L{AuthPolicy <twisted_smtpd.auth.AuthPolicy>} to offer AUTH.
         debug: log the dialogue (AUTH payloads masked).
+        quiet: no log line per session or per accepted message (high
+            volume); refusals, failures and errors are still logged.
         reactor: the reactor for timeouts and threads; default the global one.
     """
 
@@ -63,6 +65,7 @@ class SMTPFactory(ServerFactory):
         tls: Optional[TLSPolicy] = None,
         auth: Any = None,
         debug: bool = False,
+        quiet: bool = False,
         reactor: Optional[IReactorTime] = None,
     ) -> None:
         if reactor is None:
@@ -78,6 +81,7 @@ class SMTPFactory(ServerFactory):
         self.tls = tls
         self.auth = auth
         self.debug = debug
+        self.quiet = quiet
         self.sessions: set[SMTPServerProtocol] = set()
         self._per_ip: Counter[str] = Counter()
         self._ehlo_cache: dict[tuple[str, ...], bytes] = {}

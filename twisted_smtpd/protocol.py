@@ -202,7 +202,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.factory.release(self)
         if reason is not None and self.session is not None:
             self._log_tls_failure(reason)
-        if self.session is not None:
+        if self.session is not None and not self.factory.quiet:
             _log.info(
                 "smtpd session {session_id} from {peer} closed after"
                 " {messages} messages",
@@ -609,6 +609,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _message_done(self, envelope: Envelope, outcome: str) -> None:
         self.session.reset()
+        if self.factory.quiet and outcome == "accepted":
+            return
         _log.info(
             "smtpd {session_id} message {message_id} from <{mail_from}> to"
             " {rcpt_count} recipients, {size} bytes: {outcome}",

@@ -53,6 +53,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["require-auth", None, "Refuse MAIL before AUTH (530 5.7.0)."],
         ["auth-without-tls", None, "Offer AUTH on connections without TLS."],
         ["debug", None, "Log the SMTP dialogue (AUTH payloads masked)."],
+        ["quiet", None, "No log line per session or accepted message."],
     ]
     optParameters = [
         ["hostname", None, None, "Name for the greeting and EHLO [default: FQDN]."],
@@ -239,6 +240,7 @@ def build_factory(config: Options) -> SMTPFactory:
         tls=config["tls_policy"],
         auth=config["auth_policy"],
         debug=config["debug"],
+        quiet=config["quiet"],
     )
 
 
