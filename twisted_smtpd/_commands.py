@@ -9,7 +9,7 @@ or raise L{SMTPError} carrying the reply the client should get.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .replies import (
     R501_BAD_PARAMETER,
@@ -35,8 +35,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """A command line split into an upper-case verb and its argument text."""
 
     verb: str
