@@ -45,7 +45,7 @@ SERVERS = ("twisted_smtpd", "twisted_mail", "aiosmtpd")
 #: optional variants, only with --servers (extra columns in the tables)
 EXTRA_SERVERS = ("twisted_smtpd_quiet",)
 LABELS = {"twisted_smtpd": "twisted_smtpd", "twisted_mail": "twisted.mail",
-          "aiosmtpd": "aiosmtpd", "twisted_smtpd_quiet": "ts (no log)"}
+          "aiosmtpd": "aiosmtpd", "twisted_smtpd_quiet": "ts --quiet"}
 MAX_MESSAGE = 200 * 1024 * 1024
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
@@ -168,9 +168,11 @@ class Server:
     def argv(self) -> list[str]:
         py = sys.executable
         if self.name in ("twisted_smtpd", "twisted_smtpd_quiet"):
-            logging = (["--logger", "bench.servers.quiet_log.observer"]
-                       if self.name == "twisted_smtpd_quiet" else ["-l", "/dev/null"])
-            argv = [*twistd(), "-n", "--pidfile=", *logging, "smtpd",
+            # Same log observer as the twisted.mail server; the _quiet variant
+            # adds --quiet (no line per session or accepted message).
+            logging = ["--logger", "bench.servers.devnull_log.observer"]
+            quiet = ["--quiet"] if self.name == "twisted_smtpd_quiet" else []
+            argv = [*twistd(), "-n", "--pidfile=", *logging, "smtpd", *quiet,
                     "--port", f"tcp:{self.port}:interface=127.0.0.1:backlog=1024",
                     "--hostname", "bench.local",
                     "--max-message-size", str(MAX_MESSAGE)]
