@@ -302,3 +302,29 @@ def test_twistd_auth_memory(tmp_path) -> None:
     assert "AUTH PLAIN ****" in output
     files = list((tmp_path / "Maildir" / "new").iterdir())
     assert 1 == len(files) and b"with ESMTPA id" in files[0].read_bytes()
+
+
+def test_file_checker(tmp_path, clock) -> None:
+    """A strcred file: checker (FilePasswordDB) verifies PLAIN and CRAM-MD5."""
+    from twisted.cred import strcred
+
+    from twisted_smtpd.handlers import MemoryHandler
+
+    path = tmp_path / "passwd"
+    path.write_bytes(b"bob:hunter2\n")
+    file_checker = strcred.makeChecker(f"file:{path}")
+    auth = AuthPolicy.from_checkers([file_checker], allow_without_tls=True)
+    assert ["PLAIN", "LOGIN", "CRAM-MD5"] == auth.mechanisms
+    factory = SMTPFactory(MemoryHandler(), hostname="mx.test", reactor=clock, auth=auth)
+    client = connect(factory)
+    client.command(b"EHLO c.example")
+    assert [b"235 2.7.0 Authentication successful"] == client.command(
+        b"AUTH PLAIN " + b64(b"\0bob\0hunter2")
+    )
+    other = connect(factory)
+    other.command(b"EHLO c.example")
+    challenge = b64decode(other.command(b"AUTH CRAM-MD5")[0][4:])
+    digest = hmac.new(b"hunter2", challenge, "md5").hexdigest().encode()
+    assert [b"235 2.7.0 Authentication successful"] == other.command(
+        b64(b"bob " + digest)
+    )
