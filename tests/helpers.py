@@ -49,3 +49,28 @@ def twistd_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def start_twistd(cwd: Path, *smtpd_args: str) -> subprocess.Popen:
+    """C{twistd smtpd ARGS} in the background; its output piped as text."""
+    return subprocess.Popen(
+        twistd_command("smtpd", *smtpd_args),
+        cwd=cwd,
+        env=twistd_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def twistd_start_error(cwd: Path, *smtpd_args: str) -> tuple[int, list[str]]:
+    """Run C{twistd smtpd ARGS} that should stop at start-up: (status, lines)."""
+    proc = subprocess.run(
+        twistd_command("smtpd", *smtpd_args),
+        cwd=cwd,
+        env=twistd_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import smtplib
-import subprocess
 from base64 import b64decode, b64encode
 
 import pytest
@@ -25,7 +24,7 @@ from twisted_smtpd.auth import AuthPolicy, IdentityRealm
 from twisted_smtpd.testing import connect
 from twisted_smtpd.tls import TLSPolicy
 
-from .helpers import free_port, twistd_command, twistd_env, wait_for_port
+from .helpers import free_port, start_twistd, wait_for_port
 
 
 def b64(data: bytes) -> bytes:
@@ -265,24 +264,17 @@ def test_smtplib_each_mechanism(listen, memory, certificates):
 def test_twistd_auth_memory(tmp_path) -> None:
     """twistd --auth memory:USER:PASS --require-auth: login, send; log masked."""
     port = free_port()
-    proc = subprocess.Popen(
-        twistd_command(
-            "smtpd",
-            "--port",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--auth",
-            "memory:alice:s3cret",
-            "--auth-without-tls",
-            "--require-auth",
-            "--debug",
-            "--maildir",
-            str(tmp_path / "Maildir"),
-        ),
-        cwd=tmp_path,
-        env=twistd_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = start_twistd(
+        tmp_path,
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--auth",
+        "memory:alice:s3cret",
+        "--auth-without-tls",
+        "--require-auth",
+        "--debug",
+        "--maildir",
+        str(tmp_path / "Maildir"),
     )
     try:
         wait_for_port(port, proc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import smtplib
 import socket
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 
@@ -17,7 +16,7 @@ from twisted.mail.smtp import sendmail as twisted_sendmail
 from twisted_smtpd import Limits
 from twisted_smtpd.handlers import MaildirHandler
 
-from .helpers import free_port, twistd_command, twistd_env, wait_for_port
+from .helpers import free_port, start_twistd, twistd_start_error, wait_for_port
 
 
 def in_thread(fn, *args):
@@ -191,21 +190,14 @@ def test_twistd_plugin_delivers_into_maildir(tmp_path) -> None:
     """`twistd -n smtpd` as a user runs it: a message lands in the Maildir."""
     port = free_port()
     maildir = tmp_path / "Maildir"
-    proc = subprocess.Popen(
-        twistd_command(
-            "smtpd",
-            "--port",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--maildir",
-            str(maildir),
-            "--hostname",
-            "mx.test",
-        ),
-        cwd=tmp_path,
-        env=twistd_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = start_twistd(
+        tmp_path,
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--maildir",
+        str(maildir),
+        "--hostname",
+        "mx.test",
     )
     try:
         wait_for_port(port, proc)
@@ -242,15 +234,7 @@ def test_twistd_plugin_delivers_into_maildir(tmp_path) -> None:
 )
 def test_twistd_bad_options_one_line(tmp_path, args, expected) -> None:
     """Bad options stop twistd at start-up with one clear line, no traceback."""
-    proc = subprocess.run(
-        twistd_command("smtpd", *args),
-        cwd=tmp_path,
-        env=twistd_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert 0 != proc.returncode
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    status, lines = twistd_start_error(tmp_path, *args)
+    assert 0 != status
     assert 1 == len(lines), lines
     assert expected in lines[0]

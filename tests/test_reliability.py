@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import smtplib
 import socket
-import subprocess
 import threading
 import time
 
@@ -15,24 +14,17 @@ from twisted.internet import threads
 from twisted_smtpd import Limits
 from twisted_smtpd.handlers import MemoryHandler
 
-from .helpers import free_port, twistd_command, twistd_env, wait_for_port
+from .helpers import free_port, start_twistd, wait_for_port
 
 
-def start_twistd(tmp_path, port, *args):
-    proc = subprocess.Popen(
-        twistd_command(
-            "smtpd",
-            "--port",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--maildir",
-            str(tmp_path / "Maildir"),
-            *args,
-        ),
-        cwd=tmp_path,
-        env=twistd_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+def start_maildir_server(tmp_path, port, *args):
+    proc = start_twistd(
+        tmp_path,
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--maildir",
+        str(tmp_path / "Maildir"),
+        *args,
     )
     wait_for_port(port, proc)
     return proc
@@ -46,7 +38,7 @@ def body_for(worker: int, seq: int) -> bytes:
 def test_sigkill_loses_nothing_acknowledged(tmp_path) -> None:
     """Every message answered 250 before SIGKILL is complete in new/."""
     port = free_port()
-    proc = start_twistd(tmp_path, port)
+    proc = start_maildir_server(tmp_path, port)
     acknowledged: list[tuple[int, int]] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -92,7 +84,7 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path) -> None:
 def test_sigterm_lets_the_message_in_flight_finish(tmp_path) -> None:
     """SIGTERM mid-DATA: the message is answered 250 and stored, then 421."""
     port = free_port()
-    proc = start_twistd(tmp_path, port, "--shutdown-grace", "20")
+    proc = start_maildir_server(tmp_path, port, "--shutdown-grace", "20")
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
         reader = sock.makefile("rb")
         reader.readline()

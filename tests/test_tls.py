@@ -18,7 +18,7 @@ from twisted_smtpd import SMTPFactory
 from twisted_smtpd.testing import connect
 from twisted_smtpd.tls import TLSPolicy, context_from_pem
 
-from .helpers import free_port, twistd_command, twistd_env, wait_for_port
+from .helpers import free_port, start_twistd, twistd_start_error, wait_for_port
 
 
 @pytest.fixture
@@ -288,26 +288,19 @@ def test_twistd_starttls_and_implicit_tls(tmp_path, certificates) -> None:
     """twistd serves STARTTLS on tcp: and implicit TLS on ssl: at the same time."""
     plain, secure = free_port(), free_port()
     cert, key = str(certificates["cert"]), str(certificates["key"])
-    proc = subprocess.Popen(
-        twistd_command(
-            "smtpd",
-            "--port",
-            f"tcp:{plain}:interface=127.0.0.1",
-            "--port",
-            f"ssl:{secure}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
-            "--tls-cert",
-            cert,
-            "--tls-key",
-            key,
-            "--require-tls",
-            "--maildir",
-            str(tmp_path / "Maildir"),
-        ),
-        cwd=tmp_path,
-        env=twistd_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = start_twistd(
+        tmp_path,
+        "--port",
+        f"tcp:{plain}:interface=127.0.0.1",
+        "--port",
+        f"ssl:{secure}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+        "--require-tls",
+        "--maildir",
+        str(tmp_path / "Maildir"),
     )
     try:
         wait_for_port(plain, proc)
@@ -336,20 +329,12 @@ def test_twistd_key_not_matching(tmp_path, certificates) -> None:
     from .certs import make_certificates
 
     other = make_certificates(tmp_path)
-    proc = subprocess.run(
-        twistd_command(
-            "smtpd",
-            "--tls-cert",
-            str(certificates["cert"]),
-            "--tls-key",
-            str(other["key"]),
-        ),
-        cwd=tmp_path,
-        env=twistd_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    status, lines = twistd_start_error(
+        tmp_path,
+        "--tls-cert",
+        str(certificates["cert"]),
+        "--tls-key",
+        str(other["key"]),
     )
-    assert 0 != proc.returncode
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert 0 != status
     assert 1 == len(lines) and "do not fit together" in lines[0], lines

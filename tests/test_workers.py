@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from .helpers import free_port, twistd_command, twistd_env, wait_for_port
+from .helpers import free_port, start_twistd, twistd_start_error, wait_for_port
 
 
 def children(pid: int) -> list[int]:
@@ -46,21 +45,14 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path) -> None:
     """Workers adopt the parent's listening socket, deliver, and stop on SIGTERM."""
     port = free_port()
     maildir = tmp_path / "Maildir"
-    proc = subprocess.Popen(
-        twistd_command(
-            "smtpd",
-            "--port",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--workers",
-            "3",
-            "--maildir",
-            str(maildir),
-        ),
-        cwd=tmp_path,
-        env=twistd_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = start_twistd(
+        tmp_path,
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--workers",
+        "3",
+        "--maildir",
+        str(maildir),
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
@@ -97,16 +89,8 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path) -> None:
 
 def test_workers_refuse_unshareable_ports(tmp_path) -> None:
     """--workers with a port type that cannot be shared is a one-line error."""
-    proc = subprocess.run(
-        twistd_command(
-            "smtpd", "--workers", "2", "--port", f"unix:{tmp_path / 'sock'}"
-        ),
-        cwd=tmp_path,
-        env=twistd_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    status, lines = twistd_start_error(
+        tmp_path, "--workers", "2", "--port", f"unix:{tmp_path / 'sock'}"
     )
-    assert 0 != proc.returncode
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert 0 != status
     assert 1 == len(lines) and "--workers can share tcp: and ssl: ports" in lines[0]
