@@ -1,0 +1,106 @@
+"""--workers scaling: msgs/s with 1 and 2 processes under the same smtp-source load.
+
+    python bench/workers.py [--messages 30000] [--sessions 40]
+
+Unpinned (the workers need both cores), so the load generator competes for
+CPU too; the output shows its CPU share so you can tell when it is the limit.
+Loopback only; each run is bounded by --timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of a process and its children that have been waited for."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(p) for p in open(path).read().split()] if os.path.exists(path) else []
+
+
+def run(workers: int, args: argparse.Namespace) -> dict:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    workdir = tempfile.mkdtemp(prefix="bench-workers-")
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+         "-n", "--pidfile=", "--logger", "bench.servers.devnull_log.observer",
+         "smtpd", "--quiet", "--workers", str(workers),
+         "--port", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
+         "--handler", "twisted_smtpd.handlers.discard"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(2.0)  # let the workers import and adopt the socket
+        pids = [server.pid, *children(server.pid)]
+        before = sum(cpu_seconds(p) for p in pids)
+        start = time.monotonic()
+        client = subprocess.run(
+            [SMTP_SOURCE, "-c", "-d", "-s", str(args.sessions), "-m",
+             str(args.messages), "-l", "1000", "-M", "bench.local",
+             "-f", "bench@bench.local", "-t", "sink@bench.local",
+             f"127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=args.timeout)
+        elapsed = time.monotonic() - start
+        server_cpu = sum(cpu_seconds(p) for p in pids) - before
+        return {
+            "workers": workers,
+            "msgs_per_s": args.messages / elapsed,
+            "server_cpu_share": server_cpu / elapsed,
+            "msgs_per_cpu_s": args.messages / server_cpu,
+            "errors": client.stderr.decode()[-200:],
+        }
+    finally:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=30000)
+    parser.add_argument("--sessions", type=int, default=40)
+    parser.add_argument("--timeout", type=float, default=120)
+    args = parser.parse_args()
+    results = [run(n, args) for n in (1, 2)]
+    for r in results:
+        print(f"workers={r['workers']}: {r['msgs_per_s']:,.0f} msgs/s,"
+              f" server CPU {r['server_cpu_share']:.2f} cores,"
+              f" {r['msgs_per_cpu_s']:,.0f} msgs/CPU-s {r['errors']}")
+    one, two = results
+    print(f"2 workers / 1 worker: {two['msgs_per_s'] / one['msgs_per_s']:.2f}x msgs/s,"
+          f" {two['msgs_per_cpu_s'] / one['msgs_per_cpu_s']:.2f}x per server CPU-s"
+          f" (cores the server got: {two['server_cpu_share']:.2f})")
+
+
+if __name__ == "__main__":
+    main()
