@@ -76,7 +76,12 @@ _MAILBOX = re.compile(
     rf"(?:{_DOT_STRING}|{_QUOTED_STRING})@(?:{_DOMAIN}|{_ADDRESS_LITERAL})\Z"
 )
 _SOURCE_ROUTE = re.compile(rf"@{_DOMAIN}(?:,@{_DOMAIN})*:")
-_DOMAIN_ONLY = re.compile(rf"(?:{_DOMAIN}|{_ADDRESS_LITERAL})\Z")
+# HELO names in the wild: Windows host names with underscores, FQDNs with the
+# root dot.  Accepted (as Postfix does by default); the rest stays strict.
+_HELO_LABEL = rf"[A-Za-z0-9_{_U}](?:[A-Za-z0-9_\-{_U}]*[A-Za-z0-9_{_U}])?"
+_HELO_NAME = re.compile(
+    rf"(?:{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?|{_ADDRESS_LITERAL})\Z"
+)
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z")
 _XTEXT_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
 
@@ -88,11 +93,12 @@ MAX_PATH = 256
 def parse_helo(argument: str) -> str:
     """The client's domain or address literal from HELO/EHLO.
 
-    Lenient about what follows the name (some clients add text), strict that a
-    name is there and looks like a domain or literal.
+    Lenient about what follows the name (some clients add text), about
+    underscores and a trailing root dot (real clients send them); strict that
+    a name is there and looks like a domain or literal.
     """
     name = argument.split(" ", 1)[0]
-    if not name or not _DOMAIN_ONLY.match(name) or len(name) > MAX_DOMAIN:
+    if not name or not _HELO_NAME.match(name) or len(name) > MAX_DOMAIN:
         raise SMTPError(R501_SYNTAX_HELO)
     return name
 
