@@ -550,3 +550,25 @@ class TestLogging:
         assert [] == self._events(factory)
         refused = self._events(factory, b"spam\r\n")
         assert ["refused"] == [e["outcome"] for e in refused]
+
+
+class TestSlowHandlers:
+    def test_no_timeout_while_the_handler_works(self, clock: Clock) -> None:
+        """A slow handler is not cut off by the idle timer (no 421, no resend)."""
+        pending: Deferred = Deferred()
+        factory = SMTPFactory(lambda e: pending, hostname="mx.test", reactor=clock)
+        client = connect(factory)
+        client.replies()
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        client.command(b"RCPT TO:<c@d.example>")
+        client.command(b"DATA")
+        client.send(b"x\r\n.\r\n")
+        clock.advance(1000)
+        assert not client.closed and [] == client.replies()
+        pending.callback("Q7")
+        assert [b"250 2.0.0 OK: queued as Q7"] == client.replies()
+        clock.advance(299)
+        assert not client.closed
+        clock.advance(2)
+        assert client.closed

@@ -349,11 +349,19 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self.transport.pauseProducing()
 
     def hold_input(self) -> None:
-        """Answer nothing more until L{release_input}: keeps replies in order."""
+        """Answer nothing more until L{release_input}: keeps replies in order.
+
+        The idle timer stops meanwhile: the wait is the server's, and a 421
+        while a handler stores the message would make the client send it again.
+        """
         self._held = True
+        if self.timeOut is not None:
+            self.setTimeout(None)
 
     def release_input(self, _: Any = None) -> Any:
         self._held = False
+        if not self._closing:
+            self.setTimeout(self.limits.timeout)
         if self._close_when_idle:
             self._close_if_draining()
         if self._transport_paused:
