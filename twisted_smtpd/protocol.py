@@ -148,7 +148,6 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._receiver: Any = None
         self._envelope: Optional[Envelope] = None
         self._debug = factory.debug
-        self._fill_hostname = {"hostname": factory.hostname}
 
     # -- Twisted plumbing ------------------------------------------------------
     def callLater(
