@@ -524,18 +524,34 @@ class TestLogging:
             globalLogPublisher.removeObserver(events.append)
         return [e for e in events if e.get("log_namespace") == "twisted_smtpd.protocol"]
 
-    def test_message_and_session_events(self, factory: SMTPFactory) -> None:
-        """Each message and each session leave one structured log event."""
+    def test_message_event(self, factory: SMTPFactory) -> None:
+        """Each message leaves one structured event; its session needs no other."""
         events = self._events(factory)
         message = [e for e in events if "outcome" in e]
         assert 1 == len(message)
         assert "a@example.org" == message[0]["mail_from"]
+        assert "192.0.2.1:40000" == message[0]["peer"]
         assert 1 == message[0]["rcpt_count"]
         assert 3 == message[0]["size"]
         assert "accepted" == message[0]["outcome"]
+        assert message[0]["session_id"].startswith(factory._id_prefix)
+        assert [] == [e for e in events if "messages" in e]
+
+    def test_session_without_mail_is_logged(self, factory: SMTPFactory) -> None:
+        """A session that sent no message leaves one event with its peer."""
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            client = connect(factory)
+            client.command(b"QUIT")
+            client.protocol.connectionLost(None)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
         closed = [e for e in events if "messages" in e]
-        assert 1 == len(closed) and "192.0.2.1:40000" == closed[0]["peer"]
-        assert message[0]["session_id"] == closed[0]["session_id"]
+        assert 1 == len(closed) and 0 == closed[0]["messages"]
+        assert "192.0.2.1:40000" == closed[0]["peer"]
 
     def test_quiet_logs_only_refusals(self, clock: Clock) -> None:
         """quiet=True drops the routine lines but keeps refused messages."""

@@ -201,7 +201,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.factory.release(self)
         if reason is not None and self.session is not None:
             self._log_tls_failure(reason)
-        if self.session is not None and not self.factory.quiet:
+        # Sessions that sent mail are in the per-message lines already.
+        if (
+            self.session is not None
+            and not self.factory.quiet
+            and (self.session.messages == 0 or self._debug)
+        ):
             session = self.session
             peer = _address_text(session.peer)
             _log.info(
@@ -623,14 +628,16 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return
         session_id = self.session.session_id
         rcpt_count = len(envelope.rcpt_tos)
+        peer = _address_text(envelope.peer)
         # The text is made here in one f-string: twisted.logger's formatter
         # costs about 10 us per {field}. The fields stay in the event.
         _log.info(
             "{summary}",
             summary=f"smtpd {session_id} message {envelope.message_id} from"
-            f" <{envelope.mail_from}> to {rcpt_count} recipients,"
+            f" <{envelope.mail_from}> ({peer}) to {rcpt_count} recipients,"
             f" {envelope.size} bytes: {outcome}",
             session_id=session_id,
+            peer=peer,
             message_id=envelope.message_id,
             mail_from=envelope.mail_from,
             rcpt_count=rcpt_count,
