@@ -1,0 +1,667 @@
+"""C{twistd smtpd}: option parsing, the service tree and the dropin."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import twisted.internet
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, IServiceMaker, MultiService, Service
+from twisted.cred.credentials import UsernamePassword
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import IPlugin, getPlugins
+
+from twisted_smtpd import Limits, tap
+from twisted_smtpd.auth import AuthPolicy, IAuthenticatedSender
+from twisted_smtpd.handlers import MaildirHandler, MemoryHandler, discard
+from twisted_smtpd.tap import Options, SMTPService, build_factory, makeService
+from twisted_smtpd.testing import connect
+from twisted_smtpd.tls import TLSPolicy
+from twisted_smtpd.workers import WorkerPool
+
+ROOT = Path(__file__).resolve().parent.parent
+DISCARD = ("--handler", "twisted_smtpd.handlers.discard")
+
+
+def parse(*args: str) -> Options:
+    """Options parsed from C{args}, as twistd would."""
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def parse_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """The one line C{args} are refused with; fails unless they are refused."""
+    with pytest.raises(SystemExit) as raised:
+        parse(*args)
+    assert 1 == raised.value.code
+    captured = capsys.readouterr()
+    assert "" == captured.out
+    return captured.err
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in an empty directory, so the default ./Maildir lands there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def memory_reactor(monkeypatch: pytest.MonkeyPatch) -> MemoryReactorClock:
+    """The global reactor, as tap.py sees it, is a MemoryReactor."""
+    reactor = MemoryReactorClock()
+    monkeypatch.setattr(twisted.internet, "reactor", reactor)
+    return reactor
+
+
+class TestDefaults:
+    def test_defaults(self, cwd: Path) -> None:
+        """Without options: tcp:2525, ./Maildir, default limits, no TLS, no AUTH."""
+        options = parse()
+        assert ["tcp:2525"] == options["ports"]
+        (endpoint,) = options["endpoints"]
+        assert isinstance(endpoint, endpoints.TCP4ServerEndpoint)
+        assert 2525 == endpoint._port
+        assert Limits() == options["limits"]
+        assert (30, 1) == (options["grace"], options["worker_count"])
+        assert (None, None) == (options["tls_policy"], options["auth_policy"])
+        assert (0, 0) == (options["debug"], options["quiet"])
+        assert [] == options["argv"]
+        handler = options["handler_object"]
+        assert isinstance(handler, MaildirHandler)
+        assert str(cwd / "Maildir") == handler.path
+        assert ["cur", "new", "tmp"] == sorted(
+            p.name for p in (cwd / "Maildir").iterdir()
+        )
+
+    def test_maildir_option(self, cwd: Path) -> None:
+        """--maildir picks the Maildir, created on the spot."""
+        options = parse("--maildir", "mail/box")
+        assert str(cwd / "mail" / "box") == options["handler_object"].path
+        assert (cwd / "mail" / "box" / "new").is_dir()
+        assert not (cwd / "Maildir").exists()
+
+    def test_argv_kept_for_workers(self, cwd: Path) -> None:
+        """The options as given are kept for the worker processes."""
+        args = [*DISCARD, "--port", "tcp:2526", "--quiet"]
+        assert args == parse(*args)["argv"]
+
+    def test_maildir_not_usable(
+        self, cwd: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A --maildir that cannot be created is a one-line error."""
+        (cwd / "plain").write_text("")
+        assert (
+            "twistd smtpd: error: cannot use --maildir 'plain': Not a directory\n"
+            == parse_error(capsys, "--maildir", "plain")
+        )
+
+
+class TestPorts:
+    def test_repeatable(self, cwd: Path) -> None:
+        """--port and -p add listeners, in order; the default is then unused."""
+        options = parse(*DISCARD, "--port", "tcp:2526", "-p", "tcp6:2527")
+        assert ["tcp:2526", "tcp6:2527"] == options["ports"]
+        first, second = options["endpoints"]
+        assert isinstance(first, endpoints.TCP4ServerEndpoint)
+        assert isinstance(second, endpoints.TCP6ServerEndpoint)
+        assert (2526, 2527) == (first._port, second._port)
+
+    def test_bad_port(self, cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """An endpoint description that does not parse is a one-line error."""
+        error = parse_error(capsys, *DISCARD, "--port", "nonsense:25")
+        assert error.startswith("twistd smtpd: error: bad --port 'nonsense:25': ")
+        assert 1 == error.count("\n")
+        assert error.endswith("\n")
+
+
+class TestHandler:
+    def test_discard(self, cwd: Path) -> None:
+        """--handler twisted_smtpd.handlers.discard uses that object; no Maildir."""
+        options = parse(*DISCARD)
+        assert discard is options["handler_object"]
+        assert [] == list(cwd.iterdir())
+
+    def test_class_is_instantiated(self, cwd: Path) -> None:
+        """A handler class named with --handler is instantiated once."""
+        handler = parse("--handler", "twisted_smtpd.handlers.MemoryHandler")[
+            "handler_object"
+        ]
+        assert MemoryHandler is type(handler)
+
+    def test_unknown_name(self, cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A --handler that cannot be imported is a one-line error."""
+        error = parse_error(capsys, "--handler", "no_such_module.handler")
+        assert error.startswith(
+            "twistd smtpd: error: cannot load --handler 'no_such_module.handler': "
+        )
+        assert 1 == error.count("\n")
+
+    def test_not_a_handler(self, cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """An object with no handler hooks is refused by name."""
+        error = parse_error(capsys, "--handler", "os.sep")
+        assert error.startswith("twistd smtpd: error: --handler 'os.sep': ")
+        assert "neither callable nor has handle_message/open_message" in error
+
+
+class TestLimits:
+    def test_numbers(self, cwd: Path) -> None:
+        """The numeric options end up in Limits, the grace and the worker count."""
+        options = parse(
+            *DISCARD,
+            "--max-message-size",
+            "1000",
+            "--max-recipients",
+            "5",
+            "--timeout",
+            "60",
+            "--max-connections",
+            "10",
+            "--max-connections-per-ip",
+            "2",
+            "--shutdown-grace",
+            "7",
+            "--workers",
+            "3",
+        )
+        assert (
+            Limits(
+                max_message_size=1000,
+                max_recipients=5,
+                timeout=60,
+                max_connections=10,
+                max_connections_per_ip=2,
+            )
+            == options["limits"]
+        )
+        assert (7, 3) == (options["grace"], options["worker_count"])
+
+    def test_zero_means_unlimited(self, cwd: Path) -> None:
+        """Zero is accepted where it means no limit, and for the grace period."""
+        options = parse(
+            *DISCARD,
+            "--max-message-size",
+            "0",
+            "--max-connections",
+            "0",
+            "--shutdown-grace",
+            "0",
+        )
+        assert (0, 0, 0) == (
+            options["limits"].max_message_size,
+            options["limits"].max_connections,
+            options["grace"],
+        )
+
+    @pytest.mark.parametrize(
+        "option, value, message",
+        [
+            (
+                "--max-message-size",
+                "-1",
+                "--max-message-size must be at least 0, not -1",
+            ),
+            ("--max-recipients", "0", "--max-recipients must be at least 1, not 0"),
+            ("--timeout", "soon", "--timeout must be a whole number, not 'soon'"),
+            ("--timeout", "0", "--timeout must be at least 1, not 0"),
+            (
+                "--max-connections",
+                "1.5",
+                "--max-connections must be a whole number, not '1.5'",
+            ),
+            (
+                "--max-connections-per-ip",
+                "-3",
+                "--max-connections-per-ip must be at least 0, not -3",
+            ),
+            ("--shutdown-grace", "-1", "--shutdown-grace must be at least 0, not -1"),
+            ("--workers", "0", "--workers must be at least 1, not 0"),
+        ],
+    )
+    def test_bad_numbers(
+        self,
+        cwd: Path,
+        capsys: pytest.CaptureFixture[str],
+        option: str,
+        value: str,
+        message: str,
+    ) -> None:
+        """A bad number is one line on stderr and exit status 1."""
+        assert f"twistd smtpd: error: {message}\n" == parse_error(
+            capsys, *DISCARD, option, value
+        )
+
+    def test_unknown_option(
+        self, cwd: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An unknown option is one line too, not the whole help text."""
+        assert "twistd smtpd: error: option --frobnicate not recognized\n" == (
+            parse_error(capsys, "--frobnicate")
+        )
+
+
+class TestFactory:
+    def test_flags_reach_the_factory(self, cwd: Path) -> None:
+        """--quiet, --debug, --hostname and the limits reach the SMTPFactory."""
+        options = parse(*DISCARD, "--quiet", "--debug", "--hostname", "mx.test")
+        factory = build_factory(options)
+        assert (True, True) == (factory.quiet, factory.debug)
+        assert "mx.test" == factory.hostname
+        assert discard is factory.handler
+        assert options["limits"] is factory.limits
+
+    def test_quiet_and_debug_default_off(self, cwd: Path) -> None:
+        """Without the flags the factory logs sessions and no dialogue."""
+        factory = build_factory(parse(*DISCARD, "--hostname", "mx.test"))
+        assert (False, False) == (factory.quiet, factory.debug)
+        assert (None, None) == (factory.tls, factory.auth)
+
+
+class TestAuth:
+    def test_memory_checker(self, cwd: Path) -> None:
+        """--auth memory:alice:secret builds an AuthPolicy offering CRAM-MD5 too."""
+        policy = parse(*DISCARD, "--auth", "memory:alice:secret")["auth_policy"]
+        assert isinstance(policy, AuthPolicy)
+        assert ["PLAIN", "LOGIN", "CRAM-MD5"] == policy.mechanisms
+        assert (False, False) == (policy.required, policy.allow_without_tls)
+        logins: list[Any] = []
+        credentials = UsernamePassword(b"alice", b"secret")
+        policy.portal.login(credentials, None, IAuthenticatedSender).addBoth(
+            logins.append
+        )
+        assert (IAuthenticatedSender, "alice") == logins[0][:2]
+
+    def test_required_and_without_tls(self, cwd: Path) -> None:
+        """--require-auth and --auth-without-tls set the policy's flags."""
+        policy = parse(
+            *DISCARD,
+            "--auth",
+            "memory:alice:secret",
+            "--require-auth",
+            "--auth-without-tls",
+        )["auth_policy"]
+        assert (True, True) == (policy.required, policy.allow_without_tls)
+
+    def test_advertised_and_usable(self, cwd: Path) -> None:
+        """The factory built from --auth offers AUTH and accepts the user."""
+        options = parse(
+            *DISCARD,
+            "--hostname",
+            "mx.test",
+            "--auth",
+            "memory:alice:secret",
+            "--auth-without-tls",
+        )
+        client = connect(build_factory(options))
+        client.replies()
+        assert b"250-AUTH PLAIN LOGIN CRAM-MD5" in client.command(b"EHLO c.example")
+        # base64 of "\0alice\0secret"
+        assert [b"235 2.7.0 Authentication successful"] == client.command(
+            b"AUTH PLAIN AGFsaWNlAHNlY3JldA=="
+        )
+
+    def test_require_auth_needs_a_checker(
+        self, cwd: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--require-auth without --auth is an error."""
+        assert (
+            "twistd smtpd: error: --require-auth needs at least one --auth checker\n"
+            == parse_error(capsys, *DISCARD, "--require-auth")
+        )
+
+    def test_unsupported_checker(
+        self, cwd: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A checker SASL cannot use (anonymous) is refused in one line."""
+        error = parse_error(capsys, *DISCARD, "--auth", "anonymous")
+        assert error.startswith("twistd smtpd: error: Auth plugin not supported: ")
+        assert 1 == error.count("\n")
+
+
+class TestTLS:
+    def test_cert_and_key(self, cwd: Path, certificates: dict[str, Path]) -> None:
+        """--tls-cert and --tls-key build a TLSPolicy; STARTTLS is offered."""
+        options = parse(
+            *DISCARD,
+            "--hostname",
+            "mx.test",
+            "--tls-cert",
+            str(certificates["cert"]),
+            "--tls-key",
+            str(certificates["key"]),
+        )
+        policy = options["tls_policy"]
+        assert isinstance(policy, TLSPolicy)
+        assert isinstance(policy.context_factory, CertificateOptions)
+        assert False is bool(policy.required)
+        client = connect(build_factory(options))
+        client.replies()
+        assert b"250-STARTTLS" in client.command(b"EHLO c.example")
+
+    def test_require_tls(self, cwd: Path, certificates: dict[str, Path]) -> None:
+        """--require-tls with a certificate makes the policy required."""
+        policy = parse(
+            *DISCARD,
+            "--tls-cert",
+            str(certificates["cert"]),
+            "--tls-key",
+            str(certificates["key"]),
+            "--require-tls",
+        )["tls_policy"]
+        assert True is bool(policy.required)
+
+    def test_require_tls_needs_a_certificate(
+        self, cwd: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--require-tls without a certificate is an error."""
+        assert (
+            "twistd smtpd: error: --require-tls needs --tls-cert and --tls-key\n"
+            == parse_error(capsys, *DISCARD, "--require-tls")
+        )
+
+    def test_cert_without_key(
+        self,
+        cwd: Path,
+        capsys: pytest.CaptureFixture[str],
+        certificates: dict[str, Path],
+    ) -> None:
+        """--tls-cert alone is an error."""
+        assert (
+            "twistd smtpd: error: --tls-cert and --tls-key go together\n"
+            == parse_error(capsys, *DISCARD, "--tls-cert", str(certificates["cert"]))
+        )
+
+    def test_unreadable_key(
+        self,
+        cwd: Path,
+        capsys: pytest.CaptureFixture[str],
+        certificates: dict[str, Path],
+    ) -> None:
+        """A key file that cannot be read is named in a one-line error."""
+        error = parse_error(
+            capsys,
+            *DISCARD,
+            "--tls-cert",
+            str(certificates["cert"]),
+            "--tls-key",
+            "missing.pem",
+        )
+        assert error.startswith("twistd smtpd: error: ")
+        assert "cannot read TLS key 'missing.pem': No such file or directory" in error
+        assert 1 == error.count("\n")
+
+    @pytest.mark.xfail(
+        raises=AssertionError,
+        reason="tap.py _tls: str(OSError) puts '[Errno 2] ' before the message",
+    )
+    def test_unreadable_key_message(
+        self,
+        cwd: Path,
+        capsys: pytest.CaptureFixture[str],
+        certificates: dict[str, Path],
+    ) -> None:
+        """The error for an unreadable key is the plain message, no errno."""
+        assert (
+            "twistd smtpd: error: cannot read TLS key 'missing.pem':"
+            " No such file or directory\n"
+        ) == parse_error(
+            capsys,
+            *DISCARD,
+            "--tls-cert",
+            str(certificates["cert"]),
+            "--tls-key",
+            "missing.pem",
+        )
+
+    def test_key_of_another_certificate(
+        self,
+        cwd: Path,
+        capsys: pytest.CaptureFixture[str],
+        certificates: dict[str, Path],
+    ) -> None:
+        """A certificate and key that do not belong together are refused."""
+        error = parse_error(
+            capsys,
+            *DISCARD,
+            "--tls-cert",
+            str(certificates["ca"]),
+            "--tls-key",
+            str(certificates["key"]),
+        )
+        assert error.startswith("twistd smtpd: error: TLS certificate ")
+        assert error.endswith(" do not fit together\n")
+
+
+class TestWorkers:
+    def test_shareable_ports(self, cwd: Path) -> None:
+        """--workers accepts tcp: and tcp6: ports."""
+        options = parse(*DISCARD, "--workers", "2", "-p", "tcp:2526", "-p", "tcp6:2527")
+        assert 2 == options["worker_count"]
+
+    def test_unix_port_refused(
+        self, cwd: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--workers with a unix: port is an error naming the port."""
+        assert (
+            "twistd smtpd: error: --workers can share tcp: and ssl: ports,"
+            " not 'unix:smtpd.sock'\n"
+            == parse_error(
+                capsys,
+                *DISCARD,
+                "--workers",
+                "2",
+                "-p",
+                "tcp:2526",
+                "-p",
+                "unix:smtpd.sock",
+            )
+        )
+
+    def test_one_worker_may_use_unix(self, cwd: Path) -> None:
+        """Without extra workers a unix: port is fine."""
+        options = parse(*DISCARD, "-p", "unix:smtpd.sock")
+        assert isinstance(options["endpoints"][0], endpoints.UNIXServerEndpoint)
+
+
+class TestMakeService:
+    def test_one_listener_per_port_one_factory(
+        self, cwd: Path, memory_reactor: MemoryReactorClock
+    ) -> None:
+        """Each --port gets a listener service; all share one factory."""
+        options = parse(
+            *DISCARD, "--hostname", "mx.test", "-p", "tcp:2526", "-p", "tcp:2527"
+        )
+        parent = makeService(options)
+        assert isinstance(parent, SMTPService)
+        assert isinstance(parent, MultiService)
+        assert IService.providedBy(parent)
+        children = list(parent)
+        assert 2 == len(children)
+        assert all(isinstance(c, StreamServerEndpointService) for c in children)
+        assert options["endpoints"] == [c.endpoint for c in children]
+        assert [parent.factory] * 2 == [c.factory for c in children]
+        assert discard is parent.factory.handler
+        assert 30 == parent.grace
+        assert [True, True] == [c._raiseSynchronously for c in children]
+
+    def test_workers(self, cwd: Path, memory_reactor: MemoryReactorClock) -> None:
+        """--workers 3 adds a WorkerPool of 2 over the same listeners."""
+        args = [
+            *DISCARD,
+            "--hostname",
+            "mx.test",
+            "--workers",
+            "3",
+            "--shutdown-grace",
+            "9",
+        ]
+        args += ["-p", "tcp:2526", "-p", "tcp:2527"]
+        parent = makeService(parse(*args))
+        *listeners, pool = list(parent)
+        assert isinstance(pool, WorkerPool)
+        assert (2, 9, args) == (pool.count, pool.grace, pool.argv)
+        assert listeners == pool.listeners
+        assert 2 == len(listeners)
+
+    def test_no_workers_by_default(
+        self, cwd: Path, memory_reactor: MemoryReactorClock
+    ) -> None:
+        """Without --workers there is no WorkerPool."""
+        parent = makeService(parse(*DISCARD, "--hostname", "mx.test"))
+        assert [] == [c for c in parent if isinstance(c, WorkerPool)]
+
+    def test_start_and_stop(
+        self, cwd: Path, memory_reactor: MemoryReactorClock
+    ) -> None:
+        """Starting listens on every port with the factory; stopping shuts it down."""
+        options = parse(
+            *DISCARD,
+            "--hostname",
+            "mx.test",
+            "--shutdown-grace",
+            "5",
+            "-p",
+            "tcp:2526:interface=127.0.0.1",
+            "-p",
+            "tcp:2527",
+        )
+        parent = makeService(options)
+        factory = parent.factory
+        assert memory_reactor is factory.reactor
+        parent.privilegedStartService()
+        parent.startService()
+        assert [
+            (2526, factory, 50, "127.0.0.1"),
+            (2527, factory, 50, ""),
+        ] == memory_reactor.tcpServers
+        stopped: list[Any] = []
+        parent.stopService().addBoth(stopped.append)
+        assert [None] == stopped
+        assert (True, False) == (factory.shutting_down, parent.running)
+
+    def test_stop_drains_open_sessions(
+        self, cwd: Path, memory_reactor: MemoryReactorClock
+    ) -> None:
+        """Stopping tells open sessions 421 and waits for them to close."""
+        parent = makeService(parse(*DISCARD, "--hostname", "mx.test"))
+        parent.privilegedStartService()
+        parent.startService()
+        client = connect(parent.factory)
+        client.replies()
+        stopped: list[Any] = []
+        parent.stopService().addBoth(stopped.append)
+        assert [
+            b"421 mx.test Service shutting down, closing connection"
+        ] == client.replies()
+        assert [] == stopped
+        client.protocol.connectionLost(None)
+        assert [None] == stopped
+
+    def test_cannot_listen(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A port that cannot be bound is one line on stderr and exit status 1."""
+
+        class Taken:
+            def listen(self, factory: Any) -> Deferred[Any]:
+                error = OSError(98, "Address already in use")
+                return fail(CannotListenError("127.0.0.1", 25, error))
+
+        parent = SMTPService(FakeFactory())
+        listener = StreamServerEndpointService(Taken(), None)
+        listener._raiseSynchronously = True
+        listener.setServiceParent(parent)
+        with pytest.raises(SystemExit) as raised:
+            parent.privilegedStartService()
+        assert 1 == raised.value.code
+        assert (
+            "twistd smtpd: error: cannot listen on 127.0.0.1:25:"
+            " Address already in use\n"
+        ) == capsys.readouterr().err
+
+
+class FakeFactory:
+    """Records shutdown(grace) and answers with a Deferred the test controls."""
+
+    def __init__(self) -> None:
+        self.shutdowns: list[float] = []
+        self.drained: Deferred[None] = Deferred()
+
+    def shutdown(self, grace: float) -> Deferred[None]:
+        self.shutdowns.append(grace)
+        return self.drained
+
+
+class SlowListener(Service):
+    """A child service whose stop finishes when the test says so."""
+
+    def __init__(self) -> None:
+        self.stopping: Deferred[None] = Deferred()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stopping
+
+
+class TestSMTPServiceStop:
+    def test_shutdown_after_the_listeners_stop(self) -> None:
+        """factory.shutdown(grace) runs once every listener has stopped."""
+        factory = FakeFactory()
+        parent = SMTPService(factory, grace=12)
+        first, second = SlowListener(), SlowListener()
+        first.setServiceParent(parent)
+        second.setServiceParent(parent)
+        parent.startService()
+        stopped: list[Any] = []
+        parent.stopService().addBoth(stopped.append)
+        assert [] == factory.shutdowns
+        first.stopping.callback(None)
+        assert [] == factory.shutdowns
+        second.stopping.callback(None)
+        assert [12] == factory.shutdowns
+        assert [] == stopped  # the sessions are still draining
+        factory.drained.callback(None)
+        assert [None] == stopped
+
+    def test_default_grace(self) -> None:
+        """Without a grace the factory gets 30 seconds."""
+        factory = FakeFactory()
+        factory.drained = succeed(None)
+        SMTPService(factory).stopService()
+        assert [30.0] == factory.shutdowns
+
+
+class TestDropin:
+    def test_found_by_twistd(self) -> None:
+        """getPlugins(IServiceMaker) offers smtpd, backed by twisted_smtpd.tap."""
+        found = [p for p in getPlugins(IServiceMaker) if p.tapname == "smtpd"]
+        assert ["twisted_smtpd.tap"] == [p.module for p in found]
+        assert (Options, makeService) == (found[0].options, found[0].makeService)
+
+    def test_dropin_file_in_this_tree(self) -> None:
+        """twisted/plugins/smtpd_plugin.py of this tree describes the smtpd tap."""
+        path = ROOT / "twisted" / "plugins" / "smtpd_plugin.py"
+        spec = importlib.util.spec_from_file_location("smtpd_plugin_under_test", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        maker = module.smtpd
+        assert IPlugin.providedBy(maker) and IServiceMaker.providedBy(maker)
+        assert ("smtpd", "twisted_smtpd.tap") == (maker.tapname, maker.module)
+        assert tap.Options is maker.options
+
+
+def test_hostname_default_is_the_fqdn(
+    cwd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --hostname the factory uses the machine's FQDN."""
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: "host.example.org")
+    factory = build_factory(parse(*DISCARD))
+    assert "host.example.org" == factory.hostname
