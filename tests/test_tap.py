@@ -399,10 +399,6 @@ class TestTLS:
         assert "cannot read TLS key 'missing.pem': No such file or directory" in error
         assert 1 == error.count("\n")
 
-    @pytest.mark.xfail(
-        raises=AssertionError,
-        reason="tap.py _tls: str(OSError) puts '[Errno 2] ' before the message",
-    )
     def test_unreadable_key_message(
         self,
         cwd: Path,

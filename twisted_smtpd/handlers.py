@@ -13,10 +13,16 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ._session import Envelope
 
 __all__ = ["MaildirHandler", "MemoryHandler", "DiscardHandler", "discard"]
+
+_log = Logger()
+#: one counter per process: names stay unique across MaildirHandler instances
+_DELIVERIES = itertools.count()
 
 
 class DiscardHandler:
@@ -94,7 +100,6 @@ class MaildirHandler:
         for sub in ("tmp", "new", "cur"):
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-        self._counter = itertools.count()
         self._pid = os.getpid()
 
     def unique_name(self) -> str:
@@ -102,7 +107,7 @@ class MaildirHandler:
         now = time.time()
         seconds = int(now)
         micro = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micro}P{self._pid}Q{next(self._counter)}.{self._host}"
+        return f"{seconds}.M{micro}P{self._pid}Q{next(_DELIVERIES)}.{self._host}"
 
     def open_message(self, envelope: Envelope) -> _MaildirReceiver:
         return _MaildirReceiver(self, envelope)
@@ -149,23 +154,35 @@ class _MaildirReceiver:
         self._chunks = []
         self._buffered = 0
         self._in_flight += len(data)
-        self._then(self._write_blocking, data).addCallback(self._written, len(data))
+        self._then(self._write_blocking, data).addBoth(self._written, len(data))
         if self._in_flight > self._maildir.max_in_flight and self._producer is not None:
             if not self._paused:
                 self._paused = True
                 self._producer.pauseProducing()
 
-    def _written(self, _: Any, size: int) -> None:
+    def _written(self, result: Any, size: int) -> Any:
+        # Also after a failed write: a producer left paused would hang the client.
         self._in_flight -= size
-        if self._paused and self._in_flight <= self._maildir.max_in_flight // 2:
+        if self._paused and (
+            self._in_flight <= self._maildir.max_in_flight // 2
+            or isinstance(result, Failure)
+        ):
             self._paused = False
             if self._producer is not None:
                 self._producer.resumeProducing()
+        return result
 
-    def _then(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        """Run C{fn} in a thread after every earlier disk operation."""
+    def _then(
+        self, fn: Callable[..., Any], *args: Any, always: bool = False
+    ) -> Deferred[Any]:
+        """Run C{fn} in a thread after every earlier disk operation.
+
+        With C{always}, run it even if an earlier operation failed (clean-up).
+        """
         if self._tail is None:
             self._tail = self._maildir._in_thread(fn, *args)
+        elif always:
+            self._tail.addBoth(lambda _: self._maildir._in_thread(fn, *args))
         else:
             self._tail.addCallback(lambda _: self._maildir._in_thread(fn, *args))
         return self._tail
@@ -198,8 +215,8 @@ class _MaildirReceiver:
             self._file = None
         try:
             os.unlink(self._tmp_path)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # never written, or tmp/ itself is broken: nothing to undo
 
     def finish(self) -> Deferred[str]:
         data = b"".join(self._chunks)
@@ -210,7 +227,7 @@ class _MaildirReceiver:
 
     def _failed(self, failure: Any) -> Any:
         self._tail = None
-        self._maildir._in_thread(self._discard_blocking)
+        self._maildir._in_thread(self._discard_blocking).addErrback(_log_cleanup)
         return failure
 
     def abort(self) -> None:
@@ -219,4 +236,8 @@ class _MaildirReceiver:
             if self._file is None:
                 return
             self._tail = succeed(None)
-        self._then(self._discard_blocking).addErrback(lambda _: None)
+        self._then(self._discard_blocking, always=True).addErrback(_log_cleanup)
+
+
+def _log_cleanup(failure: Failure) -> None:
+    _log.failure("smtpd: Maildir clean-up failed", failure)

@@ -14,7 +14,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.python.reflect import namedAny
@@ -182,8 +182,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         from .tls import TLSPolicy
 
         try:
-            return TLSPolicy.from_files(cert, key, required=self["require-tls"])
-        except (OSError, ValueError) as error:
+            return TLSPolicy.from_files(cert, key, required=bool(self["require-tls"]))
+        except OSError as error:
+            raise usage.UsageError(error.strerror or str(error))
+        except ValueError as error:
             raise usage.UsageError(str(error))
 
     def _auth(self) -> Any:
@@ -196,8 +198,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
         return AuthPolicy.from_checkers(
             checkers,
-            required=self["require-auth"],
-            allow_without_tls=self["auth-without-tls"],
+            required=bool(self["require-auth"]),
+            allow_without_tls=bool(self["auth-without-tls"]),
         )
 
 
@@ -226,9 +228,25 @@ class SMTPService(service.MultiService):
             raise SystemExit(1)
 
     def stopService(self) -> Deferred[None]:
-        stopped = super().stopService()  # the listeners: accept nothing more
-        stopped.addCallback(lambda _: self.factory.shutdown(self.grace))
-        return stopped
+        """Stop accepting, then drain; workers drain at the same time."""
+        from .workers import WorkerPool
+
+        service.Service.stopService(self)
+        children = list(self)
+        listeners = [
+            maybeDeferred(child.stopService)
+            for child in reversed(children)
+            if not isinstance(child, WorkerPool)
+        ]
+        drained = gatherResults(listeners).addCallback(
+            lambda _: self.factory.shutdown(self.grace)
+        )
+        workers = [
+            maybeDeferred(child.stopService)
+            for child in children
+            if isinstance(child, WorkerPool)
+        ]
+        return gatherResults([drained, *workers]).addCallback(lambda _: None)
 
 
 def build_factory(config: Options) -> SMTPFactory:
@@ -239,8 +257,8 @@ def build_factory(config: Options) -> SMTPFactory:
         limits=config["limits"],
         tls=config["tls_policy"],
         auth=config["auth_policy"],
-        debug=config["debug"],
-        quiet=config["quiet"],
+        debug=bool(config["debug"]),
+        quiet=bool(config["quiet"]),
     )
 
 
