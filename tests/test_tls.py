@@ -338,3 +338,33 @@ def test_twistd_key_not_matching(tmp_path, certificates) -> None:
     )
     assert 0 != status
     assert 1 == len(lines) and "do not fit together" in lines[0], lines
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_certificate_in_envelope(listen, memory, certificates):
+    """A verified client certificate reaches envelope.tls.peer_certificate."""
+    from twisted.internet import ssl as twisted_ssl
+
+    # Twisted's trust store still takes pyOpenSSL certificates.
+    ca = twisted_ssl.Certificate.loadPEM(certificates["ca"].read_bytes()).original
+    base = TLSPolicy.from_files(str(certificates["cert"]), str(certificates["key"]))
+    context = twisted_ssl.CertificateOptions(
+        privateKey=base.context_factory.privateKey,
+        certificate=base.context_factory.certificate,
+        verify=True,
+        caCerts=[ca],
+        requireCertificate=False,
+    )
+    port = listen(memory, tls=TLSPolicy(context))
+
+    def client():
+        tls = client_context(certificates)
+        # The server's own certificate doubles as a client certificate.
+        tls.load_cert_chain(str(certificates["cert"]), str(certificates["key"]))
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.starttls(context=tls)
+            smtp.sendmail("a@b.example", ["c@d.example"], b"with cert\r\n")
+
+    yield threads.deferToThread(client)
+    certificate = memory.messages[0].tls.peer_certificate
+    assert "CN=localhost" == certificate.subject.rfc4514_string()

@@ -138,7 +138,7 @@ class TLSInfo:
 
     protocol: str
     cipher: str
-    peer_certificate: Any = None  # an OpenSSL X509, or None
+    peer_certificate: Any = None  # a cryptography x509.Certificate, or None
 
 
 @dataclass

@@ -705,7 +705,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return TLSInfo(
             protocol=connection.get_protocol_version_name() or "",
             cipher=connection.get_cipher_name() or "",
-            peer_certificate=connection.get_peer_certificate(),
+            peer_certificate=connection.get_peer_certificate(as_cryptography=True),
         )
 
     _COMMANDS: dict[str, Callable[[SMTPServerProtocol, str], None]] = {}
