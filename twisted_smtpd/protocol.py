@@ -514,10 +514,17 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.session.greeted(name, esmtp=True)
         hello = fill(R250_HELO, hostname=self.factory.hostname, name=name)
         # Only the first line varies per client; the keywords are cached bytes.
-        self.transport.write(
-            b"250-" + hello.text.encode("utf-8", "surrogateescape") + b"\r\n"
+        data = b"250-%s\r\n%s" % (
+            hello.text.encode("utf-8", "surrogateescape"),
+            self.factory.ehlo_keywords(self.session),
         )
-        self.transport.write(self.factory.ehlo_keywords(self.session))
+        if self._debug:
+            _log.info(
+                "smtpd {session_id} >>> {line}",
+                session_id=self.session.session_id,
+                line=data.rstrip(b"\r\n"),
+            )
+        self.transport.write(data)
 
     def do_MAIL(self, argument: str) -> None:
         sender, params = parse_mail(argument)
