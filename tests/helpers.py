@@ -74,3 +74,15 @@ def twistd_start_error(cwd: Path, *smtpd_args: str) -> tuple[int, list[str]]:
         timeout=60,
     )
     return proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()
+
+
+def require_program(name: str) -> None:
+    """Skip when C{name} is missing here; in CI (.ci/run installs it) fail."""
+    import shutil
+
+    import pytest
+
+    if shutil.which(name) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing although .ci/run installs it")
+        pytest.skip(f"{name} is not installed (apt-get install {name})")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import smtplib
 import socket
 import ssl
@@ -18,7 +17,13 @@ from twisted_smtpd import SMTPFactory
 from twisted_smtpd.testing import connect
 from twisted_smtpd.tls import TLSPolicy, context_from_pem
 
-from .helpers import free_port, start_twistd, twistd_start_error, wait_for_port
+from .helpers import (
+    free_port,
+    require_program,
+    start_twistd,
+    twistd_start_error,
+    wait_for_port,
+)
 
 
 @pytest.fixture
@@ -219,10 +224,10 @@ def test_injection_over_socket(listen, memory, tls_policy, certificates):
     assert [b"503 Send HELO/EHLO first\r\n", b"221 Bye\r\n"] == lines
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 @pytest_twisted.inlineCallbacks
 def test_openssl_s_client(listen, memory, tls_policy, certificates):
     """openssl s_client -starttls smtp negotiates and sees a verified chain."""
+    require_program("openssl")
     port = listen(memory, tls=tls_policy)
 
     def client():
@@ -250,10 +255,10 @@ def test_openssl_s_client(listen, memory, tls_policy, certificates):
     assert b"250-STARTTLS" not in result.stdout
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
 @pytest_twisted.inlineCallbacks
 def test_swaks_tls(listen, memory, tls_policy):
     """swaks --tls delivers a message over STARTTLS."""
+    require_program("swaks")
     port = listen(memory, tls=tls_policy)
 
     def client():
