@@ -320,3 +320,20 @@ def test_file_checker(tmp_path, clock) -> None:
     assert [b"235 2.7.0 Authentication successful"] == other.command(
         b64(b"bob " + digest)
     )
+
+
+class TestMalformedResponses:
+    @pytest.mark.parametrize(
+        "lines",
+        [
+            [b"AUTH CRAM-MD5", b64(b"alice-without-a-digest")],
+            [b"AUTH PLAIN " + b64(b"bob\0alice\0secret")],  # acting for another
+        ],
+    )
+    def test_refused_like_bad_credentials(self, memory, clock, lines) -> None:
+        """A response that names no checkable credentials is a plain 535."""
+        client = make_client(memory, clock, failure_delay=0)
+        for line in lines:
+            replies = client.command(line)
+        assert [b"535 5.7.8 Authentication credentials invalid"] == replies
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")

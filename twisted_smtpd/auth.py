@@ -263,7 +263,7 @@ class AuthPolicy:
             return
         protocol.sasl_done()
         if result is None:
-            self._failed(protocol, None)
+            self._failed(None, protocol)
             return
         protocol.hold_input()
         login: Deferred[Any] = self.portal.login(result, None, IAuthenticatedSender)

@@ -204,8 +204,14 @@ class SMTPFactory(ServerFactory):
         if self._drained is None:
             self._drained = Deferred()
             self._grace_call = self.reactor.callLater(grace, self._force_close)
+        # Every caller gets its own Deferred, fired when the sessions are gone.
         drained: Deferred[None] = Deferred()
-        self._drained.addBoth(lambda result: (drained.callback(None), result)[1])
+
+        def notify(result: object) -> object:
+            drained.callback(None)
+            return result
+
+        self._drained.addBoth(notify)
         return drained
 
     def _force_close(self) -> None:
