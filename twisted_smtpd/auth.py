@@ -139,7 +139,7 @@ def _cram_md5(initial: Optional[str], *, hostname: str = "localhost") -> Any:
     if not username or len(digest) != 32:
         yield None
         return
-    credentials.username = username
+    credentials.username = username  # type: ignore[assignment]
     credentials.response = digest.lower()
     yield credentials
 

@@ -51,7 +51,7 @@ class SMTPFactory(ServerFactory):
         reactor: the reactor for timeouts and threads; default the global one.
     """
 
-    protocol = SMTPServerProtocol  # type: ignore[assignment]
+    protocol = SMTPServerProtocol
     noisy = False
     _log = Logger()
 
@@ -71,7 +71,7 @@ class SMTPFactory(ServerFactory):
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
-            reactor = global_reactor  # type: ignore[assignment]
+            reactor = global_reactor
         self.reactor = reactor
         self.handler = handler
         self.hooks = HandlerHooks(handler)

@@ -127,6 +127,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     """One SMTP session.  Built by L{SMTPFactory}; holds no policy of its own."""
 
     delimiter = b"\r\n"
+    # A TCP, TLS or test transport: the protocol uses what they all provide.
+    transport: Any
 
     def __init__(self, factory: SMTPFactory) -> None:
         self.factory = factory
@@ -150,7 +152,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._debug = factory.debug
 
     # -- Twisted plumbing ------------------------------------------------------
-    def callLater(
+    def callLater(  # type: ignore[override]
         self, delay: float, fn: Callable[..., Any], *a: Any, **kw: Any
     ) -> Any:
         """TimeoutMixin's clock: the factory's reactor, so tests can use a Clock."""

@@ -44,7 +44,7 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
 
 
 class ProxyHeaderWrappingFactory(HAProxyWrappingFactory):
-    protocol = ProxyHeaderWrapper
+    protocol = ProxyHeaderWrapper  # type: ignore[assignment]
 
 
 def proxy_endpoint(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:

@@ -24,7 +24,7 @@ __all__ = ["TLSStringTransport", "FakeClient", "connect"]
 
 
 @implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
+class TLSStringTransport(StringTransport):  # type: ignore[misc]
     """A L{StringTransport} that records C{startTLS} and then claims to be TLS."""
 
     tls_context: Any = None

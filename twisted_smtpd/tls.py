@@ -64,9 +64,9 @@ def context_from_pem(cert_path: str, key_path: str) -> ssl.CertificateOptions:
         )
     # cryptography objects, not pyOpenSSL ones: pyOpenSSL deprecates the latter.
     return ssl.CertificateOptions(
-        privateKey=key,
-        certificate=certificates[0],
-        extraCertChain=certificates[1:],
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=certificates[0],  # type: ignore[arg-type]
+        extraCertChain=certificates[1:],  # type: ignore[arg-type]
     )
 
 

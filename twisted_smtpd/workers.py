@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -89,7 +89,7 @@ class WorkerPool(service.Service):
             worker = _Worker(number)
             child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
             child_fds.update({fd: fd for fd in fds})
-            process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            process = reactor.spawnProcess(
                 worker,
                 sys.executable,
                 [
@@ -161,13 +161,13 @@ def _worker_main(args: list[str]) -> None:
         ports.append(reactor.adoptStreamPort(fd, family, wrapped))  # type: ignore[attr-defined]
         os.close(fd)  # adoptStreamPort duplicated it
 
-    stopping: list[Optional[Deferred[Any]]] = [None]
+    stopping: list[Deferred[Any]] = []
 
     def drain() -> Deferred[Any]:
-        if stopping[0] is None:
+        if not stopping:
             for port in ports:
                 port.stopListening()
-            stopping[0] = factory.shutdown(options["grace"])
+            stopping.append(factory.shutdown(options["grace"]))
         return stopping[0]
 
     stop_requested = [False]
@@ -176,7 +176,7 @@ def _worker_main(args: list[str]) -> None:
         # SIGTERM may come from the parent and from a process-group kill.
         if not stop_requested[0]:
             stop_requested[0] = True
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()
 
     def orphaned() -> None:
         if os.getppid() != parent_pid:
@@ -191,11 +191,11 @@ def _worker_main(args: list[str]) -> None:
             lambda *_: reactor.callFromThread(stop_once),  # type: ignore[attr-defined]
         )
 
-    reactor.addSystemEventTrigger("before", "shutdown", drain)  # type: ignore[attr-defined]
-    reactor.callWhenRunning(install_signals)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", drain)
+    reactor.callWhenRunning(install_signals)
     LoopingCall(orphaned).start(1.0, now=False)
     _log.info("smtpd worker {number} serving", number=number)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":
