@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import smtplib
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -41,14 +43,23 @@ def listening_inode(port: int) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-def test_workers_share_the_port_and_stop_cleanly(tmp_path) -> None:
+@pytest.mark.parametrize("kind", ["tcp", "ssl"])
+def test_workers_share_the_port_and_stop_cleanly(tmp_path, certificates, kind) -> None:
     """Workers adopt the parent's listening socket, deliver, and stop on SIGTERM."""
     port = free_port()
     maildir = tmp_path / "Maildir"
+    endpoint = f"tcp:{port}:interface=127.0.0.1"
+    client = smtplib.SMTP
+    if kind == "ssl":
+        key, cert = certificates["key"], certificates["cert"]
+        endpoint = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        tls = ssl.create_default_context(cafile=str(certificates["ca"]))
+        tls.check_hostname = False
+        client = functools.partial(smtplib.SMTP_SSL, context=tls)
     proc = start_twistd(
         tmp_path,
         "--port",
-        f"tcp:{port}:interface=127.0.0.1",
+        endpoint,
         "--workers",
         "3",
         "--maildir",
@@ -71,7 +82,7 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path) -> None:
         for worker in workers:
             assert inode in socket_inodes(worker)
         for i in range(40):
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            with client("127.0.0.1", port, timeout=10) as smtp:
                 smtp.sendmail("a@b.example", ["c@d.example"], f"n={i}\r\n")
     finally:
         proc.send_signal(signal.SIGTERM)
