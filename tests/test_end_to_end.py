@@ -238,3 +238,40 @@ def test_twistd_bad_options_one_line(tmp_path, args, expected) -> None:
     assert 0 != status
     assert 1 == len(lines), lines
     assert expected in lines[0]
+
+
+@pytest_twisted.inlineCallbacks
+def test_bdat_over_socket_into_maildir(listen, tmp_path):
+    """Pipelined BDAT chunks (one of 3 MB) land in the Maildir byte for byte."""
+    maildir = MaildirHandler(str(tmp_path / "Maildir"))
+    port = listen(maildir)
+    body = bytes(range(256)) * (3 * 4096) + b"\r\n.\r\n"  # binary; no end marker
+
+    def client():
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(
+                b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n"
+                b"RCPT TO:<c@d.example>\r\n"
+                + b"BDAT %d\r\n" % len(body)
+                + body
+                + b"BDAT 4 LAST\r\nend!QUIT\r\n"
+            )
+            lines = []
+            while True:
+                line = reader.readline()
+                if not line:
+                    break
+                lines.append(line)
+            return lines
+
+    lines = yield in_thread(client)
+    finals = [line[:4] for line in lines if line[3:4] == b" "]
+    assert [b"250 ", b"250 ", b"250 ", b"250 ", b"250 ", b"221 "] == finals
+    assert b"CHUNKING" in b"".join(lines)
+    files = list((tmp_path / "Maildir" / "new").iterdir())
+    assert 1 == len(files)
+    stored = files[0].read_bytes()
+    assert stored.startswith(b"Return-Path: <a@b.example>\r\nReceived: from ")
+    assert stored.endswith(b"\r\n" + body + b"end!")

@@ -33,6 +33,7 @@ class TestGreeting:
             b"250-PIPELINING",
             b"250-SIZE 33554432",
             b"250-8BITMIME",
+            b"250-CHUNKING",
             b"250-ENHANCEDSTATUSCODES",
             b"250-SMTPUTF8",
             b"250 HELP",
@@ -588,3 +589,101 @@ class TestSlowHandlers:
         assert not client.closed
         clock.advance(2)
         assert client.closed
+
+
+class TestChunking:
+    """BDAT (RFC 3030): binary chunks, no dot-stuffing, no end marker."""
+
+    def _ready(self, client: FakeClient) -> None:
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        client.command(b"RCPT TO:<c@d.example>")
+
+    def test_chunks_make_one_message(
+        self, client: FakeClient, memory: MemoryHandler
+    ) -> None:
+        """Chunks are joined byte for byte; dots and CRLF.CRLF are plain data."""
+        self._ready(client)
+        first = b"Subject: x\r\n\r\n.\r\n"
+        client.send(b"BDAT 17\r\n" + first)
+        assert [b"250 2.0.0 17 octets received"] == client.replies()
+        client.send(b"BDAT 5 LAST\r\n..x\r\n")
+        replies = client.replies()
+        assert 1 == len(replies) and replies[0].startswith(b"250 2.0.0 OK: queued as ")
+        assert first + b"..x\r\n" == memory.messages[0].content
+        assert 22 == memory.messages[0].size
+
+    def test_pipelined_chunks_split_anywhere(
+        self, client: FakeClient, memory: MemoryHandler
+    ) -> None:
+        """A pipelined BDAT session split at every byte gives the same result."""
+        self._ready(client)
+        stream = b"BDAT 5\r\nhelloBDAT 3 LAST\r\n\r\n.NOOP\r\n"
+        for byte in stream:
+            client.send(bytes([byte]))
+        replies = client.replies()
+        assert b"250 2.0.0 5 octets received" == replies[0]
+        assert replies[1].startswith(b"250 2.0.0 OK: queued as ")
+        assert b"250 2.0.0 OK" == replies[2]
+        assert b"hello\r\n." == memory.messages[0].content
+
+    def test_refused_chunk_is_discarded(
+        self, client: FakeClient, memory: MemoryHandler
+    ) -> None:
+        """BDAT without recipients gets 503, and its bytes are not read as commands."""
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        client.send(b"BDAT 10 LAST\r\nQUIT\r\nxxxx")
+        assert [b"503 5.5.1 Need RCPT before BDAT"] == client.replies()
+        assert not client.closed
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
+
+    def test_data_not_allowed_after_bdat(self, client: FakeClient) -> None:
+        """DATA in the middle of a BDAT message is a sequence error."""
+        self._ready(client)
+        client.send(b"BDAT 1\r\nx")
+        assert [b"250 2.0.0 1 octets received"] == client.replies()
+        assert [b"503 5.5.1 DATA not allowed during BDAT"] == client.command(b"DATA")
+
+    def test_too_big(self, memory: MemoryHandler, clock: Clock) -> None:
+        """Past the size limit: the chunk is read, 552, nothing is delivered."""
+        factory = SMTPFactory(
+            memory, hostname="mx.test", reactor=clock, limits=Limits(max_message_size=8)
+        )
+        client = connect(factory)
+        client.replies()
+        self._ready(client)
+        client.send(b"BDAT 6\r\n123456")
+        assert [b"250 2.0.0 6 octets received"] == client.replies()
+        client.send(b"BDAT 6 LAST\r\n123456")
+        assert [
+            b"552 5.3.4 Message size exceeds fixed maximum message size"
+        ] == client.replies()
+        assert [] == memory.messages
+        assert [b"250 2.1.0 Sender OK"] == client.command(b"MAIL FROM:<a@b.example>")
+
+    def test_rset_drops_the_message(
+        self, client: FakeClient, memory: MemoryHandler
+    ) -> None:
+        """RSET between chunks aborts the message."""
+        self._ready(client)
+        client.send(b"BDAT 3\r\nabc")
+        assert [b"250 2.0.0 3 octets received"] == client.replies()
+        assert [b"250 2.0.0 Reset OK"] == client.command(b"RSET")
+        assert [b"250 2.1.0 Sender OK"] == client.command(b"MAIL FROM:<e@f.example>")
+        assert [] == memory.messages
+
+    @pytest.mark.parametrize("argument", [b"", b"x", b"-1", b"5 FIRST", b"1 LAST x"])
+    def test_syntax(self, client: FakeClient, argument: bytes) -> None:
+        """A malformed BDAT is 501 5.5.4 and nothing is read as a chunk."""
+        self._ready(client)
+        assert [b"501 5.5.4 Syntax: BDAT chunk-size [LAST]"] == client.command(
+            b"BDAT " + argument
+        )
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
+
+    def test_empty_last_chunk(self, client: FakeClient, memory: MemoryHandler) -> None:
+        """BDAT 0 LAST ends a message (here an empty one)."""
+        self._ready(client)
+        assert client.command(b"BDAT 0 LAST")[0].startswith(b"250 2.0.0 OK: queued")
+        assert b"" == memory.messages[0].content

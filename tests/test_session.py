@@ -44,6 +44,13 @@ def in_transaction(verb: str) -> Reply:
     return Reply(503, "5.5.1", f"{verb} not allowed during a mail transaction")
 
 
+def in_bdat(verb: str) -> Reply:
+    return Reply(503, "5.5.1", f"{verb} not allowed during BDAT")
+
+
+BETWEEN_CHUNKS = {"BDAT", "RSET", "NOOP", "QUIT", "HELO", "EHLO"}
+
+
 #: the expected answer of check() for each state and known verb, written out
 #: independently of the module's table: None = may run, else the refusal
 EXPECTED: dict[State, dict[str, Optional[Reply]]] = {
@@ -52,25 +59,33 @@ EXPECTED: dict[State, dict[str, Optional[Reply]]] = {
         "MAIL": R503_HELO_FIRST,
         "RCPT": R503_HELO_FIRST,
         "DATA": R503_HELO_FIRST,
+        "BDAT": R503_HELO_FIRST,
         "AUTH": R503_HELO_FIRST,
     },
     State.GREETED: {
         **{verb: None for verb in ANYTIME | {"STARTTLS", "AUTH", "MAIL"}},
         "RCPT": need_mail("RCPT"),
         "DATA": need_mail("DATA"),
+        "BDAT": need_mail("BDAT"),
     },
     State.MAIL: {
         **{verb: None for verb in ANYTIME | {"RCPT"}},
         "MAIL": R503_NESTED_MAIL,
         "DATA": R503_RCPT_FIRST,
+        "BDAT": Reply(503, "5.5.1", "Need RCPT before BDAT"),
         "STARTTLS": in_transaction("STARTTLS"),
         "AUTH": in_transaction("AUTH"),
     },
     State.RCPT: {
-        **{verb: None for verb in ANYTIME | {"RCPT", "DATA"}},
+        **{verb: None for verb in ANYTIME | {"RCPT", "DATA", "BDAT"}},
         "MAIL": R503_NESTED_MAIL,
         "STARTTLS": in_transaction("STARTTLS"),
         "AUTH": in_transaction("AUTH"),
+    },
+    State.CHUNKING: {
+        verb: None if verb in BETWEEN_CHUNKS else in_bdat(verb)
+        for verb in ANYTIME
+        | {"STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "EXPN"}
     },
 }
 
@@ -84,12 +99,12 @@ def session_in(state: State, **kwargs: object) -> Session:
     session = make_session(**kwargs)
     if state is not State.CONNECTED:
         session.greeted("client.example", esmtp=True)
-    if state in (State.MAIL, State.RCPT, State.DATA):
+    if state in (State.MAIL, State.RCPT, State.DATA, State.CHUNKING):
         session.mail(session.new_envelope())
-    if state in (State.RCPT, State.DATA):
+    if state in (State.RCPT, State.DATA, State.CHUNKING):
         session.rcpt("rcpt@example.com", {})
-    if state is State.DATA:
-        session.start_data()
+    if state in (State.DATA, State.CHUNKING):
+        session.start_data(chunked=state is State.CHUNKING)
     assert state is session.state
     return session
 
@@ -114,7 +129,7 @@ class TestTable:
     def test_known_verbs(self) -> None:
         """The server knows the RFC 5321 verbs plus STARTTLS, AUTH and EXPN."""
         expected = {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT"}
-        expected |= {"VRFY", "HELP", "STARTTLS", "AUTH", "EXPN"}
+        expected |= {"VRFY", "HELP", "STARTTLS", "AUTH", "EXPN", "BDAT"}
         assert expected == set(KNOWN_VERBS)
 
     def test_nothing_during_data(self) -> None:

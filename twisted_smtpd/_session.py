@@ -18,6 +18,7 @@ from .replies import (
     R421_TOO_MANY_ERRORS,
     R452_TOO_MANY_RECIPIENTS,
     R503_HELO_FIRST,
+    R503_IN_BDAT,
     R503_IN_TRANSACTION,
     R503_MAIL_FIRST,
     R503_NESTED_MAIL,
@@ -41,6 +42,7 @@ class State(enum.Enum):
     MAIL = "mail"  # MAIL accepted
     RCPT = "rcpt"  # at least one RCPT accepted
     DATA = "data"  # reading the message
+    CHUNKING = "chunking"  # between BDAT chunks of a message (RFC 3030)
 
 
 _ANYTIME = frozenset({"NOOP", "QUIT", "RSET", "HELO", "EHLO", "VRFY", "HELP", "EXPN"})
@@ -50,8 +52,9 @@ ALLOWED: dict[State, frozenset[str]] = {
     State.CONNECTED: _ANYTIME | {"STARTTLS"},
     State.GREETED: _ANYTIME | {"STARTTLS", "AUTH", "MAIL"},
     State.MAIL: _ANYTIME | {"RCPT"},
-    State.RCPT: _ANYTIME | {"RCPT", "DATA"},
+    State.RCPT: _ANYTIME | {"RCPT", "DATA", "BDAT"},
     State.DATA: frozenset(),
+    State.CHUNKING: frozenset({"BDAT", "RSET", "NOOP", "QUIT", "HELO", "EHLO"}),
 }
 
 
@@ -59,19 +62,23 @@ ALLOWED: dict[State, frozenset[str]] = {
 def _refusal(state: State, verb: str) -> Reply:
     if state is State.CONNECTED:
         return R503_HELO_FIRST
+    if state is State.CHUNKING:
+        return fill(R503_IN_BDAT, verb=verb)
     if verb == "MAIL":
         return R503_NESTED_MAIL
-    if verb in ("RCPT", "DATA") and state is State.GREETED:
+    if verb in ("RCPT", "DATA", "BDAT") and state is State.GREETED:
         return fill(R503_MAIL_FIRST, verb=verb)
     if verb == "DATA":
         return R503_RCPT_FIRST
+    if verb == "BDAT":
+        return R503_RCPT_FIRST.with_text("Need RCPT before BDAT")
     return fill(R503_IN_TRANSACTION, verb=verb)
 
 
 #: verbs the server knows; others are 500
 KNOWN_VERBS = frozenset(
     {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"}
-    | {"STARTTLS", "AUTH", "EXPN"}
+    | {"STARTTLS", "AUTH", "EXPN", "BDAT"}
 )
 #: allowed before STARTTLS when TLS is required (RFC 3207 4)
 BEFORE_TLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET"})
@@ -314,9 +321,10 @@ class Session:
         self.envelope.rcpt_options.append(params)
         self.state = State.RCPT
 
-    def start_data(self) -> Envelope:
+    def start_data(self, chunked: bool = False) -> Envelope:
+        """DATA (or the first BDAT): the message begins."""
         assert self.envelope is not None
-        self.state = State.DATA
+        self.state = State.CHUNKING if chunked else State.DATA
         self.messages += 1
         self.envelope.message_id = f"{self.session_id}-{self.messages}"
         return self.envelope

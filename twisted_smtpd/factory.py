@@ -137,6 +137,7 @@ class SMTPFactory(ServerFactory):
             "PIPELINING",
             f"SIZE {size}" if size else "SIZE",
             "8BITMIME",
+            "CHUNKING",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
         ]

@@ -26,11 +26,12 @@ from twisted.python.failure import Failure
 
 from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
-from ._session import KNOWN_VERBS, Envelope, Session, TLSInfo
+from ._session import KNOWN_VERBS, Envelope, Session, State, TLSInfo
 from .replies import (
     R214_HELP,
     R220_STARTTLS,
     R221_BYE,
+    R250_CHUNK_OK,
     R250_HELO,
     R250_OK,
     R250_QUEUED,
@@ -46,6 +47,7 @@ from .replies import (
     R500_LINE_TOO_LONG,
     R500_UNKNOWN_COMMAND,
     R501_NO_ARGUMENTS,
+    R501_SYNTAX_BDAT,
     R501_SYNTAX_VRFY,
     R502_NOT_IMPLEMENTED,
     R503_ALREADY_TLS,
@@ -146,6 +148,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         # a partial line or the DATA phase must be complete by then
         self._deadline: Optional[float] = None
         self._reader: Optional[DataReader] = None
+        # BDAT: bytes of the current chunk still to come, and what to do with them
+        self._chunk_left = 0
+        self._chunk_discard = False
+        self._chunk_too_big = False
+        self._chunk_last = False
+        self._chunk_size = 0
         self._sasl: Optional[Callable[[str], None]] = None  # AUTH continuation
         self._receiver: Any = None
         self._envelope: Optional[Envelope] = None
@@ -259,7 +267,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     @property
     def busy(self) -> bool:
         """Reading a message, or waiting for a handler: closing now loses work."""
-        return self._reader is not None or self._held
+        return (
+            self._reader is not None
+            or self._held
+            or bool(self._chunk_left)
+            or (self.session is not None and self.session.state is State.CHUNKING)
+        )
 
     def _close_if_draining(self) -> None:
         if self._close_when_idle and not self.busy and not self._closing:
@@ -286,8 +299,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             pos = 0
             size = len(buffer)
             while pos < size and not self._held and not self._closing:
-                if self._close_when_idle and self._reader is None:
+                if self._close_when_idle and not self.busy:
                     break  # shutting down: the message in flight is answered
+                if self._chunk_left:
+                    pos = self._chunk_data(buffer, pos)
+                    continue
                 if self._reader is not None:
                     pos = self._raw_data(buffer, pos)
                     continue
@@ -312,7 +328,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             arrived_meanwhile = self._buffer
             if not self._closing:
                 self._buffer = buffer[pos:] + arrived_meanwhile
-                if self._reader is None:
+                if self._reader is None and not self._chunk_left:
                     self._line_deadline(bool(self._buffer) and not self._held)
         finally:
             self._busy = False
@@ -391,6 +407,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             )
         if len(line) + 2 > self.limits.line_limit(verb):
             self._reply_bad(R500_LINE_TOO_LONG)
+            return
+        if verb == "BDAT":
+            self._bdat(command.argument)
             return
         method = self._COMMANDS.get(verb) if verb in KNOWN_VERBS else None
         if method is None:
@@ -508,11 +527,13 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     # -- commands --------------------------------------------------------------
     def do_HELO(self, argument: str) -> None:
         name = parse_helo(argument)
+        self._abort_chunked_message()
         self.session.greeted(name, esmtp=False)
         self.reply(fill(R250_HELO, hostname=self.factory.hostname, name=name))
 
     def do_EHLO(self, argument: str) -> None:
         name = parse_helo(argument)
+        self._abort_chunked_message()
         self.session.greeted(name, esmtp=True)
         hello = fill(R250_HELO, hostname=self.factory.hostname, name=name)
         # Only the first line varies per client; the keywords are cached bytes.
@@ -558,7 +579,15 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def do_DATA(self, argument: str) -> None:
         if argument:
             raise SMTPError(fill(R501_NO_ARGUMENTS, verb="DATA"))
-        envelope = self.session.start_data()
+        if not self._open_message(chunked=False):
+            return
+        self._reader = DataReader(self.limits.max_message_size)
+        self._deadline = self.factory.reactor.seconds() + self.limits.data_timeout
+        self.reply(R354_START_INPUT)
+
+    def _open_message(self, chunked: bool) -> bool:
+        """Start the message (DATA or first BDAT); False if the handler failed."""
+        envelope = self.session.start_data(chunked)
         envelope.received_at = self.factory.reactor.seconds()
         envelope._trace_builder = self.factory.received_header
         try:
@@ -566,14 +595,87 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         except Exception:
             self._hook_failed(Failure(), None)
             self.session.reset()
-            return
+            return False
         self._envelope = envelope
         register = getattr(self._receiver, "registerProducer", None)
         if register is not None:
             register(_BodyProducer(self), True)
-        self._reader = DataReader(self.limits.max_message_size)
+        return True
+
+    # -- BDAT (RFC 3030 CHUNKING) ----------------------------------------------
+    def _bdat(self, argument: str) -> None:
+        """BDAT size [LAST]: the chunk's bytes follow, whatever the answer is."""
+        parts = argument.split()
+        if (
+            not 1 <= len(parts) <= 2
+            or not parts[0].isdigit()
+            or len(parts[0]) > 18
+            or (len(parts) == 2 and parts[1].upper() != "LAST")
+        ):
+            # The chunk size is unknown, so what follows is read as commands.
+            self._reply_bad(R501_SYNTAX_BDAT)
+            return
+        size, last = int(parts[0]), len(parts) == 2
+        refusal = self.session.check("BDAT")
+        if refusal is None and self.session.state is not State.CHUNKING:
+            if not self._open_message(chunked=True):
+                # The handler's failure is answered; the chunk is dropped.
+                self._discard_chunk(size)
+                return
+        if refusal is not None:
+            self._reply_bad(refusal)
+            self._discard_chunk(size)
+            return
+        envelope = self._envelope
+        assert envelope is not None
+        envelope.size += size
+        limit = self.limits.max_message_size
+        self._chunk_too_big = self._chunk_too_big or bool(
+            limit and envelope.size > limit
+        )
+        self._chunk_left, self._chunk_discard = size, False
+        self._chunk_size, self._chunk_last = size, last
         self._deadline = self.factory.reactor.seconds() + self.limits.data_timeout
-        self.reply(R354_START_INPUT)
+        if size == 0:
+            self._chunk_complete()
+
+    def _discard_chunk(self, size: int) -> None:
+        """Read and drop a refused chunk, within the DATA deadline."""
+        self._chunk_left, self._chunk_discard = size, True
+        if size:
+            now = self.factory.reactor.seconds()
+            self._deadline = now + self.limits.data_timeout
+
+    def _chunk_data(self, buffer: bytes, pos: int) -> int:
+        """Take this chunk's bytes from C{buffer[pos:]}; return where they end."""
+        take = min(self._chunk_left, len(buffer) - pos)
+        if not (self._chunk_discard or self._chunk_too_big):
+            end = pos + take
+            self._receiver.write(
+                buffer if pos == 0 and end == len(buffer) else buffer[pos:end]
+            )
+        self._chunk_left -= take
+        if self._chunk_left == 0:
+            self._deadline = None
+            if not self._chunk_discard:
+                self._chunk_complete()
+        return pos + take
+
+    def _chunk_complete(self) -> None:
+        self._deadline = None
+        if self._chunk_too_big:
+            self._chunk_too_big = False
+            self._end_of_data(self._envelope.size, too_big=True)  # type: ignore[union-attr]
+        elif self._chunk_last:
+            self._end_of_data(self._envelope.size, too_big=False)  # type: ignore[union-attr]
+        else:
+            self.reply(fill(R250_CHUNK_OK, size=self._chunk_size))
+
+    def _abort_chunked_message(self) -> None:
+        """RSET or a new greeting between BDAT chunks drops the message."""
+        if self.session.state is State.CHUNKING and self._receiver is not None:
+            self._abort_receiver()
+            self._chunk_too_big = False
 
     def _raw_data(self, buffer: bytes, pos: int) -> int:
         """Feed DATA bytes from C{buffer[pos:]}; return where line mode resumes."""
@@ -586,14 +688,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return len(buffer)
         self._reader = None
         self._deadline = None
-        self._end_of_data(reader)
+        self._end_of_data(reader.size, reader.too_big)
         return len(buffer) - len(leftover)
 
-    def _end_of_data(self, reader: DataReader) -> None:
+    def _end_of_data(self, size: int, too_big: bool) -> None:
         envelope = self._envelope
         assert envelope is not None
-        envelope.size = reader.size
-        if reader.too_big:
+        envelope.size = size
+        if too_big:
             self._abort_receiver()
             self._message_done(envelope, "too big")
             self.reply(R552_TOO_BIG)
@@ -657,6 +759,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def do_RSET(self, argument: str) -> None:
         if argument:
             raise SMTPError(fill(R501_NO_ARGUMENTS, verb="RSET"))
+        self._abort_chunked_message()
         self.session.reset()
         self.reply(R250_RESET)
 

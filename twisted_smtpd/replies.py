@@ -119,6 +119,7 @@ R250_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 R250_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 R250_QUEUED = Reply(250, "2.0.0", "OK: queued as {queue_id}")
 R250_RESET = Reply(250, "2.0.0", "Reset OK")
+R250_CHUNK_OK = Reply(250, "2.0.0", "{size} octets received")
 R252_CANNOT_VRFY = Reply(
     252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"
 )
@@ -161,11 +162,13 @@ R501_BAD_PARAMETER = Reply(501, "5.5.4", "Bad value for parameter {name}")
 R501_AUTH_BASE64 = Reply(501, "5.5.2", "Cannot decode base64 data")
 R501_AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
 R501_SYNTAX_AUTH = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+R501_SYNTAX_BDAT = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
 R502_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 R503_HELO_FIRST = Reply(503, "5.5.1", "Send HELO/EHLO first")
 R503_NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
 R503_MAIL_FIRST = Reply(503, "5.5.1", "Need MAIL before {verb}")
 R503_RCPT_FIRST = Reply(503, "5.5.1", "Need RCPT before DATA")
+R503_IN_BDAT = Reply(503, "5.5.1", "{verb} not allowed during BDAT")
 R503_IN_TRANSACTION = Reply(
     503, "5.5.1", "{verb} not allowed during a mail transaction"
 )
