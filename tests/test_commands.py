@@ -497,8 +497,9 @@ class TestMailParameters:
     """ESMTP parameters of MAIL."""
 
     def test_known_parameters(self) -> None:
-        """The MAIL parameters are SIZE, BODY, SMTPUTF8 and AUTH."""
-        assert frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"}) == MAIL_PARAMETERS
+        """MAIL offers SIZE, BODY, SMTPUTF8, AUTH and the DSN parameters."""
+        expected = {"SIZE", "BODY", "SMTPUTF8", "AUTH", "RET", "ENVID"}
+        assert expected == set(MAIL_PARAMETERS)
 
     def test_all_together(self) -> None:
         """Several parameters are returned by upper-case keyword."""
@@ -579,8 +580,8 @@ class TestMailParameters:
         [
             ("XFOO=1", "XFOO"),
             ("xfoo", "XFOO"),
-            ("RET=FULL", "RET"),
-            ("ENVID=abc", "ENVID"),
+            ("NOTIFY=NEVER", "NOTIFY"),
+            ("MT-PRIORITY=1", "MT-PRIORITY"),
         ],
     )
     def test_unknown(self, param: str, name: str) -> None:
@@ -725,14 +726,13 @@ class TestRcpt:
     @pytest.mark.parametrize(
         "param, name",
         [
-            ("NOTIFY=NEVER", "NOTIFY"),
-            ("ORCPT=rfc822;a@b", "ORCPT"),
+            ("RET=FULL", "RET"),
             ("SIZE=1", "SIZE"),
             ("smtputf8", "SMTPUTF8"),
         ],
     )
     def test_parameters_unknown(self, param: str, name: str) -> None:
-        """RCPT offers no parameters: any is 555 5.5.4."""
+        """RCPT offers only the DSN parameters: any other is 555 5.5.4."""
         assert unknown_parameter(name) == rcpt_error(f"TO:<a@b.example> {param}")
 
     def test_parameters_on_postmaster(self) -> None:
@@ -777,3 +777,58 @@ class TestRcpt:
         mailbox = f"{local}@example.com"
         if len(local) <= MAX_LOCAL_PART:
             assert (mailbox, {}) == parse_rcpt(f"TO:<{mailbox}>", False)
+
+
+class TestDSNParameters:
+    """RFC 3461 parameters are accepted, checked and passed on."""
+
+    @pytest.mark.parametrize(
+        "param, key, value",
+        [
+            ("RET=full", "RET", "FULL"),
+            ("RET=HDRS", "RET", "HDRS"),
+            ("ENVID=QQ314159", "ENVID", "QQ314159"),
+        ],
+    )
+    def test_mail(self, param: str, key: str, value: str) -> None:
+        """RET and ENVID on MAIL are normalised and kept."""
+        assert {key: value} == parse_mail(f"FROM:<a@b.example> {param}")[1]
+
+    @pytest.mark.parametrize(
+        "param, key, value",
+        [
+            ("NOTIFY=NEVER", "NOTIFY", "NEVER"),
+            ("NOTIFY=success,delay", "NOTIFY", "SUCCESS,DELAY"),
+            ("ORCPT=rfc822;a+40b.example", "ORCPT", "rfc822;a+40b.example"),
+        ],
+    )
+    def test_rcpt(self, param: str, key: str, value: str) -> None:
+        """NOTIFY and ORCPT on RCPT are normalised and kept."""
+        assert {key: value} == parse_rcpt(f"TO:<a@b.example> {param}", False)[1]
+
+    @pytest.mark.parametrize(
+        "argument, name",
+        [
+            ("FROM:<a@b.example> RET=ALL", "RET"),
+            ("FROM:<a@b.example> RET", "RET"),
+            ("FROM:<a@b.example> ENVID=" + "x" * 101, "ENVID"),
+        ],
+    )
+    def test_mail_bad_values(self, argument: str, name: str) -> None:
+        """Bad RET/ENVID values are 501 5.5.4 naming the parameter."""
+        assert bad_parameter(name) == mail_error(argument)
+
+    @pytest.mark.parametrize(
+        "param, name",
+        [
+            ("NOTIFY=NEVER,SUCCESS", "NOTIFY"),
+            ("NOTIFY=SUCCESS,SUCCESS", "NOTIFY"),
+            ("NOTIFY=SOMETIMES", "NOTIFY"),
+            ("NOTIFY", "NOTIFY"),
+            ("ORCPT=a@b.example", "ORCPT"),
+            ("ORCPT=rfc822;", "ORCPT"),
+        ],
+    )
+    def test_rcpt_bad_values(self, param: str, name: str) -> None:
+        """Bad NOTIFY/ORCPT values are 501 5.5.4 naming the parameter."""
+        assert bad_parameter(name) == rcpt_error(f"TO:<a@b.example> {param}")

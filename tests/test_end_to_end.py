@@ -275,3 +275,31 @@ def test_bdat_over_socket_into_maildir(listen, tmp_path):
     stored = files[0].read_bytes()
     assert stored.startswith(b"Return-Path: <a@b.example>\r\nReceived: from ")
     assert stored.endswith(b"\r\n" + body + b"end!")
+
+
+@pytest_twisted.inlineCallbacks
+def test_dsn_parameters_reach_the_handler(listen, memory):
+    """smtplib's DSN options pass through to the envelope."""
+    port = listen(memory)
+
+    def client():
+        with smtplib.SMTP("127.0.0.1", port) as smtp:
+            smtp.ehlo()
+            assert smtp.has_extn("dsn")
+            smtp.sendmail(
+                "a@b.example",
+                ["c@d.example"],
+                b"x\r\n",
+                mail_options=["RET=HDRS", "ENVID=QQ1"],
+                rcpt_options=["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;c@d.example"],
+            )
+
+    yield in_thread(client)
+    envelope = memory.messages[0]
+    assert ("HDRS", "QQ1") == (
+        envelope.mail_options["RET"],
+        envelope.mail_options["ENVID"],
+    )
+    assert [{"NOTIFY": "FAILURE,DELAY", "ORCPT": "rfc822;c@d.example"}] == (
+        envelope.rcpt_options
+    )

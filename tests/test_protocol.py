@@ -34,6 +34,7 @@ class TestGreeting:
             b"250-SIZE 33554432",
             b"250-8BITMIME",
             b"250-CHUNKING",
+            b"250-DSN",
             b"250-ENHANCEDSTATUSCODES",
             b"250-SMTPUTF8",
             b"250 HELP",

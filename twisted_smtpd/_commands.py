@@ -9,7 +9,7 @@ or raise L{SMTPError} carrying the reply the client should get.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from .replies import (
     R501_BAD_PARAMETER,
@@ -32,6 +32,7 @@ __all__ = [
     "parse_rcpt",
     "parse_address",
     "MAIL_PARAMETERS",
+    "RCPT_PARAMETERS",
 ]
 
 
@@ -175,8 +176,91 @@ def _is_ascii(text: str) -> bool:
     return text.isascii()
 
 
-MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
-_BODY_VALUES = frozenset({"7BIT", "8BITMIME"})
+def _size(value: str | None) -> str | None:
+    if value is None or not value.isdigit() or len(value) > 20:
+        raise ValueError(value)
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str | None], str]:
+    def check(value: str | None) -> str:
+        if value is None or value.upper() not in allowed:
+            raise ValueError(value)
+        return value.upper()
+
+    return check
+
+
+def _flag(value: str | None) -> None:
+    if value is not None:
+        raise ValueError(value)
+
+
+def _xtext(value: str | None) -> str:
+    # parse_parameters already refused characters outside xtext.
+    if not value or len(value) > 500:
+        raise ValueError(value)
+    return value
+
+
+def _envid(value: str | None) -> str:
+    if not value or len(value) > 100:  # RFC 3461 4.4
+        raise ValueError(value)
+    return value
+
+
+_NOTIFY_EVENTS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+
+
+def _notify(value: str | None) -> str:
+    """RFC 3461 4.1: NEVER, or a list of SUCCESS, FAILURE, DELAY."""
+    items = (value or "").upper().split(",")
+    if items != ["NEVER"] and not (
+        set(items) <= _NOTIFY_EVENTS and len(set(items)) == len(items)
+    ):
+        raise ValueError(value)
+    return ",".join(items)
+
+
+_ORCPT = re.compile(r"[A-Za-z0-9\-]+;[\x21-\x7e]+\Z")
+
+
+def _orcpt(value: str | None) -> str:
+    """RFC 3461 4.2: addr-type ";" xtext."""
+    if not value or len(value) > 500 or not _ORCPT.match(value):
+        raise ValueError(value)
+    return value
+
+
+#: MAIL parameters the server offers, each with its value check
+MAIL_PARAMETERS: dict[str, Callable[[str | None], str | None]] = {
+    "SIZE": _size,  # RFC 1870
+    "BODY": _choice("7BIT", "8BITMIME"),  # RFC 6152
+    "SMTPUTF8": _flag,  # RFC 6531
+    "AUTH": _xtext,  # RFC 4954 5
+    "RET": _choice("FULL", "HDRS"),  # RFC 3461 (DSN)
+    "ENVID": _envid,
+}
+#: RCPT parameters the server offers (DSN, RFC 3461)
+RCPT_PARAMETERS: dict[str, Callable[[str | None], str | None]] = {
+    "NOTIFY": _notify,
+    "ORCPT": _orcpt,
+}
+
+
+def _check_parameters(
+    params: dict[str, str | None],
+    offered: dict[str, Callable[[str | None], str | None]],
+) -> None:
+    """Unknown parameters are 555; bad values 501; good ones are normalised."""
+    for key, value in params.items():
+        check = offered.get(key)
+        if check is None:
+            raise SMTPError(fill(R555_UNKNOWN_PARAMETER, name=key[:32]))
+        try:
+            params[key] = check(value)
+        except ValueError:
+            raise SMTPError(fill(R501_BAD_PARAMETER, name=key)) from None
 
 
 def parse_mail(argument: str) -> tuple[str, dict[str, str | None]]:
@@ -189,19 +273,7 @@ def parse_mail(argument: str) -> tuple[str, dict[str, str | None]]:
         raise SMTPError(R501_SYNTAX_MAIL)
     path, param_text = split
     params = parse_parameters(param_text)
-    for key, value in params.items():
-        if key not in MAIL_PARAMETERS:
-            raise SMTPError(fill(R555_UNKNOWN_PARAMETER, name=key[:32]))
-        if key == "SIZE" and (value is None or not value.isdigit() or len(value) > 20):
-            raise SMTPError(fill(R501_BAD_PARAMETER, name=key))
-        if key == "BODY" and (value is None or value.upper() not in _BODY_VALUES):
-            raise SMTPError(fill(R501_BAD_PARAMETER, name=key))
-        if key == "SMTPUTF8" and value is not None:
-            raise SMTPError(fill(R501_BAD_PARAMETER, name=key))
-        if key == "AUTH" and value is None:
-            raise SMTPError(fill(R501_BAD_PARAMETER, name=key))
-    if "BODY" in params:
-        params["BODY"] = params["BODY"].upper()  # type: ignore[union-attr]
+    _check_parameters(params, MAIL_PARAMETERS)
     try:
         sender = parse_address(path, allow_empty=True)
     except ValueError:
@@ -221,8 +293,7 @@ def parse_rcpt(argument: str, smtputf8: bool) -> tuple[str, dict[str, str | None
         raise SMTPError(R501_SYNTAX_RCPT)
     path, param_text = split
     params = parse_parameters(param_text)
-    for key in params:
-        raise SMTPError(fill(R555_UNKNOWN_PARAMETER, name=key[:32]))
+    _check_parameters(params, RCPT_PARAMETERS)
     if path.lower() == "postmaster":
         return path, params
     try:

@@ -138,6 +138,7 @@ class SMTPFactory(ServerFactory):
             f"SIZE {size}" if size else "SIZE",
             "8BITMIME",
             "CHUNKING",
+            "DSN",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
         ]
