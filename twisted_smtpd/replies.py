@@ -104,7 +104,6 @@ class SMTPError(Exception):
 
 
 # Greeting and session --------------------------------------------------------
-R211_STATUS = Reply(211, "2.0.0", "System status")
 R214_HELP = Reply(
     214,
     "2.0.0",
@@ -142,7 +141,6 @@ R421_AUTH_FAILURES = Reply(
 )
 R451_LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error")
 R452_TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
-R454_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 R454_AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
 
 # Permanent failures ----------------------------------------------------------
