@@ -688,3 +688,46 @@ class TestChunking:
         self._ready(client)
         assert client.command(b"BDAT 0 LAST")[0].startswith(b"250 2.0.0 OK: queued")
         assert b"" == memory.messages[0].content
+
+
+class TestCheckClient:
+    def test_refused_at_connect(self, clock: Clock) -> None:
+        """check_client can refuse a peer: its reply replaces the greeting."""
+
+        class Blocklist:
+            def check_client(self, peer):
+                if peer.host == "192.0.2.66":
+                    raise SMTPError(554, "5.7.1", "Your address is blocked")
+
+            def handle_message(self, envelope):
+                pass
+
+        from twisted.internet.address import IPv4Address
+
+        factory = SMTPFactory(Blocklist(), hostname="mx.test", reactor=clock)
+        bad = connect(factory, IPv4Address("TCP", "192.0.2.66", 1000))
+        bad.send(b"EHLO early.talker\r\n")
+        assert [b"554 Your address is blocked"] == bad.replies()
+        clock.advance(0)
+        assert bad.closed
+        good = connect(factory, IPv4Address("TCP", "192.0.2.67", 1000))
+        assert [b"220 mx.test ESMTP twisted_smtpd ready"] == good.replies()
+
+    def test_greeting_waits_for_the_verdict(self, clock: Clock) -> None:
+        """A slow check_client holds the greeting and any early commands."""
+        verdict: Deferred = Deferred()
+
+        class Slow:
+            def check_client(self, peer):
+                return verdict
+
+            def handle_message(self, envelope):
+                pass
+
+        client = connect(SMTPFactory(Slow(), hostname="mx.test", reactor=clock))
+        client.send(b"NOOP\r\n")
+        assert [] == client.replies()
+        verdict.callback(None)
+        assert [b"220 mx.test ESMTP twisted_smtpd ready", b"250 OK"] == (
+            client.replies()
+        )

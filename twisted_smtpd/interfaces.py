@@ -45,6 +45,11 @@ class MessageReceiver(Protocol):
 class Handler(Protocol):
     """The full handler.  Every method is optional."""
 
+    def check_client(self, peer: Any) -> Any:
+        """A client connected (C{peer} is its address); refuse it by raising,
+        e.g. C{SMTPError(554, "5.7.1", "...")}: it gets that reply instead of
+        the greeting and is disconnected."""
+
     def check_sender(self, envelope: Envelope) -> Any:
         """MAIL: C{envelope.mail_from} and C{mail_options} are filled in."""
 

@@ -94,11 +94,12 @@ class _CollectingReceiver:
 
 
 class HandlerHooks:
-    """A user's handler reduced to the four hooks the protocol calls."""
+    """A user's handler reduced to the hooks the protocol calls."""
 
-    __slots__ = ("check_sender", "check_recipient", "open_message")
+    __slots__ = ("check_client", "check_sender", "check_recipient", "open_message")
 
     def __init__(self, handler: Any) -> None:
+        self.check_client = getattr(handler, "check_client", None)
         self.check_sender = getattr(handler, "check_sender", None)
         self.check_recipient = getattr(handler, "check_recipient", None)
         open_message = getattr(handler, "open_message", None)
@@ -201,7 +202,20 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._close()
             return
         self.setTimeout(self.limits.timeout)
-        self.reply(self.factory.greeting)
+        # The greeting waits for the handler's verdict on the client (and any
+        # early talker's bytes wait with it).
+        self._run(
+            self._hooks.check_client,
+            (self.session.peer,),
+            lambda _: self.reply(self.factory.greeting),
+            self._close_after_reply,
+        )
+
+    def _close_after_reply(self) -> None:
+        """A client refused at connect gets its reply (sent next), then EOF."""
+        self._closing = True
+        self.setTimeout(None)
+        self.factory.reactor.callLater(0, self.transport.loseConnection)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
