@@ -163,7 +163,7 @@ class SMTPFactory(ServerFactory):
     # -- connection accounting -------------------------------------------------
     def admit(self, protocol: SMTPServerProtocol) -> Optional[Reply]:
         """Register a new session; the 421 to refuse it with, if over a limit."""
-        ip = str(getattr(protocol.session.peer, "host", ""))
+        ip = _client_address(protocol)
         limits = self.limits
         if self.shutting_down:
             return fill(R421_SHUTTING_DOWN, hostname=self.hostname)
@@ -181,7 +181,7 @@ class SMTPFactory(ServerFactory):
     def release(self, protocol: SMTPServerProtocol) -> None:
         if protocol in self.sessions:
             self.sessions.discard(protocol)
-            ip = str(getattr(protocol.session.peer, "host", ""))
+            ip = _client_address(protocol)
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
@@ -226,5 +226,9 @@ class SMTPFactory(ServerFactory):
             protocol.force_close()
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
-        protocol = self.protocol(self)
-        return protocol
+        return self.protocol(self)
+
+
+def _client_address(protocol: SMTPServerProtocol) -> str:
+    """The per-IP limit's key: the peer's host (the real one behind PROXY)."""
+    return str(getattr(protocol.session.peer, "host", ""))

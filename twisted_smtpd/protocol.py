@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
-from ._session import KNOWN_VERBS, Envelope, Session, State, TLSInfo
+from ._session import Envelope, Session, State, TLSInfo
 from .replies import (
     R214_HELP,
     R220_STARTTLS,
@@ -208,14 +208,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._hooks.check_client,
             (self.session.peer,),
             lambda _: self.reply(self.factory.greeting),
-            self._close_after_reply,
+            self._close,
         )
-
-    def _close_after_reply(self) -> None:
-        """A client refused at connect gets its reply (sent next), then EOF."""
-        self._closing = True
-        self.setTimeout(None)
-        self.factory.reactor.callLater(0, self.transport.loseConnection)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
@@ -325,9 +319,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 if end < 0:
                     if size - pos >= self.limits.max_line:
                         self._start_discarding()
+                    if self._discard_line:
                         # Keep a trailing CR: it may begin the CRLF.
-                        pos = size - 1 if buffer.endswith(b"\r") else size
-                    elif self._discard_line:
                         pos = size - 1 if buffer.endswith(b"\r") else size
                     break
                 line = buffer[pos:end]
@@ -425,7 +418,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if verb == "BDAT":
             self._bdat(command.argument)
             return
-        method = self._COMMANDS.get(verb) if verb in KNOWN_VERBS else None
+        method = self._COMMANDS.get(verb)
         if method is None:
             self._reply_bad(R500_UNKNOWN_COMMAND)
             return
@@ -499,6 +492,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     ) -> None:
         """Call C{hook(*args)}, then C{succeeded(result)}, holding input meanwhile.
 
+        On failure the error's reply is sent, then C{failed()} runs.
+
         A synchronous hook is answered at once; a Deferred or coroutine holds
         later commands until it fires.
         """
@@ -530,9 +525,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 session_id=self.session.session_id,
             )
             reply = R451_LOCAL_ERROR
+        self.reply(reply)
         if failed is not None:
             failed()
-        self.reply(reply)
 
     def _unexpected(self, failure: Failure) -> None:
         _log.failure("smtpd internal error", failure)
@@ -631,14 +626,15 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return
         size, last = int(parts[0]), len(parts) == 2
         refusal = self.session.check("BDAT")
-        if refusal is None and self.session.state is not State.CHUNKING:
-            if not self._open_message(chunked=True):
-                # The handler's failure is answered; the chunk is dropped.
-                self._discard_chunk(size)
-                return
         if refusal is not None:
             self._reply_bad(refusal)
-            self._discard_chunk(size)
+            self._expect_chunk(size, discard=True)
+            return
+        if self.session.state is not State.CHUNKING and not self._open_message(
+            chunked=True
+        ):
+            # The handler's failure is answered; the chunk is dropped.
+            self._expect_chunk(size, discard=True)
             return
         envelope = self._envelope
         assert envelope is not None
@@ -647,15 +643,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._chunk_too_big = self._chunk_too_big or bool(
             limit and envelope.size > limit
         )
-        self._chunk_left, self._chunk_discard = size, False
         self._chunk_size, self._chunk_last = size, last
-        self._deadline = self.factory.reactor.seconds() + self.limits.data_timeout
+        self._expect_chunk(size, discard=False)
         if size == 0:
             self._chunk_complete()
 
-    def _discard_chunk(self, size: int) -> None:
-        """Read and drop a refused chunk, within the DATA deadline."""
-        self._chunk_left, self._chunk_discard = size, True
+    def _expect_chunk(self, size: int, discard: bool) -> None:
+        """The next C{size} bytes are a chunk; reading it is bounded like DATA."""
+        self._chunk_left, self._chunk_discard = size, discard
         if size:
             now = self.factory.reactor.seconds()
             self._deadline = now + self.limits.data_timeout
@@ -676,7 +671,6 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return pos + take
 
     def _chunk_complete(self) -> None:
-        self._deadline = None
         if self._chunk_too_big:
             self._chunk_too_big = False
             self._end_of_data(self._envelope.size, too_big=True)  # type: ignore[union-attr]
