@@ -731,3 +731,71 @@ class TestCheckClient:
         assert [b"220 mx.test ESMTP twisted_smtpd ready", b"250 OK"] == (
             client.replies()
         )
+
+
+class TestReceivedHeader:
+    """The Received: trace field (RFC 5321 4.4) the server makes per message."""
+
+    def _envelope(self, **changes):
+        from twisted.internet.address import IPv4Address
+
+        from twisted_smtpd import Envelope
+
+        envelope = Envelope(
+            session_id="S",
+            peer=IPv4Address("TCP", "192.0.2.1", 4000),
+            helo="client.example",
+            esmtp=True,
+            tls=None,
+            auth=None,
+            rcpt_tos=["c@d.example"],
+            message_id="S-1",
+        )
+        for name, value in changes.items():
+            setattr(envelope, name, value)
+        return envelope
+
+    def _header(self, envelope) -> bytes:
+        from twisted_smtpd.protocol import received_header
+
+        return received_header(envelope, "mx.test", "twisted_smtpd", 0.0)
+
+    def test_single_recipient(self) -> None:
+        """One recipient is named in a for clause; the date ends the field."""
+        lines = self._header(self._envelope()).split(b"\r\n")
+        assert b"Received: from client.example ([192.0.2.1])" == lines[0]
+        assert b"\tby mx.test (twisted_smtpd) with ESMTP id S-1" == lines[1]
+        assert lines[2].startswith(b"\tfor <c@d.example>; ")
+        assert b"1970" in lines[2] and b"" == lines[3]
+
+    def test_several_recipients_not_disclosed(self) -> None:
+        """With several recipients no for clause lists them."""
+        header = self._header(self._envelope(rcpt_tos=["a@x.example", "b@x.example"]))
+        assert b"for <" not in header
+        assert b"with ESMTP id S-1; " in header
+
+    def test_ipv6_and_tls(self) -> None:
+        """IPv6 peers are address literals; TLS adds a comment and ESMTPS."""
+        from twisted.internet.address import IPv6Address
+
+        from twisted_smtpd import TLSInfo
+
+        header = self._header(
+            self._envelope(
+                peer=IPv6Address("TCP", "2001:db8::1", 4000),
+                tls=TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384"),
+            )
+        )
+        assert header.startswith(b"Received: from client.example ([IPv6:2001:db8::1])")
+        assert b"\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)\r\n" in header
+        assert b"with ESMTPS id" in header
+
+    def test_utf8_names(self) -> None:
+        """SMTPUTF8 transactions say UTF8SMTP and keep UTF-8 addresses."""
+        header = self._header(
+            self._envelope(
+                mail_options={"SMTPUTF8": None}, rcpt_tos=["jos\u00e9@b.example"]
+            )
+        )
+        assert b"with UTF8SMTP id" in header
+        assert "for <jos\u00e9@b.example>".encode() in header
