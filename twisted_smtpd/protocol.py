@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
+from ._fastwrite import direct_writer
 from ._session import Envelope, Session, State, TLSInfo
 from .replies import (
     R214_HELP,
@@ -159,6 +160,10 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._receiver: Any = None
         self._envelope: Optional[Envelope] = None
         self._debug = factory.debug
+        # Output: replies made while a read is processed are sent as one
+        # write at its end; _send tries the socket before the reactor.
+        self._out: Optional[list[bytes]] = None
+        self._send: Callable[[bytes], None] = self._queue_write
 
     # -- Twisted plumbing ------------------------------------------------------
     def callLater(  # type: ignore[override]
@@ -168,6 +173,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return self.factory.reactor.callLater(delay, fn, *a, **kw)
 
     def connectionMade(self) -> None:
+        self._send = direct_writer(self.transport) or self._queue_write
         if getattr(self.transport, "awaiting_proxy_header", False):
             # Behind a PROXY-protocol listener: greet once the real peer is known.
             self.setTimeout(self.limits.line_timeout)
@@ -270,6 +276,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if not self._closing:
             self.reply(fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname))
         self._closing = True
+        self._flush()
         self.transport.abortConnection()
 
     @property
@@ -301,6 +308,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 self._limit_held_input()
             return
         self._busy = True
+        self._out = []
         try:
             buffer = self._buffer + data if self._buffer else data
             self._buffer = b""
@@ -339,6 +347,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                     self._line_deadline(bool(self._buffer) and not self._held)
         finally:
             self._busy = False
+            self._flush()
+            self._out = None
         if self._close_when_idle:
             self._close_if_draining()
         if arrived_meanwhile and not self._held and not self._closing:
@@ -459,6 +469,23 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 session_id=self.session.session_id if self.session else "-",
                 line=data.rstrip(b"\r\n"),
             )
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        out = self._out
+        if out is None:
+            self._send(data)
+        else:
+            out.append(data)
+
+    def _flush(self) -> None:
+        """Send the replies collected so far (before the transport changes state)."""
+        out = self._out
+        if out:
+            self._send(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def _queue_write(self, data: bytes) -> None:
         self.transport.write(data)
 
     def _reply_bad(self, reply: Reply) -> None:
@@ -480,6 +507,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _close(self) -> None:
         self._closing = True
         self.setTimeout(None)
+        self._flush()
         self.transport.loseConnection()
 
     # -- hooks -----------------------------------------------------------------
@@ -556,7 +584,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 session_id=self.session.session_id,
                 line=data.rstrip(b"\r\n"),
             )
-        self.transport.write(data)
+        self._write(data)
 
     def do_MAIL(self, argument: str) -> None:
         sender, params = parse_mail(argument)
@@ -802,6 +830,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         # attempt (CVE-2011-0411 class): drop it before the handshake.
         self._drop_input = True
         self._buffer = b""
+        self._flush()  # the 220 goes out in plaintext, before the handshake
+        self._send = self._queue_write
         self.transport.startTLS(context)
         self.session.tls_started(TLSInfo("", ""))
 

@@ -1,0 +1,180 @@
+"""Replies go straight to the socket when nothing is queued, and stay in order."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+
+from twisted_smtpd import SMTPFactory
+from twisted_smtpd._fastwrite import direct_writer
+from twisted_smtpd.handlers import MemoryHandler
+from twisted_smtpd.testing import TLSStringTransport, connect
+from twisted_smtpd.tls import TLSPolicy
+
+
+class _Recorder(Protocol):
+    """Hands its transport to the test once connected."""
+
+    def __init__(self, on_connect: Deferred) -> None:
+        self.on_connect = on_connect
+
+    def connectionMade(self) -> None:
+        self.on_connect.callback(self.transport)
+
+
+def _serve_one():
+    """Listen on loopback; (port, Deferred firing with the server transport)."""
+    connected: Deferred = Deferred()
+    port = reactor.listenTCP(
+        0, Factory.forProtocol(lambda: _Recorder(connected)), interface="127.0.0.1"
+    )
+    return port, connected
+
+
+def _read_until(sock: socket.socket, marker: bytes) -> bytes:
+    data = bytearray()
+    while not data.endswith(marker):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def test_test_transports_keep_transport_write():
+    """StringTransport and TLS-capable test transports have no socket to use."""
+    assert direct_writer(StringTransport()) is None
+    assert direct_writer(TLSStringTransport()) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_tcp_gets_direct_writer_and_sends_at_once():
+    """With this Twisted, a TCP server transport qualifies; bytes leave at once."""
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        write = direct_writer(transport)
+        assert write is not None
+        write(b"220 hello\r\n")
+        # Sent inside the call: nothing waits in Twisted's queue.
+        assert not transport.dataBuffer and not transport._tempDataLen
+        data = yield threads.deferToThread(_read_until, client, b"\r\n")
+        assert data == b"220 hello\r\n"
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_order_kept_when_the_kernel_buffer_fills():
+    """What the kernel refuses is queued, and later writes queue behind it."""
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        write = direct_writer(transport)
+        big = bytes(range(256)) * 4096  # 1 MiB: more than the kernel takes at once
+        write(big)
+        assert transport.dataBuffer or transport._tempDataLen  # the fallback ran
+        write(b"250 after\r\n")
+        data = yield threads.deferToThread(_read_until, client, b"250 after\r\n")
+        assert data == big + b"250 after\r\n"
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest.fixture
+def tls_policy(certificates) -> TLSPolicy:
+    return TLSPolicy.from_files(str(certificates["cert"]), str(certificates["key"]))
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_direct_writer_after_starttls(tls_policy):
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        assert direct_writer(transport) is not None
+        transport.startTLS(tls_policy.context_factory)
+        assert direct_writer(transport) is None
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+class _CountingTransport(TLSStringTransport):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.writes: list[bytes] = []
+        self.written_before_tls = None
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+    def startTLS(self, contextFactory, normal: bool = True) -> None:
+        self.written_before_tls = self.value()
+        super().startTLS(contextFactory, normal)
+
+
+@pytest.fixture
+def counting(memory, clock):
+    factory = SMTPFactory(memory, hostname="mx.test", reactor=clock)
+    transport = _CountingTransport()
+    client = connect(factory, transport=transport)
+    client.replies()
+    transport.writes.clear()
+    return client, transport
+
+
+def test_pipelined_replies_leave_in_one_write(counting, memory: MemoryHandler):
+    """Replies to one read are joined: one send, not one per command."""
+    client, transport = counting
+    client.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n"
+        b"DATA\r\nhello\r\n.\r\nNOOP\r\n"
+    )
+    assert len(transport.writes) == 1
+    codes = [line[:4] for line in client.replies()]
+    assert codes[-5:] == [b"250 ", b"250 ", b"354 ", b"250 ", b"250 "]
+    assert len(memory.messages) == 1
+
+
+class _CloseRecordingTransport(_CountingTransport):
+    written_before_close = None
+
+    def loseConnection(self) -> None:
+        self.written_before_close = self.value()
+        super().loseConnection()
+
+
+def test_reply_is_written_before_the_close(memory, clock):
+    """QUIT's 221 reaches the transport before loseConnection, and nothing after."""
+    factory = SMTPFactory(memory, hostname="mx.test", reactor=clock)
+    transport = _CloseRecordingTransport()
+    client = connect(factory, transport=transport)
+    client.send(b"NOOP\r\nQUIT\r\nNOOP\r\n")
+    assert transport.written_before_close is not None
+    assert transport.written_before_close.endswith(b"250 OK\r\n221 Bye\r\n")
+    assert transport.value() == transport.written_before_close
+
+
+def test_starttls_reply_is_written_before_the_handshake(tls_policy, memory, clock):
+    """The 220 goes out in plaintext even when replies are being collected."""
+    factory = SMTPFactory(memory, hostname="mx.test", reactor=clock, tls=tls_policy)
+    transport = _CountingTransport()
+    client = connect(factory, transport=transport)
+    client.send(b"EHLO c\r\nSTARTTLS\r\nNOOP\r\n")
+    assert transport.written_before_tls is not None
+    assert transport.written_before_tls.endswith(b"220 2.0.0 Ready to start TLS\r\n")
+    # The plaintext NOOP behind STARTTLS is dropped, never answered.
+    assert transport.value() == transport.written_before_tls
