@@ -12,7 +12,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
 from twisted_smtpd import SMTPFactory
-from twisted_smtpd._fastwrite import direct_writer
+from twisted_smtpd._fastwrite import can_write_directly, write_directly
 from twisted_smtpd.handlers import MemoryHandler
 from twisted_smtpd.testing import TLSStringTransport, connect
 from twisted_smtpd.tls import TLSPolicy
@@ -49,20 +49,19 @@ def _read_until(sock: socket.socket, marker: bytes) -> bytes:
 
 def test_test_transports_keep_transport_write():
     """StringTransport and TLS-capable test transports have no socket to use."""
-    assert direct_writer(StringTransport()) is None
-    assert direct_writer(TLSStringTransport()) is None
+    assert not can_write_directly(StringTransport())
+    assert not can_write_directly(TLSStringTransport())
 
 
 @pytest_twisted.inlineCallbacks
-def test_plain_tcp_gets_direct_writer_and_sends_at_once():
+def test_plain_tcp_qualifies_and_sends_at_once():
     """With this Twisted, a TCP server transport qualifies; bytes leave at once."""
     port, connected = _serve_one()
     client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
     try:
         transport = yield connected
-        write = direct_writer(transport)
-        assert write is not None
-        write(b"220 hello\r\n")
+        assert can_write_directly(transport)
+        write_directly(transport, b"220 hello\r\n")
         # Sent inside the call: nothing waits in Twisted's queue.
         assert not transport.dataBuffer and not transport._tempDataLen
         data = yield threads.deferToThread(_read_until, client, b"\r\n")
@@ -80,11 +79,10 @@ def test_order_kept_when_the_kernel_buffer_fills():
     try:
         transport = yield connected
         transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-        write = direct_writer(transport)
         big = bytes(range(256)) * 4096  # 1 MiB: more than the kernel takes at once
-        write(big)
+        write_directly(transport, big)
         assert transport.dataBuffer or transport._tempDataLen  # the fallback ran
-        write(b"250 after\r\n")
+        write_directly(transport, b"250 after\r\n")
         data = yield threads.deferToThread(_read_until, client, b"250 after\r\n")
         assert data == big + b"250 after\r\n"
     finally:
@@ -98,14 +96,14 @@ def tls_policy(certificates) -> TLSPolicy:
 
 
 @pytest_twisted.inlineCallbacks
-def test_no_direct_writer_after_starttls(tls_policy):
+def test_no_direct_writes_after_starttls(tls_policy):
     port, connected = _serve_one()
     client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
     try:
         transport = yield connected
-        assert direct_writer(transport) is not None
+        assert can_write_directly(transport)
         transport.startTLS(tls_policy.context_factory)
-        assert direct_writer(transport) is None
+        assert not can_write_directly(transport)
     finally:
         client.close()
         yield port.stopListening()

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
-from ._fastwrite import direct_writer
+from ._fastwrite import can_write_directly, write_directly
 from ._session import Envelope, Session, State, TLSInfo
 from .replies import (
     R214_HELP,
@@ -131,6 +131,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     """One SMTP session.  Built by L{SMTPFactory}; holds no policy of its own."""
 
     delimiter = b"\r\n"
+    #: replies collected while a read is processed (None: send at once)
+    _out: Optional[list[bytes]] = None
     # A TCP, TLS or test transport: the protocol uses what they all provide.
     transport: Any
 
@@ -161,9 +163,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._envelope: Optional[Envelope] = None
         self._debug = factory.debug
         # Output: replies made while a read is processed are sent as one
-        # write at its end; _send tries the socket before the reactor.
-        self._out: Optional[list[bytes]] = None
-        self._send: Callable[[bytes], None] = self._queue_write
+        # write at its end (_out), straight to the socket when possible.
+        self._direct_write = False
 
     # -- Twisted plumbing ------------------------------------------------------
     def callLater(  # type: ignore[override]
@@ -173,7 +174,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return self.factory.reactor.callLater(delay, fn, *a, **kw)
 
     def connectionMade(self) -> None:
-        self._send = direct_writer(self.transport) or self._queue_write
+        self._direct_write = can_write_directly(self.transport)
         if getattr(self.transport, "awaiting_proxy_header", False):
             # Behind a PROXY-protocol listener: greet once the real peer is known.
             self.setTimeout(self.limits.line_timeout)
@@ -485,8 +486,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._send(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
-    def _queue_write(self, data: bytes) -> None:
-        self.transport.write(data)
+    def _send(self, data: bytes) -> None:
+        if self._direct_write:
+            write_directly(self.transport, data)
+        else:
+            self.transport.write(data)
 
     def _reply_bad(self, reply: Reply) -> None:
         self.reply(reply)
@@ -831,7 +835,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._drop_input = True
         self._buffer = b""
         self._flush()  # the 220 goes out in plaintext, before the handshake
-        self._send = self._queue_write
+        self._direct_write = False
         self.transport.startTLS(context)
         self.session.tls_started(TLSInfo("", ""))
 
