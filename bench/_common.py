@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import resource
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -49,12 +50,24 @@ def window_rate(
         a, b = (t0, 0, 0), events[-1]
         confidence = "low"
     else:
-        return {"msgs_per_s": 0.0, "mb_per_s": 0.0, "messages": 0,
-                "t_a": lo, "t_b": hi, "confidence": "none"}
+        return {
+            "msgs_per_s": 0.0,
+            "mb_per_s": 0.0,
+            "messages": 0,
+            "t_a": lo,
+            "t_b": hi,
+            "confidence": "none",
+        }
     span = b[0] - a[0]
     if span <= 0:
-        return {"msgs_per_s": 0.0, "mb_per_s": 0.0, "messages": 0,
-                "t_a": a[0], "t_b": b[0], "confidence": "none"}
+        return {
+            "msgs_per_s": 0.0,
+            "mb_per_s": 0.0,
+            "messages": 0,
+            "t_a": a[0],
+            "t_b": b[0],
+            "confidence": "none",
+        }
     return {
         "msgs_per_s": (b[1] - a[1]) / span,
         "mb_per_s": (b[2] - a[2]) / span / 1e6,
@@ -131,8 +144,10 @@ def message_body(size: int, *, subject: str = "benchmark") -> bytes:
         b"Content-Type: text/plain; charset=us-ascii\r\n"
         b"\r\n"
     )
-    line = (b"The quick brown fox jumps over the lazy dog 0123456789 "
-            b"abcdefghijklmnopqrstuvw\r\n")
+    line = (
+        b"The quick brown fox jumps over the lazy dog 0123456789 "
+        b"abcdefghijklmnopqrstuvw\r\n"
+    )
     assert len(line) == 80
     remaining = max(0, size - len(header))
     lines, rest = divmod(remaining, len(line))

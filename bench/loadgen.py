@@ -90,7 +90,7 @@ class Client(asyncio.Protocol):
         self._writable.set()
 
     # API
-    def expect(self, n: int) -> "asyncio.Future[list[int]]":
+    def expect(self, n: int) -> asyncio.Future[list[int]]:
         fut = asyncio.get_running_loop().create_future()
         if len(self._codes) >= n:
             codes, self._codes = self._codes[:n], self._codes[n:]
@@ -162,9 +162,13 @@ class Run:
 
     def result(self) -> dict:
         out = window_rate(self.events, self.t0, self.args.warmup, self.args.duration)
-        out.update(t0=self.t0, total_messages=self.count, total_bytes=self.nbytes,
-                   errors=self.errors[:5],
-                   error_count=len(self.errors))
+        out.update(
+            t0=self.t0,
+            total_messages=self.count,
+            total_bytes=self.nbytes,
+            errors=self.errors[:5],
+            error_count=len(self.errors),
+        )
         return out
 
 
@@ -218,16 +222,22 @@ async def main_load(args: argparse.Namespace) -> dict:
     run = Run(args)
     if args.mode == "pipelined":
         body = message_body(args.size)
-        tasks = [guarded(run, pipelined_conn(run, body)) for _ in range(args.connections)]
+        tasks = [
+            guarded(run, pipelined_conn(run, body)) for _ in range(args.connections)
+        ]
     else:
-        body = message_body(min(args.size, 1 << 20) if args.mode == "single" else args.size)
+        body = message_body(
+            min(args.size, 1 << 20) if args.mode == "single" else args.size
+        )
         if args.mode == "single":
             # SIZE bytes made of 1 MiB chunks of whole lines.
             chunks = [body] * max(1, args.size // len(body))
         else:
             chunks = [body]
         size = sum(len(c) for c in chunks)
-        tasks = [guarded(run, bulk_conn(run, chunks, size)) for _ in range(args.connections)]
+        tasks = [
+            guarded(run, bulk_conn(run, chunks, size)) for _ in range(args.connections)
+        ]
     try:
         await asyncio.wait_for(asyncio.gather(*tasks), args.max_time + 10)
     except asyncio.TimeoutError:
@@ -240,7 +250,9 @@ async def main_load(args: argparse.Namespace) -> dict:
 async def main_idle(args: argparse.Namespace) -> dict:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
     errors: list[str] = []
 
     async def one() -> Optional[Client]:
@@ -261,7 +273,9 @@ async def main_idle(args: argparse.Namespace) -> dict:
     t_open = time.monotonic()
     batch = 100
     for i in range(0, args.connections, batch):
-        got = await asyncio.gather(*(one() for _ in range(min(batch, args.connections - i))))
+        got = await asyncio.gather(
+            *(one() for _ in range(min(batch, args.connections - i)))
+        )
         clients.extend(c for c in got if c)
     t_open = time.monotonic() - t_open
     print(f"READY {len(clients)} {args.connections - len(clients)}", flush=True)
@@ -274,13 +288,19 @@ async def main_idle(args: argparse.Namespace) -> dict:
         if c.transport is not None:
             c.transport.close()
     await asyncio.sleep(0.2)
-    return {"opened": len(clients), "alive_at_close": alive, "open_s": t_open,
-            "errors": errors[:5], "error_count": len(errors)}
+    return {
+        "opened": len(clients),
+        "alive_at_close": alive,
+        "open_s": t_open,
+        "errors": errors[:5],
+        "error_count": len(errors),
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("mode", choices=["pipelined", "bulk", "single", "idle"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
@@ -288,8 +308,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--size", type=int, default=1000, help="message bytes")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=4.0)
-    parser.add_argument("--max-time", type=float, default=60.0,
-                        help="hard limit for the whole run, seconds")
+    parser.add_argument(
+        "--max-time",
+        type=float,
+        default=60.0,
+        help="hard limit for the whole run, seconds",
+    )
     args = parser.parse_args(argv)
     raise_nofile()
     if args.mode == "single":

@@ -44,8 +44,12 @@ from _common import (  # noqa: E402
 SERVERS = ("twisted_smtpd", "twisted_mail", "aiosmtpd")
 #: optional variants, only with --servers (extra columns in the tables)
 EXTRA_SERVERS = ("twisted_smtpd_quiet",)
-LABELS = {"twisted_smtpd": "twisted_smtpd", "twisted_mail": "twisted.mail",
-          "aiosmtpd": "aiosmtpd", "twisted_smtpd_quiet": "ts --quiet"}
+LABELS = {
+    "twisted_smtpd": "twisted_smtpd",
+    "twisted_mail": "twisted.mail",
+    "aiosmtpd": "aiosmtpd",
+    "twisted_smtpd_quiet": "ts --quiet",
+}
 MAX_MESSAGE = 200 * 1024 * 1024
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
@@ -53,36 +57,54 @@ SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SCENARIOS: dict[str, dict[str, Any]] = {
     "conn": dict(
         title="1 msg/connection, 20 sessions (smtp-source)",
-        kind="smtp-source", unit="msgs/s", higher=True,
-        argv=["-s", "20", "-l", "1000"], size=1000,
+        kind="smtp-source",
+        unit="msgs/s",
+        higher=True,
+        argv=["-s", "20", "-l", "1000"],
+        size=1000,
     ),
     "session": dict(
         title="many msgs/connection, 20 sessions (smtp-source -d)",
-        kind="smtp-source", unit="msgs/s", higher=True,
-        argv=["-d", "-s", "20", "-l", "1000"], size=1000,
+        kind="smtp-source",
+        unit="msgs/s",
+        higher=True,
+        argv=["-d", "-s", "20", "-l", "1000"],
+        size=1000,
     ),
     "pipelined": dict(
         title="pipelined transactions, 20 connections (loadgen)",
-        kind="loadgen", unit="msgs/s", higher=True,
+        kind="loadgen",
+        unit="msgs/s",
+        higher=True,
         argv=["pipelined", "-c", "20", "--size", "1000"],
     ),
     "100k": dict(
         title="100 KB messages, 10 sessions (smtp-source -d)",
-        kind="smtp-source", unit="msgs/s", higher=True,
-        argv=["-d", "-s", "10", "-l", "102400"], size=102400,
+        kind="smtp-source",
+        unit="msgs/s",
+        higher=True,
+        argv=["-d", "-s", "10", "-l", "102400"],
+        size=102400,
     ),
     "10m": dict(
         title="10 MB messages, 1 connection (loadgen): DATA MB/s",
-        kind="loadgen", unit="MB/s", higher=True, metric="mb_per_s",
+        kind="loadgen",
+        unit="MB/s",
+        higher=True,
+        metric="mb_per_s",
         argv=["bulk", "-c", "1", "--size", str(10 * 1024 * 1024)],
     ),
     "idle": dict(
         title="idle connections: RSS increase per connection",
-        kind="idle", unit="KiB/conn", higher=False,
+        kind="idle",
+        unit="KiB/conn",
+        higher=False,
     ),
     "100m": dict(
         title="one 100 MB message: peak RSS increase (twisted_smtpd: Maildir)",
-        kind="bigmsg", unit="MiB", higher=False,
+        kind="bigmsg",
+        unit="MiB",
+        higher=False,
     ),
 }
 DEFAULT_ORDER = ["conn", "session", "pipelined", "100k", "10m", "idle", "100m"]
@@ -145,9 +167,12 @@ def twistd() -> list[str]:
     local = os.path.join(os.path.dirname(sys.executable), "twistd")
     if os.access(local, os.X_OK):
         return [local]
-    return [sys.executable, "-c",
-            "import sys; from twisted.scripts.twistd import run;"
-            " sys.argv[0] = 'twistd'; run()"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from twisted.scripts.twistd import run;"
+        " sys.argv[0] = 'twistd'; run()",
+    ]
 
 
 def pinned(cpu: Optional[str], argv: list[str]) -> list[str]:
@@ -157,7 +182,9 @@ def pinned(cpu: Optional[str], argv: list[str]) -> list[str]:
 class Server:
     """One server process, pinned, on 127.0.0.1:<free port>."""
 
-    def __init__(self, name: str, opts: argparse.Namespace, maildir: Optional[str] = None):
+    def __init__(
+        self, name: str, opts: argparse.Namespace, maildir: Optional[str] = None
+    ):
         self.name = name
         self.opts = opts
         self.maildir = maildir
@@ -172,30 +199,57 @@ class Server:
             # adds --quiet (no line per session or accepted message).
             logging = ["--logger", "bench.servers.devnull_log.observer"]
             quiet = ["--quiet"] if self.name == "twisted_smtpd_quiet" else []
-            argv = [*twistd(), "-n", "--pidfile=", *logging, "smtpd", *quiet,
-                    "--port", f"tcp:{self.port}:interface=127.0.0.1:backlog=1024",
-                    "--hostname", "bench.local",
-                    "--max-message-size", str(MAX_MESSAGE)]
+            argv = [
+                *twistd(),
+                "-n",
+                "--pidfile=",
+                *logging,
+                "smtpd",
+                *quiet,
+                "--port",
+                f"tcp:{self.port}:interface=127.0.0.1:backlog=1024",
+                "--hostname",
+                "bench.local",
+                "--max-message-size",
+                str(MAX_MESSAGE),
+            ]
             if self.maildir:
                 argv += ["--maildir", self.maildir]
             else:
                 argv += ["--handler", "twisted_smtpd.handlers.discard"]
             return argv
         if self.name == "twisted_mail":
-            return [py, os.path.join(HERE, "servers", "twisted_mail_server.py"),
-                    "--port", str(self.port)]
+            return [
+                py,
+                os.path.join(HERE, "servers", "twisted_mail_server.py"),
+                "--port",
+                str(self.port),
+            ]
         if self.name == "aiosmtpd":
-            return [py, os.path.join(HERE, "servers", "aiosmtpd_server.py"),
-                    "--port", str(self.port), "--max-message-size", str(MAX_MESSAGE)]
+            return [
+                py,
+                os.path.join(HERE, "servers", "aiosmtpd_server.py"),
+                "--port",
+                str(self.port),
+                "--max-message-size",
+                str(MAX_MESSAGE),
+            ]
         raise ValueError(self.name)
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = ROOT + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        )
         self._log = open(self.log_path, "wb")
-        self.proc = spawn(pinned(self.opts.server_cpu, self.argv()), stdout=self._log,
-                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                          cwd=self.opts.workdir)
+        self.proc = spawn(
+            pinned(self.opts.server_cpu, self.argv()),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.opts.workdir,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -209,7 +263,9 @@ class Server:
                         return self
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not answer on port {self.port}:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"{self.name} did not answer on port {self.port}:\n{self.log_tail()}"
+        )
 
     @property
     def pid(self) -> int:
@@ -238,8 +294,12 @@ class Server:
 class Sampler(threading.Thread):
     """Samples the CPU time of some processes every 50 ms."""
 
-    def __init__(self, pids: dict[str, int], interval: float = 0.05,
-                 cpus: Optional[list[int]] = None) -> None:
+    def __init__(
+        self,
+        pids: dict[str, int],
+        interval: float = 0.05,
+        cpus: Optional[list[int]] = None,
+    ) -> None:
         super().__init__(daemon=True)
         self.pids = pids
         self.cpus = cpus or []
@@ -275,7 +335,10 @@ class Sampler(threading.Thread):
             if len(inside) < 2:
                 return None
             before, after = inside[:1], inside[-1:]
-        (ta, ca), (tb, cb) = (before[-1][0], before[-1][1][key]), (after[0][0], after[0][1][key])
+        (ta, ca), (tb, cb) = (
+            (before[-1][0], before[-1][1][key]),
+            (after[0][0], after[0][1][key]),
+        )
         if tb <= ta:
             return None
         return (cb - ca) / (tb - ta)
@@ -284,7 +347,7 @@ class Sampler(threading.Thread):
 # -- throughput scenarios ----------------------------------------------------
 
 #: servers running side by side (watched for CPU they should not be using)
-RUNNING: dict[str, "Server"] = {}
+RUNNING: dict[str, Server] = {}
 
 
 def server_cpus(opts: argparse.Namespace) -> list[int]:
@@ -294,36 +357,62 @@ def server_cpus(opts: argparse.Namespace) -> list[int]:
         return []
 
 
-def others(server: "Server") -> dict[str, int]:
-    return {f"other:{s.name}": s.pid for s in RUNNING.values() if s is not server and s.alive()}
+def others(server: Server) -> dict[str, int]:
+    return {
+        f"other:{s.name}": s.pid
+        for s in RUNNING.values()
+        if s is not server and s.alive()
+    }
 
 
 def add_cpu(result: dict, sampler: Sampler, scen: dict) -> None:
     t_a, t_b = result["t_a"], result["t_b"]
     result["server_cpu"] = sampler.cpu_share("server", t_a, t_b)
     result["client_cpu"] = sampler.cpu_share("client", t_a, t_b)
-    idle_servers = [sampler.cpu_share(k, t_a, t_b) for k in sampler.pids if k.startswith("other:")]
+    idle_servers = [
+        sampler.cpu_share(k, t_a, t_b) for k in sampler.pids if k.startswith("other:")
+    ]
     result["other_servers_cpu"] = sum(v for v in idle_servers if v is not None)
     core = sampler.cpu_share("core", t_a, t_b)
     if core is not None and result["server_cpu"] is not None:
         # CPU time on the server's core(s) that went to other processes
-        result["foreign_cpu"] = max(0.0, core - result["server_cpu"] - result["other_servers_cpu"])
+        result["foreign_cpu"] = max(
+            0.0, core - result["server_cpu"] - result["other_servers_cpu"]
+        )
     if result["server_cpu"]:
-        result["per_cpu_s"] = result.get(scen.get("metric", "msgs_per_s"), 0.0) / result["server_cpu"]
+        result["per_cpu_s"] = (
+            result.get(scen.get("metric", "msgs_per_s"), 0.0) / result["server_cpu"]
+        )
 
 
 def run_smtp_source(server: Server, scen: dict, opts: argparse.Namespace) -> dict:
     size = scen["size"]
-    argv = pinned(opts.client_cpu, [SMTP_SOURCE, "-c", "-m", "100000000", "-M", "bench.local",
-                                     "-f", "bench@bench.local", "-t", "sink@bench.local",
-                                     *scen["argv"], f"127.0.0.1:{server.port}"])
+    argv = pinned(
+        opts.client_cpu,
+        [
+            SMTP_SOURCE,
+            "-c",
+            "-m",
+            "100000000",
+            "-M",
+            "bench.local",
+            "-f",
+            "bench@bench.local",
+            "-t",
+            "sink@bench.local",
+            *scen["argv"],
+            f"127.0.0.1:{server.port}",
+        ],
+    )
     events: list[tuple[float, int, int]] = []
     err_path = os.path.join(opts.workdir, "smtp-source.err")
     with open(err_path, "wb") as err:
         t0 = time.monotonic()
         proc = spawn(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
-        sampler = Sampler({"server": server.pid, "client": proc.pid, **others(server)},
-                          cpus=server_cpus(opts))
+        sampler = Sampler(
+            {"server": server.pid, "client": proc.pid, **others(server)},
+            cpus=server_cpus(opts),
+        )
         sampler.start()
 
         def reader() -> None:
@@ -359,21 +448,43 @@ def run_smtp_source(server: Server, scen: dict, opts: argparse.Namespace) -> dic
     result = window_rate(list(events), t0, opts.warmup, opts.duration)
     add_cpu(result, sampler, scen)
     if exited_early or "fatal" in stderr:
-        result["error"] = (stderr.splitlines() or ["smtp-source exited early"])[-1][:300]
+        result["error"] = (stderr.splitlines() or ["smtp-source exited early"])[-1][
+            :300
+        ]
     return result
 
 
-def run_loadgen(server: Server, scen: dict, opts: argparse.Namespace,
-                extra: Optional[list[str]] = None) -> dict:
+def run_loadgen(
+    server: Server,
+    scen: dict,
+    opts: argparse.Namespace,
+    extra: Optional[list[str]] = None,
+) -> dict:
     max_time = opts.warmup + opts.duration + 60
-    argv = pinned(opts.client_cpu, [sys.executable, os.path.join(HERE, "loadgen.py"),
-                                    *scen["argv"], "--port", str(server.port),
-                                    "--warmup", str(opts.warmup),
-                                    "--duration", str(opts.duration),
-                                    "--max-time", str(max_time), *(extra or [])])
-    proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    sampler = Sampler({"server": server.pid, "client": proc.pid, **others(server)},
-                      cpus=server_cpus(opts))
+    argv = pinned(
+        opts.client_cpu,
+        [
+            sys.executable,
+            os.path.join(HERE, "loadgen.py"),
+            *scen["argv"],
+            "--port",
+            str(server.port),
+            "--warmup",
+            str(opts.warmup),
+            "--duration",
+            str(opts.duration),
+            "--max-time",
+            str(max_time),
+            *(extra or []),
+        ],
+    )
+    proc = spawn(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    sampler = Sampler(
+        {"server": server.pid, "client": proc.pid, **others(server)},
+        cpus=server_cpus(opts),
+    )
     sampler.start()
     try:
         out, err = proc.communicate(timeout=max_time + 20)
@@ -386,8 +497,11 @@ def run_loadgen(server: Server, scen: dict, opts: argparse.Namespace,
     try:
         result = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return {"error": f"loadgen failed: {err.decode()[-500:]}", "msgs_per_s": 0.0,
-                "mb_per_s": 0.0}
+        return {
+            "error": f"loadgen failed: {err.decode()[-500:]}",
+            "msgs_per_s": 0.0,
+            "mb_per_s": 0.0,
+        }
     add_cpu(result, sampler, scen)
     if result.get("error_count"):
         result["error"] = "; ".join(result.get("errors", []))[:300]
@@ -396,13 +510,15 @@ def run_loadgen(server: Server, scen: dict, opts: argparse.Namespace,
 
 # -- memory scenarios --------------------------------------------------------
 
+
 class LineChild:
     """A child that speaks in lines on stdin/stdout, read with a timeout."""
 
     def __init__(self, argv: list[str]) -> None:
-        self.proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
-        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.proc = spawn(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.lines: queue.Queue[Optional[str]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -436,9 +552,22 @@ def run_idle(name: str, opts: argparse.Namespace) -> dict:
     child = None
     try:
         n = opts.idle_connections
-        child = LineChild(pinned(opts.client_cpu, [
-            sys.executable, os.path.join(HERE, "loadgen.py"), "idle", "-c", str(n),
-            "--port", str(server.port), "--max-time", "120"]))
+        child = LineChild(
+            pinned(
+                opts.client_cpu,
+                [
+                    sys.executable,
+                    os.path.join(HERE, "loadgen.py"),
+                    "idle",
+                    "-c",
+                    str(n),
+                    "--port",
+                    str(server.port),
+                    "--max-time",
+                    "120",
+                ],
+            )
+        )
         child.expect("WARM", 30)
         time.sleep(0.3)
         rss0 = proc_status_kib(server.pid, "VmRSS")
@@ -452,8 +581,11 @@ def run_idle(name: str, opts: argparse.Namespace) -> dict:
         detail = json.loads(tail)
         result = {
             "kib_per_conn": (rss1 - rss0) / opened if opened else None,
-            "rss_before_kib": rss0, "rss_after_kib": rss1, "opened": opened,
-            "failed": failed, "alive_at_close": detail.get("alive_at_close"),
+            "rss_before_kib": rss0,
+            "rss_after_kib": rss1,
+            "opened": opened,
+            "failed": failed,
+            "alive_at_close": detail.get("alive_at_close"),
         }
         if failed or detail.get("error_count"):
             result["error"] = f"{failed} connections failed: {detail.get('errors')}"
@@ -471,26 +603,48 @@ def run_bigmsg(name: str, opts: argparse.Namespace) -> dict:
     server = Server(name, opts, maildir=maildir).start()
     try:
         size = opts.big_size
-        loadgen = [sys.executable, os.path.join(HERE, "loadgen.py"), "single",
-                   "--port", str(server.port), "--warmup", "0", "--duration", "0"]
+        loadgen = [
+            sys.executable,
+            os.path.join(HERE, "loadgen.py"),
+            "single",
+            "--port",
+            str(server.port),
+            "--warmup",
+            "0",
+            "--duration",
+            "0",
+        ]
         # warm-up: one small message through the same code path
-        subprocess.run(pinned(opts.client_cpu, loadgen + ["--size", "20000", "--max-time", "30"]),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        subprocess.run(
+            pinned(opts.client_cpu, loadgen + ["--size", "20000", "--max-time", "30"]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
         time.sleep(0.3)
         reset = reset_peak_rss(server.pid)
         rss0 = proc_status_kib(server.pid, "VmRSS") or 0
         hwm0 = proc_status_kib(server.pid, "VmHWM") or 0
         t = time.monotonic()
-        done = subprocess.run(pinned(opts.client_cpu, loadgen + ["--size", str(size),
-                                                               "--max-time", "150"]),
-                              capture_output=True, timeout=180)
+        done = subprocess.run(
+            pinned(
+                opts.client_cpu, loadgen + ["--size", str(size), "--max-time", "150"]
+            ),
+            capture_output=True,
+            timeout=180,
+        )
         elapsed = time.monotonic() - t
         hwm1 = proc_status_kib(server.pid, "VmHWM") or 0
         rss1 = proc_status_kib(server.pid, "VmRSS") or 0
         result: dict[str, Any] = {
-            "mib_increase": (hwm1 - rss0) / 1024, "rss_before_kib": rss0,
-            "hwm_before_kib": hwm0, "hwm_after_kib": hwm1, "rss_after_kib": rss1,
-            "hwm_reset": reset, "seconds": elapsed, "mb_per_s": size / elapsed / 1e6,
+            "mib_increase": (hwm1 - rss0) / 1024,
+            "rss_before_kib": rss0,
+            "hwm_before_kib": hwm0,
+            "hwm_after_kib": hwm1,
+            "rss_after_kib": rss1,
+            "hwm_reset": reset,
+            "seconds": elapsed,
+            "mb_per_s": size / elapsed / 1e6,
             "handler": "maildir" if maildir else "discard",
         }
         sent = 0
@@ -499,16 +653,22 @@ def run_bigmsg(name: str, opts: argparse.Namespace) -> dict:
             sent = detail.get("total_bytes", 0)
             result["bytes"] = sent
             if detail.get("error_count") or detail.get("total_messages") != 1:
-                result["error"] = "; ".join(detail.get("errors", []))[:300] or "not accepted"
+                result["error"] = (
+                    "; ".join(detail.get("errors", []))[:300] or "not accepted"
+                )
         except (ValueError, IndexError):
             result["error"] = "loadgen failed: " + done.stderr.decode()[-300:]
         if maildir:
             new_dir = os.path.join(maildir, "new")
-            sizes = sorted(os.path.getsize(os.path.join(new_dir, f)) for f in os.listdir(new_dir))
+            sizes = sorted(
+                os.path.getsize(os.path.join(new_dir, f)) for f in os.listdir(new_dir)
+            )
             result["maildir_sizes"] = sizes
             # the file holds the message plus Return-Path and Received lines
             if not sizes or sizes[-1] < sent:
-                result["error"] = f"Maildir holds {sizes}, expected a file >= {sent} bytes"
+                result["error"] = (
+                    f"Maildir holds {sizes}, expected a file >= {sent} bytes"
+                )
         return result
     finally:
         server.stop()
@@ -517,6 +677,7 @@ def run_bigmsg(name: str, opts: argparse.Namespace) -> dict:
 
 
 # -- profiling -----------------------------------------------------------------
+
 
 def profile(opts: argparse.Namespace, scenarios: list[str]) -> None:
     pyspy = shutil.which("py-spy")
@@ -530,32 +691,54 @@ def profile(opts: argparse.Namespace, scenarios: list[str]) -> None:
         if scen["kind"] not in ("smtp-source", "loadgen"):
             print(f"skip {key}: profiling covers throughput scenarios only")
             continue
-        server = Server("twisted_smtpd", opts).start()
+        server = Server(opts.profile_server, opts).start()
         try:
             raw = os.path.join(outdir, f"{key}.txt")
             # raw = collapsed stacks (flamegraph.pl / speedscope read them)
-            recorder = spawn(pinned(opts.client_cpu, [
-                pyspy, "record", "--pid", str(server.pid), "--rate", "200",
-                "--duration", str(int(opts.warmup + opts.duration + 1)),
-                "--format", "raw", "--output", raw]),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            recorder = spawn(
+                pinned(
+                    opts.client_cpu,
+                    [
+                        pyspy,
+                        "record",
+                        "--pid",
+                        str(server.pid),
+                        "--rate",
+                        "200",
+                        "--duration",
+                        str(int(opts.warmup + opts.duration + 1)),
+                        "--format",
+                        "raw",
+                        "--output",
+                        raw,
+                    ],
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(0.5)
-            result = (run_smtp_source if scen["kind"] == "smtp-source" else run_loadgen)(
-                server, scen, opts)
+            result = (
+                run_smtp_source if scen["kind"] == "smtp-source" else run_loadgen
+            )(server, scen, opts)
             try:
                 recorder.wait(opts.warmup + opts.duration + 20)
             except subprocess.TimeoutExpired:
                 pass
             kill(recorder)
-            print(f"{key}: {fmt_value(metric_of(key, result))} {scen['unit']} under py-spy"
-                  f" (server CPU {pct(result.get('server_cpu'))})")
+            print(
+                f"{key}: {fmt_value(metric_of(key, result))} {scen['unit']}"
+                " under py-spy"
+                f" (server CPU {pct(result.get('server_cpu'))})"
+            )
             if os.path.exists(raw):
-                text = (f"== {key}: {SCENARIOS[key]['title']}\n"
-                        f"{fmt_value(metric_of(key, result))} {scen['unit']} under py-spy"
-                        f" (200 Hz), server CPU {pct(result.get('server_cpu'))},"
-                        f" twisted_smtpd at {git_commit()}\n"
-                        + summarize_profile(raw, top=opts.profile_top)
-                        + f"\n  stacks: {os.path.relpath(raw, ROOT)}\n")
+                text = (
+                    f"== {key}: {SCENARIOS[key]['title']}\n"
+                    f"{fmt_value(metric_of(key, result))} {scen['unit']} under py-spy"
+                    f" (200 Hz), server CPU {pct(result.get('server_cpu'))},"
+                    f" {opts.profile_server} at {git_commit()}\n"
+                    + summarize_profile(raw, top=opts.profile_top)
+                    + f"\n  stacks: {os.path.relpath(raw, ROOT)}\n"
+                )
                 print(text)
                 summaries.append(text)
         finally:
@@ -599,8 +782,11 @@ def summarize_profile(path: str, top: int = 25) -> str:
             self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
     if not busy:
         return "  (no samples)"
-    lines = [f"  {total} samples, {busy} busy ({100 * busy / total:.0f}%);"
-             " shares below are of the busy samples", "  top self time (function (file:line)):"]
+    lines = [
+        f"  {total} samples, {busy} busy ({100 * busy / total:.0f}%);"
+        " shares below are of the busy samples",
+        "  top self time (function (file:line)):",
+    ]
     for name, count in sorted(self_counts.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"    {100 * count / busy:5.1f}%  {name}")
     lines.append("  top inclusive, twisted_smtpd and logging:")
@@ -615,6 +801,7 @@ def summarize_profile(path: str, top: int = 25) -> str:
 
 
 # -- reporting -------------------------------------------------------------------
+
 
 def metric_of(key: str, result: Optional[dict]) -> Optional[float]:
     if not result:
@@ -658,8 +845,12 @@ def median(values: list[float]) -> Optional[float]:
 def summarize(key: str, runs: list[dict]) -> dict:
     """Best wall-clock figure over the rounds, and the median per CPU-second."""
     good = [r for r in runs if metric_of(key, r) is not None and not r.get("error")]
-    pick = (max if SCENARIOS[key]["higher"] else min)
-    chosen = pick(good, key=lambda r: metric_of(key, r)) if good else (runs[-1] if runs else {})
+    pick = max if SCENARIOS[key]["higher"] else min
+    chosen = (
+        pick(good, key=lambda r: metric_of(key, r))
+        if good
+        else (runs[-1] if runs else {})
+    )
     return {
         "value": metric_of(key, chosen),
         "per_cpu_s": median([r["per_cpu_s"] for r in good if r.get("per_cpu_s")]),
@@ -671,9 +862,18 @@ def summarize(key: str, runs: list[dict]) -> dict:
 
 
 def table(summary: dict, field: str = "value", keys: Optional[list[str]] = None) -> str:
-    extras = [x for x in EXTRA_SERVERS
-              if any(x in e["servers"] for e in summary.values())]
-    header = ["scenario", "unit", "twisted_smtpd", "twisted.mail", "aiosmtpd", "ts/tm", "ts/aio"]
+    extras = [
+        x for x in EXTRA_SERVERS if any(x in e["servers"] for e in summary.values())
+    ]
+    header = [
+        "scenario",
+        "unit",
+        "twisted_smtpd",
+        "twisted.mail",
+        "aiosmtpd",
+        "ts/tm",
+        "ts/aio",
+    ]
     if field == "value":
         header.append("ts CPU")
     header += [LABELS[x] for x in extras]
@@ -683,11 +883,20 @@ def table(summary: dict, field: str = "value", keys: Optional[list[str]] = None)
             continue
         per = entry["servers"]
         ts, tm, aio = (per.get(s, {}).get(field) for s in SERVERS)
-        unit = SCENARIOS[key]["unit"] if field == "value" else (
-            "msgs/CPU-s" if SCENARIOS[key]["unit"] == "msgs/s" else "MB/CPU-s")
-        row = [key, unit, fmt_value(ts), fmt_value(tm), fmt_value(aio),
-               fmt_value(ratio(ts, tm)) + "x" if ratio(ts, tm) else "-",
-               fmt_value(ratio(ts, aio)) + "x" if ratio(ts, aio) else "-"]
+        unit = (
+            SCENARIOS[key]["unit"]
+            if field == "value"
+            else ("msgs/CPU-s" if SCENARIOS[key]["unit"] == "msgs/s" else "MB/CPU-s")
+        )
+        row = [
+            key,
+            unit,
+            fmt_value(ts),
+            fmt_value(tm),
+            fmt_value(aio),
+            fmt_value(ratio(ts, tm)) + "x" if ratio(ts, tm) else "-",
+            fmt_value(ratio(ts, aio)) + "x" if ratio(ts, aio) else "-",
+        ]
         if field == "value":
             cpu = per.get("twisted_smtpd", {}).get("server_cpu")
             row.append(pct(cpu) if cpu is not None else "")
@@ -696,8 +905,12 @@ def table(summary: dict, field: str = "value", keys: Optional[list[str]] = None)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     out = []
     for n, r in enumerate(rows):
-        out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        out.append(
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths))
+            ).rstrip()
+        )
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -713,12 +926,20 @@ def targets(summary: dict) -> list[dict]:
 
     def rate_check(key: str, other: str, need: float, what: str) -> None:
         wall = ratio(get(key, "twisted_smtpd"), get(key, other))
-        per_cpu = ratio(get(key, "twisted_smtpd", "per_cpu_s"), get(key, other, "per_cpu_s"))
-        checks.append(dict(
-            target=f"{key}: {what} >= {need:g}x {LABELS[other]}", need=need,
-            wall=wall, per_cpu=per_cpu, met=wall is not None and wall >= need,
-            met_per_cpu=per_cpu is not None and per_cpu >= need,
-            shown=f"{fmt_value(wall)}x wall, {fmt_value(per_cpu)}x per CPU-s"))
+        per_cpu = ratio(
+            get(key, "twisted_smtpd", "per_cpu_s"), get(key, other, "per_cpu_s")
+        )
+        checks.append(
+            dict(
+                target=f"{key}: {what} >= {need:g}x {LABELS[other]}",
+                need=need,
+                wall=wall,
+                per_cpu=per_cpu,
+                met=wall is not None and wall >= need,
+                met_per_cpu=per_cpu is not None and per_cpu >= need,
+                shown=f"{fmt_value(wall)}x wall, {fmt_value(per_cpu)}x per CPU-s",
+            )
+        )
 
     for key in MSG_RATE_SCENARIOS:
         if key in summary:
@@ -728,12 +949,24 @@ def targets(summary: dict) -> list[dict]:
         rate_check("10m", "twisted_mail", 3, "DATA MB/s")
     if "idle" in summary:
         v = get("idle", "twisted_smtpd")
-        checks.append(dict(target="idle: <= 2.5 KiB per connection", wall=v,
-                           met=v is not None and v <= 2.5, shown=f"{fmt_value(v)} KiB"))
+        checks.append(
+            dict(
+                target="idle: <= 2.5 KiB per connection",
+                wall=v,
+                met=v is not None and v <= 2.5,
+                shown=f"{fmt_value(v)} KiB",
+            )
+        )
     if "100m" in summary:
         v = get("100m", "twisted_smtpd")
-        checks.append(dict(target="100m: peak RSS increase < 16 MiB (Maildir)", wall=v,
-                           met=v is not None and v < 16, shown=f"{fmt_value(v)} MiB"))
+        checks.append(
+            dict(
+                target="100m: peak RSS increase < 16 MiB (Maildir)",
+                wall=v,
+                met=v is not None and v < 16,
+                shown=f"{fmt_value(v)} MiB",
+            )
+        )
     return checks
 
 
@@ -745,37 +978,79 @@ def verdict(check: dict) -> str:
 
 # -- main --------------------------------------------------------------------------
 
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="short windows, one round (~1-1.5 min)")
-    p.add_argument("--scenarios", default=",".join(DEFAULT_ORDER),
-                   help=f"comma-separated subset of {','.join(DEFAULT_ORDER)}")
-    p.add_argument("--servers", default=",".join(SERVERS),
-                   help="comma-separated subset of " + ",".join(SERVERS)
-                        + f" (optional extra: {','.join(EXTRA_SERVERS)})")
-    p.add_argument("--repeat", type=int, default=None,
-                   help="rounds of each throughput scenario; the best is reported"
-                        " [default 3, --quick 1]")
-    p.add_argument("--warmup", type=float, default=None, help="seconds [1.0, quick 0.5]")
-    p.add_argument("--duration", type=float, default=None,
-                   help="measured seconds per run [2.5, quick 2.0]")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="short windows, one round (~1-1.5 min)"
+    )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(DEFAULT_ORDER),
+        help=f"comma-separated subset of {','.join(DEFAULT_ORDER)}",
+    )
+    p.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help="comma-separated subset of "
+        + ",".join(SERVERS)
+        + f" (optional extra: {','.join(EXTRA_SERVERS)})",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="rounds of each throughput scenario; the best is reported"
+        " [default 3, --quick 1]",
+    )
+    p.add_argument(
+        "--warmup", type=float, default=None, help="seconds [1.0, quick 0.5]"
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="measured seconds per run [2.5, quick 2.0]",
+    )
     p.add_argument("--idle-connections", type=int, default=2000)
-    p.add_argument("--big-size", type=int, default=100 * 1024 * 1024,
-                   help="bytes of the one big message [100 MiB]")
-    p.add_argument("--server-cpu", default="0", help="taskset CPU list for servers ('' = no pin)")
+    p.add_argument(
+        "--big-size",
+        type=int,
+        default=100 * 1024 * 1024,
+        help="bytes of the one big message [100 MiB]",
+    )
+    p.add_argument(
+        "--server-cpu", default="0", help="taskset CPU list for servers ('' = no pin)"
+    )
     p.add_argument("--client-cpu", default="1", help="taskset CPU list for the load")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"),
-                   help="where to write the results ('' = nowhere)")
-    p.add_argument("--profile", action="store_true",
-                   help="instead of comparing, profile twisted_smtpd with py-spy"
-                        " under the chosen throughput scenarios")
+    p.add_argument(
+        "--json",
+        default=os.path.join(HERE, "results", "latest.json"),
+        help="where to write the results ('' = nowhere)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of comparing, profile twisted_smtpd with py-spy"
+        " under the chosen throughput scenarios",
+    )
     p.add_argument("--profile-top", type=int, default=25)
+    p.add_argument(
+        "--profile-server",
+        default="twisted_smtpd",
+        choices=("twisted_smtpd", "twisted_smtpd_quiet"),
+        help="which variant --profile attaches to",
+    )
     opts = p.parse_args(argv)
     opts.repeat = opts.repeat or (1 if opts.quick else 3)
-    opts.warmup = opts.warmup if opts.warmup is not None else (0.5 if opts.quick else 1.0)
-    opts.duration = opts.duration if opts.duration is not None else (2.0 if opts.quick else 2.5)
+    opts.warmup = (
+        opts.warmup if opts.warmup is not None else (0.5 if opts.quick else 1.0)
+    )
+    opts.duration = (
+        opts.duration if opts.duration is not None else (2.0 if opts.quick else 2.5)
+    )
     opts.scenario_list = [s.strip() for s in opts.scenarios.split(",") if s.strip()]
     opts.server_list = [s.strip() for s in opts.servers.split(",") if s.strip()]
     for s in opts.scenario_list:
@@ -783,29 +1058,48 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             p.error(f"unknown scenario {s!r}; choose from {', '.join(DEFAULT_ORDER)}")
     for s in opts.server_list:
         if s not in SERVERS + EXTRA_SERVERS:
-            p.error(f"unknown server {s!r}; choose from {', '.join(SERVERS + EXTRA_SERVERS)}")
+            p.error(
+                f"unknown server {s!r};"
+                f" choose from {', '.join(SERVERS + EXTRA_SERVERS)}"
+            )
     return opts
 
 
 def preflight(opts: argparse.Namespace) -> None:
     if (opts.server_cpu or opts.client_cpu) and not shutil.which("taskset"):
-        sys.exit("taskset not found (util-linux); or pass --server-cpu '' --client-cpu ''")
-    needs_source = any(SCENARIOS[s]["kind"] == "smtp-source" for s in opts.scenario_list)
+        sys.exit(
+            "taskset not found (util-linux); or pass --server-cpu '' --client-cpu ''"
+        )
+    needs_source = any(
+        SCENARIOS[s]["kind"] == "smtp-source" for s in opts.scenario_list
+    )
     if needs_source and not os.access(SMTP_SOURCE, os.X_OK):
-        sys.exit("smtp-source not found: sh bench/setup.sh  (installs postfix, keeps it stopped)")
+        sys.exit(
+            "smtp-source not found: sh bench/setup.sh"
+            "  (installs postfix, keeps it stopped)"
+        )
     ncpu = os.cpu_count() or 1
     if ncpu < 2:
-        print("warning: fewer than 2 CPUs; server and load share a core", file=sys.stderr)
+        print(
+            "warning: fewer than 2 CPUs; server and load share a core", file=sys.stderr
+        )
 
 
 def git_commit() -> Optional[str]:
     """HEAD, with a '+dirty' mark if twisted_smtpd/ has uncommitted changes."""
     try:
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--",
-                                "twisted_smtpd"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", ROOT, "status", "--porcelain", "--", "twisted_smtpd"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (head + ("+dirty" if dirty else "")) or None
     except Exception:
         return None
@@ -816,8 +1110,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     preflight(opts)
     raise_nofile()
     try:
-        os.sched_setaffinity(0, {int(c) for c in opts.client_cpu.split(",")} if opts.client_cpu
-                             else os.sched_getaffinity(0))
+        os.sched_setaffinity(
+            0,
+            {int(c) for c in opts.client_cpu.split(",")}
+            if opts.client_cpu
+            else os.sched_getaffinity(0),
+        )
     except (OSError, ValueError):
         pass
     opts.workdir = tempfile.mkdtemp(prefix="smtpd-bench-")
@@ -843,10 +1141,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 def compare(opts: argparse.Namespace, started: float) -> int:
     servers = opts.server_list
     commit = git_commit()  # the code under test is the work tree, as it is now
-    print(f"servers on CPU {opts.server_cpu or 'any'}, load on CPU {opts.client_cpu or 'any'};"
-          f" {opts.repeat} round(s) of {opts.warmup}s warm-up + {opts.duration}s")
+    print(
+        f"servers on CPU {opts.server_cpu or 'any'},"
+        f" load on CPU {opts.client_cpu or 'any'};"
+        f" {opts.repeat} round(s) of {opts.warmup}s warm-up + {opts.duration}s"
+    )
     results: dict[str, dict[str, list[dict]]] = {}
-    throughput = [s for s in opts.scenario_list if SCENARIOS[s]["kind"] in ("smtp-source", "loadgen")]
+    throughput = [
+        s
+        for s in opts.scenario_list
+        if SCENARIOS[s]["kind"] in ("smtp-source", "loadgen")
+    ]
     memory = [s for s in opts.scenario_list if s not in throughput]
 
     if throughput:
@@ -858,24 +1163,33 @@ def compare(opts: argparse.Namespace, started: float) -> int:
                 scen = SCENARIOS[key]
                 results[key] = {name: [] for name in servers}
                 for rnd in range(opts.repeat):
-                    order = servers[rnd % len(servers):] + servers[:rnd % len(servers)]
+                    order = (
+                        servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
+                    )
                     for name in order:
                         server = running[name]
                         if not server.alive():
                             print(f"  {name} died; restarting:\n{server.log_tail(500)}")
                             server.stop()
                             server = running[name] = Server(name, opts).start()
-                        runner: Callable = run_smtp_source if scen["kind"] == "smtp-source" else run_loadgen
+                        runner: Callable = (
+                            run_smtp_source
+                            if scen["kind"] == "smtp-source"
+                            else run_loadgen
+                        )
                         res = runner(server, scen, opts)
                         res["round"] = rnd
                         results[key][name].append(res)
-                        print(f"  {key:<9} {LABELS[name]:<14} {fmt_value(metric_of(key, res)):>9}"
-                              f" {scen['unit']:<8} server CPU {pct(res.get('server_cpu')):>4},"
-                              f" client CPU {pct(res.get('client_cpu')):>4}"
-                              f" others on core {pct(res.get('foreign_cpu')):>4}"
-                              f"  {fmt_value(res.get('per_cpu_s')):>7}/CPU-s"
-                              + (f"  ERROR {res['error']}" if res.get("error") else ""),
-                              flush=True)
+                        print(
+                            f"  {key:<9} {LABELS[name]:<14}"
+                            f" {fmt_value(metric_of(key, res)):>9} {scen['unit']:<8}"
+                            f" server CPU {pct(res.get('server_cpu')):>4},"
+                            f" client CPU {pct(res.get('client_cpu')):>4}"
+                            f" others on core {pct(res.get('foreign_cpu')):>4}"
+                            f"  {fmt_value(res.get('per_cpu_s')):>7}/CPU-s"
+                            + (f"  ERROR {res['error']}" if res.get("error") else ""),
+                            flush=True,
+                        )
                         time.sleep(0.3)
         finally:
             for server in running.values():
@@ -884,11 +1198,16 @@ def compare(opts: argparse.Namespace, started: float) -> int:
     for key in memory:
         results[key] = {name: [] for name in servers}
         for name in servers:
-            res = (run_idle if SCENARIOS[key]["kind"] == "idle" else run_bigmsg)(name, opts)
+            res = (run_idle if SCENARIOS[key]["kind"] == "idle" else run_bigmsg)(
+                name, opts
+            )
             results[key][name].append(res)
-            print(f"  {key:<9} {LABELS[name]:<14} {fmt_value(metric_of(key, res)):>9}"
-                  f" {SCENARIOS[key]['unit']:<8}"
-                  + (f"  ERROR {res['error']}" if res.get("error") else ""), flush=True)
+            print(
+                f"  {key:<9} {LABELS[name]:<14} {fmt_value(metric_of(key, res)):>9}"
+                f" {SCENARIOS[key]['unit']:<8}"
+                + (f"  ERROR {res['error']}" if res.get("error") else ""),
+                flush=True,
+            )
 
     summary: dict[str, dict] = {}
     for key in opts.scenario_list:
@@ -896,24 +1215,41 @@ def compare(opts: argparse.Namespace, started: float) -> int:
             "title": SCENARIOS[key]["title"],
             "unit": SCENARIOS[key]["unit"],
             "higher_is_better": SCENARIOS[key]["higher"],
-            "servers": {name: summarize(key, runs) for name, runs in results[key].items()},
+            "servers": {
+                name: summarize(key, runs) for name, runs in results[key].items()
+            },
         }
     elapsed = time.monotonic() - started
     print()
     print(table(summary))
-    print(f"(ts = twisted_smtpd, tm = twisted.mail.  Throughput rows: best of {opts.repeat}"
-          " round(s), higher is better; idle/100m: lower is better.  'ts CPU': share of its"
-          " core twisted_smtpd got)")
+    print(
+        "(ts = twisted_smtpd, tm = twisted.mail.  Throughput rows: best of"
+        f" {opts.repeat} round(s), higher is better; idle/100m: lower is better."
+        "  'ts CPU': share of its core twisted_smtpd got)"
+    )
     if throughput:
-        print("\nPer server CPU-second (median of rounds; insensitive to other load on the core):")
+        print(
+            "\nPer server CPU-second"
+            " (median of rounds; insensitive to other load on the core):"
+        )
         print(table(summary, "per_cpu_s", throughput))
-    noisy = [f"{key}/{LABELS[name]} {pct(v['foreign_cpu'])}"
-             for key, entry in summary.items() for name, v in entry["servers"].items()
-             if (v.get("foreign_cpu") or 0) > 0.15]
+    noisy = [
+        f"{key}/{LABELS[name]} {pct(v['foreign_cpu'])}"
+        for key, entry in summary.items()
+        for name, v in entry["servers"].items()
+        if (v.get("foreign_cpu") or 0) > 0.15
+    ]
     if noisy:
-        print("\nnote: other processes took CPU from the server core during: " + ", ".join(noisy))
-    errors = [f"{key}/{LABELS[name]}: {v['error']}" for key, entry in summary.items()
-              for name, v in entry["servers"].items() if v.get("error")]
+        print(
+            "\nnote: other processes took CPU from the server core during: "
+            + ", ".join(noisy)
+        )
+    errors = [
+        f"{key}/{LABELS[name]}: {v['error']}"
+        for key, entry in summary.items()
+        for name, v in entry["servers"].items()
+        if v.get("error")
+    ]
     if errors:
         print("\nerrors:\n  " + "\n  ".join(errors))
     checks = targets(summary)
@@ -929,11 +1265,24 @@ def compare(opts: argparse.Namespace, started: float) -> int:
             "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_commit": commit,
-            "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                        "cpus": os.cpu_count()},
-            "settings": {k: getattr(opts, k) for k in (
-                "repeat", "warmup", "duration", "idle_connections", "big_size",
-                "server_cpu", "client_cpu", "quick")},
+            "machine": {
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+            },
+            "settings": {
+                k: getattr(opts, k)
+                for k in (
+                    "repeat",
+                    "warmup",
+                    "duration",
+                    "idle_connections",
+                    "big_size",
+                    "server_cpu",
+                    "client_cpu",
+                    "quick",
+                )
+            },
             "versions": versions(),
             "elapsed_s": elapsed,
             "summary": summary,
@@ -956,8 +1305,15 @@ def versions() -> dict:
         except Exception:
             out[mod] = None
     try:
-        out["postfix"] = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "postfix"],
-                                        capture_output=True, text=True, timeout=10).stdout or None
+        out["postfix"] = (
+            subprocess.run(
+                ["dpkg-query", "-W", "-f=${Version}", "postfix"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+            or None
+        )
     except Exception:
         out["postfix"] = None
     return out

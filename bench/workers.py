@@ -46,12 +46,28 @@ def run(workers: int, args: argparse.Namespace) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT)
     workdir = tempfile.mkdtemp(prefix="bench-workers-")
     server = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-         "-n", "--pidfile=", "--logger", "bench.servers.devnull_log.observer",
-         "smtpd", "--quiet", "--workers", str(workers),
-         "--port", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
-         "--handler", "twisted_smtpd.handlers.discard"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "--logger",
+            "bench.servers.devnull_log.observer",
+            "smtpd",
+            "--quiet",
+            "--workers",
+            str(workers),
+            "--port",
+            f"tcp:{port}:interface=127.0.0.1:backlog=1024",
+            "--handler",
+            "twisted_smtpd.handlers.discard",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -65,11 +81,28 @@ def run(workers: int, args: argparse.Namespace) -> dict:
         before = sum(cpu_seconds(p) for p in pids)
         start = time.monotonic()
         client = subprocess.run(
-            [SMTP_SOURCE, "-c", "-d", "-s", str(args.sessions), "-m",
-             str(args.messages), "-l", "1000", "-M", "bench.local",
-             "-f", "bench@bench.local", "-t", "sink@bench.local",
-             f"127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=args.timeout)
+            [
+                SMTP_SOURCE,
+                "-c",
+                "-d",
+                "-s",
+                str(args.sessions),
+                "-m",
+                str(args.messages),
+                "-l",
+                "1000",
+                "-M",
+                "bench.local",
+                "-f",
+                "bench@bench.local",
+                "-t",
+                "sink@bench.local",
+                f"127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=args.timeout,
+        )
         elapsed = time.monotonic() - start
         server_cpu = sum(cpu_seconds(p) for p in pids) - before
         return {
@@ -93,13 +126,17 @@ def main() -> None:
     args = parser.parse_args()
     results = [run(n, args) for n in (1, 2)]
     for r in results:
-        print(f"workers={r['workers']}: {r['msgs_per_s']:,.0f} msgs/s,"
-              f" server CPU {r['server_cpu_share']:.2f} cores,"
-              f" {r['msgs_per_cpu_s']:,.0f} msgs/CPU-s {r['errors']}")
+        print(
+            f"workers={r['workers']}: {r['msgs_per_s']:,.0f} msgs/s,"
+            f" server CPU {r['server_cpu_share']:.2f} cores,"
+            f" {r['msgs_per_cpu_s']:,.0f} msgs/CPU-s {r['errors']}"
+        )
     one, two = results
-    print(f"2 workers / 1 worker: {two['msgs_per_s'] / one['msgs_per_s']:.2f}x msgs/s,"
-          f" {two['msgs_per_cpu_s'] / one['msgs_per_cpu_s']:.2f}x per server CPU-s"
-          f" (cores the server got: {two['server_cpu_share']:.2f})")
+    print(
+        f"2 workers / 1 worker: {two['msgs_per_s'] / one['msgs_per_s']:.2f}x msgs/s,"
+        f" {two['msgs_per_cpu_s'] / one['msgs_per_cpu_s']:.2f}x per server CPU-s"
+        f" (cores the server got: {two['server_cpu_share']:.2f})"
+    )
 
 
 if __name__ == "__main__":

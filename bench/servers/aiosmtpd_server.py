@@ -1,6 +1,6 @@
 """An aiosmtpd server with a Sink-like handler (accepts and drops everything).
 
-    python bench/servers/aiosmtpd_server.py --port 2527
+python bench/servers/aiosmtpd_server.py --port 2527
 """
 
 import argparse

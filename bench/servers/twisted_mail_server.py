@@ -10,10 +10,9 @@ import argparse
 import os
 import sys
 
-from zope.interface import implementer
-
 from twisted.internet import defer
 from twisted.mail import smtp
+from zope.interface import implementer
 
 
 @implementer(smtp.IMessage)
@@ -42,7 +41,9 @@ class AcceptAll:
     def receivedHeader(self, helo, origin, recipients):
         # A real header, like twisted_smtpd and aiosmtpd add one.
         return smtp.rfc822date() and (
-            b"Received: from " + helo[0] + b" by bench.local with ESMTP; "
+            b"Received: from "
+            + helo[0]
+            + b" by bench.local with ESMTP; "
             + smtp.rfc822date()
         )
 
