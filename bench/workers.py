@@ -78,7 +78,7 @@ def run(workers: int, args: argparse.Namespace) -> dict:
                 time.sleep(0.1)
         time.sleep(2.0)  # let the workers import and adopt the socket
         pids = [server.pid, *children(server.pid)]
-        before = sum(cpu_seconds(p) for p in pids)
+        before = [cpu_seconds(p) for p in pids]
         start = time.monotonic()
         client = subprocess.run(
             [
@@ -104,8 +104,11 @@ def run(workers: int, args: argparse.Namespace) -> dict:
             timeout=args.timeout,
         )
         elapsed = time.monotonic() - start
-        server_cpu = sum(cpu_seconds(p) for p in pids) - before
+        per_process = [cpu_seconds(p) - b for p, b in zip(pids, before)]
+        server_cpu = sum(per_process)
         return {
+            # how evenly the kernel spread the work: CPU-s of each process
+            "cpu_per_process": [round(c, 2) for c in per_process],
             "workers": workers,
             "msgs_per_s": args.messages / elapsed,
             "server_cpu_share": server_cpu / elapsed,
@@ -129,7 +132,8 @@ def main() -> None:
         print(
             f"workers={r['workers']}: {r['msgs_per_s']:,.0f} msgs/s,"
             f" server CPU {r['server_cpu_share']:.2f} cores,"
-            f" {r['msgs_per_cpu_s']:,.0f} msgs/CPU-s {r['errors']}"
+            f" {r['msgs_per_cpu_s']:,.0f} msgs/CPU-s,"
+            f" CPU-s per process {r['cpu_per_process']} {r['errors']}"
         )
     one, two = results
     print(

@@ -6,9 +6,11 @@ import functools
 import os
 import signal
 import smtplib
+import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,89 @@ def test_workers_refuse_unshareable_ports(tmp_path) -> None:
     )
     assert 0 != status
     assert 1 == len(lines) and "--workers can share tcp: and ssl: ports" in lines[0]
+
+
+def test_accept_one_at_a_time_caps_every_wakeup() -> None:
+    """Twisted raises numberAccepts after a full batch; the cap resets it."""
+    from twisted_smtpd.workers import accept_one_at_a_time
+
+    class BurstyPort:
+        numberAccepts = 100  # tcp.Port's start value
+        seen: list[int] = []
+
+        def doRead(self) -> None:
+            self.seen.append(self.numberAccepts)
+            self.numberAccepts += 20  # what tcp.Port does after a full batch
+
+    port = BurstyPort()
+    accept_one_at_a_time(port)
+    for _ in range(3):
+        port.doRead()
+    assert [1, 1, 1] == port.seen
+
+
+def _read_reply(sock: socket.socket, lines: int = 1) -> bytes:
+    data = b""
+    while data.count(b"\r\n") < lines or data.split(b"\r\n")[-2][3:4] == b"-":
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise AssertionError(f"closed after {data!r}")
+        data += chunk
+    return data
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_burst_of_sessions_is_spread_over_the_processes(tmp_path) -> None:
+    """60 connections at once are shared by both processes.
+
+    Each process's queue ids share a prefix, so the 250 after DATA tells which
+    process holds the session.
+    """
+    port = free_port()
+    proc = start_twistd(
+        tmp_path,
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1:backlog=256",
+        "--workers",
+        "2",
+        "--handler",
+        "twisted_smtpd.handlers.discard",
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    holders: Counter[str] = Counter()
+    try:
+        wait_for_port(port, proc)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+            "serving" in line for line in list(lines)
+        ):
+            time.sleep(0.1)
+        time.sleep(0.5)  # the worker's reactor is running
+        sockets = [
+            socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(60)
+        ]
+        try:
+            for sock in sockets:
+                _read_reply(sock)
+                sock.sendall(
+                    b"HELO c.example\r\nMAIL FROM:<a@b.example>\r\n"
+                    b"RCPT TO:<c@d.example>\r\nDATA\r\n"
+                )
+            for sock in sockets:
+                _read_reply(sock, lines=4)
+                sock.sendall(b"hi\r\n.\r\nQUIT\r\n")
+                reply = _read_reply(sock)
+                assert reply.startswith(b"250 "), reply
+                holders[reply.split(b"queued as ")[1][:8].decode()] += 1
+        finally:
+            for sock in sockets:
+                sock.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        reader.join(10)
+        proc.stdout.close()
+    assert 2 == len(holders), holders
+    assert min(holders.values()) >= 10, holders

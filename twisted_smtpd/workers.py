@@ -82,6 +82,8 @@ class WorkerPool(service.Service):
     def _spawn(self, ports: list[Any]) -> None:
         from twisted.internet import reactor
 
+        for port in ports:
+            accept_one_at_a_time(port)
         fds = [port.fileno() for port in ports]
         families = [port.addressFamily for port in ports]
         shared = ",".join(f"{fd}:{int(family)}" for fd, family in zip(fds, families))
@@ -136,6 +138,23 @@ class WorkerPool(service.Service):
         return done
 
 
+def accept_one_at_a_time(port: Any) -> None:
+    """Make C{port} accept one connection per wake-up instead of a burst.
+
+    Every process sharing a listening socket is woken for a new connection;
+    Twisted's port then accepts up to ~100 in a row, so after a burst one
+    process holds most of the sessions.  Taking one per turn of the reactor
+    lets the least busy process take the next, which spreads long sessions.
+    """
+    read = port.doRead
+
+    def do_read() -> Any:
+        port.numberAccepts = 1
+        return read()
+
+    port.doRead = do_read
+
+
 def _worker_main(args: list[str]) -> None:
     """Entry point of a worker: adopt the sockets, serve, drain on SIGTERM."""
     shared, parent_pid, number, smtpd_argv = args[0], int(args[1]), args[2], args[3:]
@@ -158,7 +177,9 @@ def _worker_main(args: list[str]) -> None:
         wrapped: Any = factory
         if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
             wrapped = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
-        ports.append(reactor.adoptStreamPort(fd, family, wrapped))  # type: ignore[attr-defined]
+        port = reactor.adoptStreamPort(fd, family, wrapped)  # type: ignore[attr-defined]
+        accept_one_at_a_time(port)
+        ports.append(port)
         os.close(fd)  # adoptStreamPort duplicated it
 
     stopping: list[Deferred[Any]] = []
