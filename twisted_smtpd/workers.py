@@ -5,9 +5,10 @@ C{--workers N}: serve one set of listening sockets from N processes.
 The twistd process binds the ports as usual and serves too; it then starts
 N-1 worker processes that inherit the listening sockets and adopt them
 (C{IReactorSocket.adoptStreamPort}).  Every process takes one new connection
-per turn of its reactor, so the least busy one takes the next.  On stop the parent asks every worker to shut down gracefully
-(SIGTERM), waits for them, and only then stops itself.  A worker whose parent
-disappears shuts itself down.
+per turn of its reactor, so the least busy one takes the next.  On stop the
+parent asks every worker to shut down gracefully (SIGTERM), waits for them,
+and only then stops itself.  A worker whose parent disappears shuts itself
+down.
 """
 
 from __future__ import annotations
