@@ -176,3 +176,23 @@ def test_starttls_reply_is_written_before_the_handshake(tls_policy, memory, cloc
     assert transport.written_before_tls.endswith(b"220 2.0.0 Ready to start TLS\r\n")
     # The plaintext NOOP behind STARTTLS is dropped, never answered.
     assert transport.value() == transport.written_before_tls
+
+
+@pytest_twisted.inlineCallbacks
+def test_sessions_on_tcp_write_replies_directly(memory):
+    """A real TCP session uses the direct path, and its replies are never queued."""
+    factory = SMTPFactory(memory, hostname="mx.test")
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        greeting = yield threads.deferToThread(_read_until, sock, b"\r\n")
+        assert greeting.startswith(b"220 ")
+        (session,) = factory.sessions
+        assert session._direct_write
+        sock.sendall(b"EHLO c.example\r\nNOOP\r\n")
+        replies = yield threads.deferToThread(_read_until, sock, b"250 2.0.0 OK\r\n")
+        assert b"250-PIPELINING" in replies
+        assert not session.transport.dataBuffer and not session.transport._tempDataLen
+    finally:
+        sock.close()
+        yield port.stopListening()
