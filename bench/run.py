@@ -43,13 +43,20 @@ from _common import (  # noqa: E402
 
 SERVERS = ("twisted_smtpd", "twisted_mail", "aiosmtpd")
 #: optional variants, only with --servers (extra columns in the tables)
-EXTRA_SERVERS = ("twisted_smtpd_quiet",)
+EXTRA_SERVERS = ("twisted_smtpd_quiet", "twisted_smtpd_baseline")
 LABELS = {
     "twisted_smtpd": "twisted_smtpd",
     "twisted_mail": "twisted.mail",
     "aiosmtpd": "aiosmtpd",
     "twisted_smtpd_quiet": "ts --quiet",
+    "twisted_smtpd_baseline": "ts baseline",
 }
+#: the twisted_smtpd variants, run by twistd from a source tree
+TWISTED_SMTPD_VARIANTS = (
+    "twisted_smtpd",
+    "twisted_smtpd_quiet",
+    "twisted_smtpd_baseline",
+)
 MAX_MESSAGE = 200 * 1024 * 1024
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
@@ -194,7 +201,7 @@ class Server:
 
     def argv(self) -> list[str]:
         py = sys.executable
-        if self.name in ("twisted_smtpd", "twisted_smtpd_quiet"):
+        if self.name in TWISTED_SMTPD_VARIANTS:
             # Same log observer as the twisted.mail server; the _quiet variant
             # adds --quiet (no line per session or accepted message).
             logging = ["--logger", "bench.servers.devnull_log.observer"]
@@ -238,8 +245,14 @@ class Server:
 
     def start(self) -> Server:
         env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + (
-            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        # The baseline's package comes first; bench/ (the log observer) from here.
+        tree = (
+            [self.opts.baseline, ROOT]
+            if self.name == "twisted_smtpd_baseline"
+            else [ROOT]
+        )
+        env["PYTHONPATH"] = os.pathsep.join(
+            tree + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
         self._log = open(self.log_path, "wb")
         self.proc = spawn(
@@ -1011,6 +1024,7 @@ def verdict(check: dict) -> str:
 _SHORT = {
     "twisted_smtpd": "ts",
     "twisted_smtpd_quiet": "ts-quiet",
+    "twisted_smtpd_baseline": "ts-base",
     "twisted_mail": "tm",
     "aiosmtpd": "aio",
 }
@@ -1020,8 +1034,14 @@ def paired_table(results: dict, keys: list[str]) -> str:
     """twisted_smtpd (and --quiet) over each peer, median of same-round ratios."""
     columns = [
         (ours, theirs)
-        for ours in ("twisted_smtpd", "twisted_smtpd_quiet")
-        for theirs in ("twisted_mail", "aiosmtpd")
+        for ours, theirs in [
+            ("twisted_smtpd", "twisted_smtpd_baseline"),
+            *(
+                (ours, theirs)
+                for ours in ("twisted_smtpd", "twisted_smtpd_quiet")
+                for theirs in ("twisted_mail", "aiosmtpd")
+            ),
+        ]
         if any(ours in results[k] and theirs in results[k] for k in keys)
     ]
     rows = [["scenario", *(f"{_SHORT[a]}/{_SHORT[b]}" for a, b in columns)]]
@@ -1105,6 +1125,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="instead of comparing, profile twisted_smtpd with py-spy"
         " under the chosen throughput scenarios",
     )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="source tree of another twisted_smtpd (e.g. a git worktree) to run"
+        " as the twisted_smtpd_baseline server, to A/B a change in one run",
+    )
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument(
         "--profile-server",
@@ -1131,6 +1157,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                 f"unknown server {s!r};"
                 f" choose from {', '.join(SERVERS + EXTRA_SERVERS)}"
             )
+    if "twisted_smtpd_baseline" in opts.server_list:
+        if not opts.baseline or not os.path.isdir(
+            os.path.join(opts.baseline, "twisted_smtpd")
+        ):
+            p.error("twisted_smtpd_baseline needs --baseline DIR (a source tree)")
+        opts.baseline = os.path.abspath(opts.baseline)
     return opts
 
 
@@ -1361,6 +1393,7 @@ def compare(opts: argparse.Namespace, started: float) -> int:
                     "server_cpu",
                     "client_cpu",
                     "quick",
+                    "baseline",
                 )
             },
             "versions": versions(),
