@@ -218,6 +218,9 @@ def test_debug_log_masks_credentials(memory, clock) -> None:
         globalLogPublisher.removeObserver(events.append)
     text = "\n".join(formatEvent(e) for e in events)
     assert "AUTH PLAIN ****" in text and "EHLO c.example" in text
+    # Replies are logged too: EHLO's (built apart from the reply table) and 235.
+    assert ">>> b'250-mx.test Hello c.example" in text
+    assert ">>> b'235 2.7.0 Authentication successful'" in text
     for secret in (b64(b"\0alice\0secret").decode(), "secret", "alice\0"):
         assert secret not in text
 

@@ -463,16 +463,18 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     # -- output ----------------------------------------------------------------
     def reply(self, reply: Reply) -> None:
         """Send one reply (enhanced status codes only after EHLO)."""
-        data = reply.encoded(self.session is not None and self.session.esmtp)
+        self._reply_bytes(
+            reply.encoded(self.session is not None and self.session.esmtp)
+        )
+
+    def _reply_bytes(self, data: bytes) -> None:
+        """Send encoded reply lines, logging them with --debug."""
         if self._debug:
             _log.info(
                 "smtpd {session_id} >>> {line}",
                 session_id=self.session.session_id if self.session else "-",
                 line=data.rstrip(b"\r\n"),
             )
-        self._write(data)
-
-    def _write(self, data: bytes) -> None:
         out = self._out
         if out is None:
             self._send(data)
@@ -578,17 +580,13 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.session.greeted(name, esmtp=True)
         hello = fill(R250_HELO, hostname=self.factory.hostname, name=name)
         # Only the first line varies per client; the keywords are cached bytes.
-        data = b"250-%s\r\n%s" % (
-            hello.text.encode("utf-8", "surrogateescape"),
-            self.factory.ehlo_keywords(self.session),
-        )
-        if self._debug:
-            _log.info(
-                "smtpd {session_id} >>> {line}",
-                session_id=self.session.session_id,
-                line=data.rstrip(b"\r\n"),
+        self._reply_bytes(
+            b"250-%s\r\n%s"
+            % (
+                hello.text.encode("utf-8", "surrogateescape"),
+                self.factory.ehlo_keywords(self.session),
             )
-        self._write(data)
+        )
 
     def do_MAIL(self, argument: str) -> None:
         sender, params = parse_mail(argument)
