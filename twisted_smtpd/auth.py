@@ -90,19 +90,6 @@ def _challenge(data: bytes) -> Reply:
     return fill(R334_CHALLENGE, challenge=b64encode(data).decode("ascii"))
 
 
-class _Exchange:
-    """One SASL exchange: a generator of challenges fed the client's answers."""
-
-    def __init__(self, mechanism: Callable[..., Any], initial: Optional[str]) -> None:
-        self._steps = mechanism(initial)
-
-    def start(self) -> Any:
-        return next(self._steps)
-
-    def answer(self, line: str) -> Any:
-        return self._steps.send(line)
-
-
 def _plain(initial: Optional[str], **_: Any) -> Any:
     response = _decode(initial) if initial is not None else None
     if response is None:
@@ -230,21 +217,18 @@ class AuthPolicy:
             raise SMTPError(R504_UNKNOWN_MECHANISM)
         if not self.available(session):
             raise SMTPError(R538_AUTH_NEEDS_TLS)
-        mechanism = MECHANISMS[name][0]
-        exchange = _Exchange(
-            lambda i: mechanism(i, hostname=protocol.factory.hostname),
-            initial.strip() or None,
+        # A mechanism is a generator: it yields challenges, is sent the
+        # client's answers, and finally yields credentials (or None).
+        exchange = MECHANISMS[name][0](
+            initial.strip() or None, hostname=protocol.factory.hostname
         )
-        self._step(protocol, exchange, exchange.start)
+        self._step(protocol, exchange, None)
 
     def _step(
-        self,
-        protocol: SMTPServerProtocol,
-        exchange: _Exchange,
-        advance: Callable[[], Any],
+        self, protocol: SMTPServerProtocol, exchange: Any, answer: Optional[str]
     ) -> None:
         try:
-            result = advance()
+            result = next(exchange) if answer is None else exchange.send(answer)
         except _Cancelled:
             protocol.sasl_done()
             protocol.reply(R501_AUTH_CANCELLED)
@@ -254,11 +238,7 @@ class AuthPolicy:
             protocol.reply(error.reply)
             return
         if isinstance(result, Reply):
-            protocol.sasl_continue(
-                lambda line: self._step(
-                    protocol, exchange, lambda: exchange.answer(line)
-                )
-            )
+            protocol.sasl_continue(lambda line: self._step(protocol, exchange, line))
             protocol.reply(result)
             return
         protocol.sasl_done()
@@ -306,14 +286,13 @@ class AuthPolicy:
         delay = self.failure_delay * session.auth_failures
 
         def answer() -> None:
+            protocol.reply(R535_AUTH_FAILED)
             if session.auth_failures >= self.max_failures:
-                protocol.reply(R535_AUTH_FAILED)
                 protocol.close_with(
                     fill(R421_AUTH_FAILURES, hostname=protocol.factory.hostname)
                 )
-                return
-            protocol.reply(R535_AUTH_FAILED)
-            protocol.release_input()
+            else:
+                protocol.release_input()
 
         if delay > 0:
             protocol.factory.reactor.callLater(delay, answer)
