@@ -1,14 +1,18 @@
-"""Helpers shared by bench/run.py and bench/loadgen.py (no third-party imports)."""
+"""Helpers shared by the bench scripts (no third-party imports)."""
 
 from __future__ import annotations
 
 import os
 import resource
+import shutil
+import socket
 from collections.abc import Sequence
 from typing import Optional
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
 #: (monotonic time, cumulative messages, cumulative message bytes)
 Event = tuple
@@ -77,6 +81,27 @@ def window_rate(
         "t_b": b[0],
         "confidence": confidence,
     }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smtp_source_argv(port: int, *options: str) -> list[str]:
+    """postfix's smtp-source against 127.0.0.1:PORT as every bench drives it."""
+    return [
+        SMTP_SOURCE,
+        *options,
+        "-M",
+        "bench.local",
+        "-f",
+        "bench@bench.local",
+        "-t",
+        "sink@bench.local",
+        f"127.0.0.1:{port}",
+    ]
 
 
 def cpu_seconds(pid: int) -> Optional[float]:

@@ -33,11 +33,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from _common import (  # noqa: E402
+    SMTP_SOURCE,
     cpu_busy_seconds,
     cpu_seconds,
+    free_port,
     proc_status_kib,
     raise_nofile,
     reset_peak_rss,
+    smtp_source_argv,
     window_rate,
 )
 
@@ -58,7 +61,6 @@ TWISTED_SMTPD_VARIANTS = (
     "twisted_smtpd_baseline",
 )
 MAX_MESSAGE = 200 * 1024 * 1024
-SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
 # name -> description; "kind" picks the runner, "unit" the metric
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -161,12 +163,6 @@ def kill(proc: Optional[subprocess.Popen], grace: float = 5.0) -> None:
 def kill_all() -> None:
     for proc in list(_CHILDREN):
         kill(proc, grace=2.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def twistd() -> list[str]:
@@ -402,20 +398,7 @@ def run_smtp_source(server: Server, scen: dict, opts: argparse.Namespace) -> dic
     size = scen["size"]
     argv = pinned(
         opts.client_cpu,
-        [
-            SMTP_SOURCE,
-            "-c",
-            "-m",
-            "100000000",
-            "-M",
-            "bench.local",
-            "-f",
-            "bench@bench.local",
-            "-t",
-            "sink@bench.local",
-            *scen["argv"],
-            f"127.0.0.1:{server.port}",
-        ],
+        smtp_source_argv(server.port, "-c", "-m", "100000000", *scen["argv"]),
     )
     events: list[tuple[float, int, int]] = []
     err_path = os.path.join(opts.workdir, "smtp-source.err")

@@ -20,20 +20,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU of a process and its children that have been waited for."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    ticks = sum(int(x) for x in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, HERE)
+from _common import cpu_seconds, free_port, smtp_source_argv  # noqa: E402
 
 
 def children(pid: int) -> list[int]:
@@ -81,24 +69,11 @@ def run(workers: int, args: argparse.Namespace) -> dict:
         before = [cpu_seconds(p) for p in pids]
         start = time.monotonic()
         client = subprocess.run(
-            [
-                SMTP_SOURCE,
-                "-c",
-                "-d",
-                "-s",
-                str(args.sessions),
-                "-m",
-                str(args.messages),
-                "-l",
-                "1000",
-                "-M",
-                "bench.local",
-                "-f",
-                "bench@bench.local",
-                "-t",
-                "sink@bench.local",
-                f"127.0.0.1:{port}",
-            ],
+            smtp_source_argv(
+                port,
+                *("-c", "-d", "-s", str(args.sessions), "-m", str(args.messages)),
+                *("-l", "1000"),
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             timeout=args.timeout,

@@ -64,6 +64,18 @@ class TestGreeting:
 
 
 class TestSequence:
+    def test_protocol_runs_exactly_the_known_verbs(self) -> None:
+        """The session's verb table and the protocol's commands agree.
+
+        A do_X without a row in the state table would always get 503; a verb
+        in the table without a do_X would get 500.
+        """
+        from twisted_smtpd._session import KNOWN_VERBS
+        from twisted_smtpd.protocol import SMTPServerProtocol
+
+        # BDAT is read by its own path: its chunk follows even when refused.
+        assert KNOWN_VERBS == set(SMTPServerProtocol._COMMANDS) | {"BDAT"}
+
     @pytest.mark.parametrize(
         "line, expected",
         [
