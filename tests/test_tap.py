@@ -661,3 +661,12 @@ def test_hostname_default_is_the_fqdn(
     monkeypatch.setattr(socket, "getfqdn", lambda *a: "host.example.org")
     factory = build_factory(parse(*DISCARD))
     assert "host.example.org" == factory.hostname
+
+
+def test_deliver_unknown_scheme_stops_startup(tmp_path):
+    """--deliver with a scheme nobody serves stops twistd with one line."""
+    from tests.helpers import twistd_start_error
+
+    status, lines = twistd_start_error(tmp_path, "--deliver", "gopher://x")
+    assert status != 0
+    assert any("unknown --deliver scheme 'gopher'" in line for line in lines), lines

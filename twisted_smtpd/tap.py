@@ -64,6 +64,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             None,
             "Dotted name of a handler instead of Maildir delivery.",
         ],
+        [
+            "deliver",
+            None,
+            None,
+            "Hand mail on instead of storing it: lmtp:ENDPOINT, smtp:ENDPOINT,"
+            " http(s)://URL, amqp://..., redis://...?stream=S, nats://...?subject=S.",
+        ],
+        ["deliver-timeout", None, "60", "Seconds the next hop gets per step."],
+        ["deliver-ca", None, None, "PEM CA file to verify the next hop's TLS."],
+        ["spool", None, None, "Spool directory for broker outages (then 250)."],
         ["max-message-size", None, "33554432", "Largest message in bytes (SIZE)."],
         ["max-recipients", None, "100", "Recipients per message."],
         ["timeout", None, "300", "Idle timeout in seconds."],
@@ -146,6 +156,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["auth_policy"] = self._auth()
 
     def _handler(self) -> Any:
+        if self["deliver"]:
+            return self._deliver()
         if self["handler"]:
             try:
                 handler = namedAny(self["handler"])
@@ -170,6 +182,22 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(
                 f"cannot use --maildir {self['maildir']!r}: {error.strerror}"
             )
+
+    def _deliver(self) -> Any:
+        if self["handler"]:
+            raise usage.UsageError("--deliver and --handler exclude each other")
+        from .deliver import DeliverOptions, handler_from_target
+
+        options = DeliverOptions(
+            timeout=_positive_int("deliver-timeout", self["deliver-timeout"], 1),
+            ca_file=self["deliver-ca"],
+            spool_dir=self["spool"],
+            lmtp=bool(self.get("lmtp")),
+        )
+        try:
+            return handler_from_target(self["deliver"], options)
+        except ValueError as error:
+            raise usage.UsageError(str(error))
 
     def _tls(self) -> Any:
         cert, key = self["tls-cert"], self["tls-key"]
