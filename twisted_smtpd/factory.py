@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from ._events import SessionEvents
 from ._session import Envelope, Limits, Session
 from .protocol import HandlerHooks, SMTPServerProtocol, received_header
 from .replies import (
@@ -49,6 +50,8 @@ class SMTPFactory(ServerFactory):
         quiet: no log line per session or per accepted message (high
             volume); refusals, failures and errors are still logged.
         reactor: the reactor for timeouts and threads; default the global one.
+        events: a L{SessionEvents <twisted_smtpd._events.SessionEvents>} told
+            of sessions, replies, messages, hooks, TLS and AUTH (metrics).
     """
 
     protocol = SMTPServerProtocol
@@ -67,12 +70,14 @@ class SMTPFactory(ServerFactory):
         debug: bool = False,
         quiet: bool = False,
         reactor: Optional[IReactorTime] = None,
+        events: Optional[SessionEvents] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
         self.reactor = reactor
+        self.events = events
         self.handler = handler
         self.hooks = HandlerHooks(handler)
         self.hostname = hostname or socket.getfqdn()
