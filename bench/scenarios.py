@@ -86,8 +86,6 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 DEFAULT_ORDER = ["conn", "session", "pipelined", "100k", "10m", "idle", "100m"]
 
 
-
-
 def run_smtp_source(server: Server, scen: dict, opts: argparse.Namespace) -> dict:
     size = scen["size"]
     argv = pinned(
