@@ -141,7 +141,9 @@ class ALPNSafeContextFactory:
     def serverConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
         # The context must be fixed before its first connection (pyOpenSSL
         # forbids changes after); CertificateOptions caches the one it uses.
-        context = self.getContext() if hasattr(self.wrapped, "getContext") else None
+        if not hasattr(self.wrapped, "getContext"):
+            return self.wrapped.serverConnectionForTLS(tls_protocol)
+        context = self.getContext()
         if IOpenSSLServerConnectionCreator.providedBy(self.wrapped):
             return self.wrapped.serverConnectionForTLS(tls_protocol)
         return SSL.Connection(context, None)
