@@ -162,7 +162,7 @@ def _worker_main(args: list[str]) -> None:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from .tap import Options, build_factory
+    from .tap import Options, TLSReloadService, build_factory
 
     globalLogBeginner.beginLoggingTo(
         [textFileLogObserver(sys.stdout)], redirectStandardIO=False
@@ -212,6 +212,9 @@ def _worker_main(args: list[str]) -> None:
             signal.SIGTERM,
             lambda *_: reactor.callFromThread(stop_once),  # type: ignore[attr-defined]
         )
+        if options["tls_contexts"]:
+            # The parent relays SIGHUP: reload certificates here too.
+            TLSReloadService(options["tls_contexts"]).startService()
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)
     reactor.callWhenRunning(install_signals)
