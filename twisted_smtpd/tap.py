@@ -27,6 +27,7 @@ from twisted.python.reflect import namedAny
 from ._session import Limits
 from .factory import SMTPFactory
 from .proxy import use_proxy_header_wrapper
+from .tls import fix_ssl_endpoint
 
 __all__ = ["Options", "makeService"]
 
@@ -143,7 +144,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 endpoint = endpoints.serverFromString(reactor, description)
             except Exception as error:
                 raise usage.UsageError(f"bad --port {description!r}: {error}")
-            self["endpoints"].append(use_proxy_header_wrapper(endpoint))
+            endpoint = fix_ssl_endpoint(use_proxy_header_wrapper(endpoint))
+            self["endpoints"].append(endpoint)
         self["limits"] = Limits(
             max_message_size=_positive_int(
                 "max-message-size", self["max-message-size"]
