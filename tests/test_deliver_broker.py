@@ -22,6 +22,8 @@ from twisted_smtpd.deliver._broker import (
 )
 from twisted_smtpd.deliver.spool import Spool
 
+from .helpers import ROOT, twistd_start_error
+
 
 def test_message_id_shape_and_uniqueness():
     """26 Crockford base32 characters, distinct, ordered by their time."""
@@ -273,3 +275,33 @@ def test_spool_directory_that_cannot_be_made(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="cannot use --spool"):
         Spool(str(tmp_path / "file" / "spool"), reactor=reactor)
+
+
+def test_core_and_broker_modules_import_without_the_extras():
+    """pika, redis and nats-py are extras: nothing imports them up front."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('pika', 'redis', 'nats'): sys.modules[name] = None\n"
+        "import twisted_smtpd, twisted_smtpd.tap\n"
+        "import twisted_smtpd.deliver.amqp, twisted_smtpd.deliver.redis\n"
+        "import twisted_smtpd.deliver.nats, twisted_smtpd.deliver.spool\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        ("amqp://127.0.0.1/", "needs routing_key=QUEUE"),
+        ("redis://127.0.0.1/0", "needs stream=NAME"),
+        ("nats://127.0.0.1", "needs subject=SUBJECT"),
+    ],
+)
+def test_twistd_bad_broker_target_one_line(tmp_path, target, expected):
+    status, lines = twistd_start_error(tmp_path, "--deliver", target)
+    assert 0 != status
+    assert any(expected in line for line in lines), lines
+    assert not any("Traceback" in line for line in lines), lines
