@@ -341,7 +341,7 @@ class TestTLS:
         )
         policy = options["tls_policy"]
         assert isinstance(policy, TLSPolicy)
-        assert isinstance(policy.context_factory, CertificateOptions)
+        assert isinstance(policy.context_factory.wrapped, CertificateOptions)
         assert False is bool(policy.required)
         client = connect(build_factory(options))
         client.replies()

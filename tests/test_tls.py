@@ -373,3 +373,134 @@ def test_client_certificate_in_envelope(listen, memory, certificates):
     yield threads.deferToThread(client)
     certificate = memory.messages[0].tls.peer_certificate
     assert "CN=localhost" == certificate.subject.rfc4514_string()
+
+
+def alpn_client_context(certificates) -> ssl.SSLContext:
+    """A client that offers ALPN, as browsers' and Go's TLS stacks do."""
+    context = client_context(certificates)
+    context.set_alpn_protocols(["smtp", "h2"])
+    return context
+
+
+def openssl_alpn(
+    port: int, certificates, starttls: bool
+) -> subprocess.CompletedProcess:
+    """C{openssl s_client -alpn smtp}, STARTTLS or implicit TLS, then EHLO, QUIT."""
+    starttls_args = ["-starttls", "smtp"] if starttls else []
+    return subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            *starttls_args,
+            "-alpn",
+            "smtp",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            str(certificates["ca"]),
+            "-verify_return_error",
+            "-ign_eof",
+        ],
+        input=b"EHLO c.example\r\nQUIT\r\n",
+        capture_output=True,
+        timeout=30,
+    )
+
+
+class TestALPN:
+    """Issue 11 item 1: a ClientHello offering ALPN must not be refused."""
+
+    @pytest_twisted.inlineCallbacks
+    def test_starttls_python_alpn(self, listen, memory, tls_policy, certificates):
+        """STARTTLS completes for an ALPN client; no protocol is selected."""
+        port = listen(memory, tls=tls_policy)
+
+        def client():
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.starttls(context=alpn_client_context(certificates))
+                selected = smtp.sock.selected_alpn_protocol()
+                smtp.sendmail("a@b.example", ["c@d.example"], b"alpn\r\n")
+                return selected
+
+        assert None is (yield threads.deferToThread(client))
+        assert [b"alpn\r\n"] == [e.content for e in memory.messages]
+
+    @pytest_twisted.inlineCallbacks
+    def test_implicit_python_alpn(self, listen, memory, tls_policy, certificates):
+        """An ssl: listener with the policy's context accepts an ALPN client."""
+        port = listen(memory, ssl_context=tls_policy.context_factory)
+
+        def client():
+            with smtplib.SMTP_SSL(
+                "127.0.0.1", port, timeout=10, context=alpn_client_context(certificates)
+            ) as smtp:
+                smtp.sendmail("a@b.example", ["c@d.example"], b"alpn465\r\n")
+
+        yield threads.deferToThread(client)
+        assert [b"alpn465\r\n"] == [e.content for e in memory.messages]
+
+    @pytest_twisted.inlineCallbacks
+    def test_user_context_keeps_its_protocols(self, listen, memory, certificates):
+        """A user's CertificateOptions with acceptableProtocols still selects one."""
+        from twisted.internet import ssl as twisted_ssl
+
+        base = context_from_pem(str(certificates["cert"]), str(certificates["key"]))
+        context = twisted_ssl.CertificateOptions(
+            privateKey=base.privateKey,
+            certificate=base.certificate,
+            extraCertChain=base.extraCertChain,
+            acceptableProtocols=[b"smtp"],
+        )
+        port = listen(memory, tls=TLSPolicy(context))
+
+        def client():
+            selected = []
+            for offer in (["h2", "smtp"], ["h2"]):
+                tls = client_context(certificates)
+                tls.set_alpn_protocols(offer)
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                    smtp.starttls(context=tls)
+                    selected.append(smtp.sock.selected_alpn_protocol())
+            return selected
+
+        assert ["smtp", None] == (yield threads.deferToThread(client))
+
+    def test_twistd_both_paths(self, tmp_path, certificates) -> None:
+        """twistd: openssl -alpn and Python ALPN clients on STARTTLS and ssl:."""
+        require_program("openssl")
+        plain, secure = free_port(), free_port()
+        cert, key = str(certificates["cert"]), str(certificates["key"])
+        proc = start_twistd(
+            tmp_path,
+            "--port",
+            f"tcp:{plain}:interface=127.0.0.1",
+            "--port",
+            f"ssl:{secure}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+            "--handler",
+            "twisted_smtpd.handlers.discard",
+        )
+        try:
+            wait_for_port(plain, proc)
+            wait_for_port(secure, proc)
+            for port, starttls in ((plain, True), (secure, False)):
+                result = openssl_alpn(port, certificates, starttls)
+                assert 0 == result.returncode, result.stderr
+                assert b"No ALPN negotiated" in result.stdout
+                assert b"221 " in result.stdout
+            with smtplib.SMTP("127.0.0.1", plain, timeout=10) as smtp:
+                smtp.starttls(context=alpn_client_context(certificates))
+                assert 250 == smtp.ehlo()[0]
+            with smtplib.SMTP_SSL(
+                "127.0.0.1",
+                secure,
+                timeout=10,
+                context=alpn_client_context(certificates),
+            ) as smtp:
+                assert 250 == smtp.ehlo()[0]
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=20)
