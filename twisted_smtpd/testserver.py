@@ -59,7 +59,7 @@ from ._session import Envelope, Limits
 from .auth import AuthPolicy
 from .factory import SMTPFactory
 from .replies import SMTPError
-from .tls import TLSPolicy
+from .tls import TLSPolicy, alpn_safe
 
 __all__ = [
     "PHASES",
@@ -661,7 +661,7 @@ class SMTPTestServer:
 
             # listenSSL would batch TLS writes on the global reactor's clock.
             tls_factory = TLSMemoryBIOFactory(
-                self.certificates.server_context(),
+                alpn_safe(self.certificates.server_context()),
                 False,
                 self._factory,
                 clock=self.reactor,
