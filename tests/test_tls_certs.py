@@ -329,6 +329,28 @@ class TestEncryptedKeys:
             str(certificates["cert"]), str(certificates["key"]), passphrase="x"
         )
 
+    @pytest.mark.parametrize(
+        ("content", "error"),
+        [
+            (None, "cannot read TLS key passphrase file '{path}': No such file"),
+            (b"\n", "TLS key passphrase file '{path}' is empty"),
+        ],
+    )
+    def test_bad_passphrase_file(self, tmp_path, certificates, capsys, content, error):
+        """A missing or empty passphrase file is refused in one line."""
+        from twisted_smtpd.tap import Options
+
+        path = tmp_path / "pass"
+        if content is not None:
+            path.write_bytes(content)
+        argv = ["--tls-cert", str(certificates["cert"]), "--tls-key"]
+        argv += [str(certificates["key"]), "--tls-key-passphrase-file", str(path)]
+        with pytest.raises(SystemExit):
+            Options().parseOptions(argv)
+        lines = capsys.readouterr().err.splitlines()
+        assert 1 == len(lines)
+        assert lines[0].startswith("twistd smtpd: error: " + error.format(path=path))
+
     def test_twistd_passphrase_file(self, tmp_path, certificates) -> None:
         """--tls-key-passphrase-file opens keys for STARTTLS and ssl:; a wrong
         one stops start-up with one line."""

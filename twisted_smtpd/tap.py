@@ -354,8 +354,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["tls_contexts"].append(context)
         elif self["tls_contexts"] and "extraCertChain" not in kwargs:
             context = self["tls_contexts"][0]
-        else:
+        elif "extraCertChain" in kwargs:
             return None
+        elif os.path.exists("server.pem"):
+            # Twisted's default: key and certificate in ./server.pem.
+            context = ServerTLSContext([("server.pem", "server.pem")], None)
+            self["tls_contexts"].append(context)
+        else:
+            raise ValueError(
+                "ssl: needs privateKey= and certKey=, or --tls-cert and --tls-key"
+            )
         return endpoints.SSL4ServerEndpoint(
             reactor,
             int(port),
