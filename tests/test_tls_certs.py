@@ -526,3 +526,33 @@ def test_twistd_workers_reload_on_sighup(tmp_path, certificates) -> None:
         proc.terminate()
         proc.wait(timeout=30)
         proc.stdout.close()
+
+
+def test_sighup_still_reloads_while_draining(tmp_path, certificates, monkeypatch):
+    """A drain (SIGUSR1) keeps the process up; SIGHUP must not become fatal."""
+    import twisted.internet
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_smtpd.tap import Options, TLSReloadService, makeService
+
+    monkeypatch.setattr(twisted.internet, "reactor", MemoryReactorClock())
+    options = Options()
+    options.parseOptions(
+        ["--handler", "twisted_smtpd.handlers.discard", "--port", "tcp:2525"]
+        + ["--tls-cert", str(certificates["cert"]), "--tls-key"]
+        + [str(certificates["key"])]
+    )
+    previous = signal.getsignal(signal.SIGHUP)
+    parent = makeService(options)
+    (reloader,) = [c for c in parent if isinstance(c, TLSReloadService)]
+    parent.privilegedStartService()
+    parent.startService()
+    try:
+        assert previous is not signal.getsignal(signal.SIGHUP)
+        parent.drain()
+        assert reloader.running
+        assert previous is not signal.getsignal(signal.SIGHUP)
+    finally:
+        parent.stopService()
+    assert not reloader.running
+    assert previous is signal.getsignal(signal.SIGHUP)

@@ -521,15 +521,19 @@ class TLSReloadService(service.Service):
         from twisted.internet import reactor
 
         super().startService()
-        self._previous = signal.signal(
-            signal.SIGHUP,
-            lambda *_: reactor.callFromThread(self._hangup),  # type: ignore[attr-defined]
-        )
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(
+                signal.SIGHUP,
+                lambda *_: reactor.callFromThread(self._hangup),  # type: ignore[attr-defined]
+            )
 
     def _hangup(self) -> None:
         for process, worker in getattr(self.workers, "workers", []):
             if not worker.ended.called:
-                process.signalProcess("HUP")
+                try:
+                    process.signalProcess("HUP")
+                except ProcessExitedAlready:
+                    pass
         self.reload()
 
     def stopService(self) -> None:
@@ -633,6 +637,8 @@ def makeService(config: Options) -> service.IService:
     if config.get("tls_contexts"):
         reloader = TLSReloadService(config["tls_contexts"])
         reloader.setServiceParent(parent)
+        # A drain keeps the process running: SIGHUP must still reload.
+        parent.stop_after_drain.append(reloader)
     if config["worker_count"] > 1:
         from .workers import WorkerPool
 
