@@ -622,7 +622,7 @@ def makeService(config: Options) -> service.IService:
         listener.setServiceParent(parent)
         listeners.append(listener)
     reloader = None
-    if config["tls_contexts"]:
+    if config.get("tls_contexts"):
         reloader = TLSReloadService(config["tls_contexts"])
         reloader.setServiceParent(parent)
     if config["worker_count"] > 1:

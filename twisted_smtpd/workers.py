@@ -214,7 +214,7 @@ def _worker_main(args: list[str]) -> None:
         )
         # A drain (the parent relays its SIGUSR1): stop accepting, keep running.
         signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(drain))  # type: ignore[attr-defined]
-        if options["tls_contexts"]:
+        if options.get("tls_contexts"):
             # The parent relays SIGHUP: reload certificates here too.
             TLSReloadService(options["tls_contexts"]).startService()
 
