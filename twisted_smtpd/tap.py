@@ -285,7 +285,10 @@ class SMTPService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if threading.current_thread() is threading.main_thread():
+        # Signals can only be set from the main thread; Windows has no SIGUSR1.
+        if threading.current_thread() is threading.main_thread() and hasattr(
+            signal, "SIGUSR1"
+        ):
             from twisted.internet import reactor
 
             def on_usr1(signum: int, frame: Any) -> None:
