@@ -446,7 +446,9 @@ class SMTPService(service.MultiService):
                                 process.signalProcess(signal.SIGUSR1)
                             except ProcessExitedAlready:
                                 pass
-                elif child not in self.stop_after_drain:
+                elif getattr(child, "factory", None) is self.factory:
+                    # Only the SMTP listeners: the metrics site and the
+                    # SIGHUP reloader keep working while the server drains.
                     listeners.append(maybeDeferred(child.stopService))
             self._drained = gatherResults(listeners).addCallback(
                 lambda _: self.factory.shutdown(self.grace)
