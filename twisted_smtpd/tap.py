@@ -630,6 +630,8 @@ def makeService(config: Options) -> service.IService:
     if config.get("tls_contexts"):
         reloader = TLSReloadService(config["tls_contexts"])
         reloader.setServiceParent(parent)
+        # A SIGHUP during a graceful stop must reload, not kill the process.
+        parent.stop_after_drain.append(reloader)
     if config["worker_count"] > 1:
         from .workers import WorkerPool
 
