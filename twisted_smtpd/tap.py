@@ -5,7 +5,11 @@ C{twistd smtpd}: command-line options and the service they describe.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -15,7 +19,8 @@ from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ProcessExitedAlready
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.reflect import namedAny
 
@@ -27,6 +32,8 @@ from .tls import fix_ssl_endpoint
 __all__ = ["Options", "makeService"]
 
 DEFAULT_PORT = "tcp:2525"
+
+_log = Logger()
 
 
 def _positive_int(name: str, text: str, minimum: int = 0) -> int:
@@ -89,6 +96,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["workers", None, "1", "Processes sharing the listening ports."],
         ["tls-cert", None, None, "PEM certificate (chain) for STARTTLS."],
         ["tls-key", None, None, "PEM private key for STARTTLS."],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve /metrics, /healthz, /readyz (and POST /drain from loopback)"
+            " on this endpoint, e.g. tcp:9464:interface=127.0.0.1.",
+        ],
     ]
     compData = usage.Completions(
         optActions={
@@ -153,9 +167,28 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                     raise usage.UsageError(
                         f"--workers can share tcp: and ssl: ports, not {description!r}"
                     )
+        self["metrics_endpoint"] = self._metrics()
         self["handler_object"] = self._handler()
         self["tls_policy"] = self._tls()
         self["auth_policy"] = self._auth()
+
+    def _metrics(self) -> Any:
+        description = self["metrics"]
+        if not description:
+            return None
+        # find_spec, not import: with --workers, PROMETHEUS_MULTIPROC_DIR must
+        # be set before prometheus-client is first imported (makeService).
+        if importlib.util.find_spec("prometheus_client") is None:
+            raise usage.UsageError(
+                "--metrics needs prometheus-client:"
+                " pip install 'twisted_smtpd[metrics]'"
+            )
+        from twisted.internet import reactor
+
+        try:
+            return endpoints.serverFromString(reactor, description)
+        except Exception as error:
+            raise usage.UsageError(f"bad --metrics {description!r}: {error}")
 
     def _handler(self) -> Any:
         if self["deliver"]:
@@ -245,6 +278,64 @@ class SMTPService(service.MultiService):
         super().__init__()
         self.factory = factory
         self.grace = grace
+        #: children stopped only once the sessions are gone (the metrics site)
+        self.stop_after_drain: list[service.IService] = []
+        self._drained: Optional[Deferred[None]] = None
+        self._previous_usr1: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if threading.current_thread() is threading.main_thread():
+            from twisted.internet import reactor
+
+            def on_usr1(signum: int, frame: Any) -> None:
+                reactor.callFromThread(self.drain)  # type: ignore[attr-defined]
+
+            self._previous_usr1 = signal.signal(signal.SIGUSR1, on_usr1)
+
+    @property
+    def draining(self) -> bool:
+        return self._drained is not None
+
+    def ready(self) -> bool:
+        """True while this server accepts mail (C{/readyz})."""
+        return (
+            bool(self.running)
+            and self._drained is None
+            and not getattr(self.factory, "shutting_down", False)
+        )
+
+    def drain(self) -> Deferred[None]:
+        """Stop accepting; sessions finish within the grace (SIGUSR1, POST /drain).
+
+        Idle sessions get C{421 4.3.2} at once, messages in flight their reply
+        first.  The process keeps running (C{/healthz} 200, C{/readyz} 503)
+        until it is stopped.  Fires when the sessions are gone.
+        """
+        from .workers import WorkerPool
+
+        if self._drained is None:
+            _log.info("smtpd: draining (no new sessions)")
+            set_draining = getattr(
+                getattr(self.factory, "events", None), "set_draining", None
+            )
+            if set_draining is not None:
+                set_draining(True)
+            listeners = []
+            for child in self:
+                if isinstance(child, WorkerPool):
+                    for process, worker in child.workers.values():
+                        if not worker.ended.called:
+                            try:
+                                process.signalProcess(signal.SIGUSR1)
+                            except ProcessExitedAlready:
+                                pass
+                elif child not in self.stop_after_drain:
+                    listeners.append(maybeDeferred(child.stopService))
+            self._drained = gatherResults(listeners).addCallback(
+                lambda _: self.factory.shutdown(self.grace)
+            )
+        return _follow(self._drained)
 
     def privilegedStartService(self) -> None:
         try:
@@ -262,21 +353,83 @@ class SMTPService(service.MultiService):
         from .workers import WorkerPool
 
         service.Service.stopService(self)
+        if self._previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_usr1)
+            self._previous_usr1 = None
         children = list(self)
         listeners = [
             maybeDeferred(child.stopService)
             for child in reversed(children)
-            if not isinstance(child, WorkerPool)
+            if not isinstance(child, WorkerPool) and child not in self.stop_after_drain
         ]
         drained = gatherResults(listeners).addCallback(
             lambda _: self.factory.shutdown(self.grace)
         )
+        if self.stop_after_drain:
+            # /readyz answers 503, not "connection refused", while sessions end.
+            drained.addCallback(
+                lambda _: gatherResults(
+                    [
+                        maybeDeferred(child.stopService)
+                        for child in self.stop_after_drain
+                    ]
+                )
+            )
         workers = [
             maybeDeferred(child.stopService)
             for child in children
             if isinstance(child, WorkerPool)
         ]
         return gatherResults([drained, *workers]).addCallback(lambda _: None)
+
+
+def _follow(deferred: Deferred[Any]) -> Deferred[None]:
+    """A new Deferred that fires when C{deferred} does, leaving its result alone."""
+    follower: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        follower.callback(None)
+        return result
+
+    deferred.addBoth(fire)
+    return follower
+
+
+def _metrics_events(config: Options) -> Any:
+    if not config.get("metrics_endpoint"):
+        return None
+    from .metrics import PrometheusEvents
+
+    return PrometheusEvents()
+
+
+def _share_metrics_between_workers() -> None:
+    """Point every process at one multiprocess directory (before any metric)."""
+    # Spelled out: importing .metrics would import prometheus-client too early.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return  # the operator's own directory: they empty it between runs
+    import shutil
+    import tempfile
+
+    from twisted.internet import reactor
+
+    path = tempfile.mkdtemp(prefix="smtpd-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # the workers inherit it
+    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, path, True)
+
+
+def _add_metrics_site(config: Options, parent: SMTPService) -> None:
+    from .metrics import MetricsResource, PrometheusEvents, metrics_site
+
+    events = parent.factory.events
+    assert isinstance(events, PrometheusEvents)  # build_factory made it
+    resource = MetricsResource(events, ready=parent.ready, drain=parent.drain)
+    listener = StreamServerEndpointService(
+        config["metrics_endpoint"], metrics_site(resource)
+    )
+    listener._raiseSynchronously = True
+    listener.setServiceParent(parent)
+    parent.stop_after_drain.append(listener)
 
 
 def build_factory(config: Options) -> SMTPFactory:
@@ -289,11 +442,14 @@ def build_factory(config: Options) -> SMTPFactory:
         auth=config["auth_policy"],
         debug=bool(config["debug"]),
         quiet=bool(config["quiet"]),
+        events=_metrics_events(config),
     )
 
 
 def makeService(config: Options) -> service.IService:
     """One L{SMTPFactory}, one listening service per C{--port}, and workers."""
+    if config.get("metrics_endpoint") and config["worker_count"] > 1:
+        _share_metrics_between_workers()
     factory = build_factory(config)
     parent = SMTPService(factory, config["grace"])
     listeners = []
@@ -313,6 +469,8 @@ def makeService(config: Options) -> service.IService:
             config["grace"],
             command=WORKER_COMMAND,
         ).setServiceParent(parent)
+    if config.get("metrics_endpoint"):
+        _add_metrics_site(config, parent)
     return parent
 
 

@@ -350,6 +350,11 @@ def serve_worker(
             signal.SIGTERM,
             lambda *_: reactor.callFromThread(stop_once),  # type: ignore[attr-defined]
         )
+        # A drain (the parent relays its SIGUSR1): stop accepting, keep running.
+        signal.signal(
+            signal.SIGUSR1,
+            lambda *_: reactor.callFromThread(drain),  # type: ignore[attr-defined]
+        )
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)
     reactor.callWhenRunning(install_signals)
