@@ -245,6 +245,21 @@ def test_accept_any_credentials(smtpd_factory):
 """
 
 
+def test_reactor_mode_without_pytest_twisted_is_refused(run, pytester):
+    pytester.makepyfile(
+        test_mode="""
+import pytest
+
+@pytest.mark.smtpd(mode="reactor")
+def test_it(smtpd):
+    pass
+"""
+    )
+    result = run("-p", "no:twisted")
+    result.assert_outcomes(errors=1)
+    assert "mode='reactor' needs pytest-twisted" in result.stdout.str()
+
+
 def test_tls_and_auth(run, pytester):
     """A generated certificate that clients verify; AUTH users and 'any'."""
     pytester.makepyfile(test_tls=TLS_TESTS)

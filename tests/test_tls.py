@@ -352,10 +352,10 @@ def test_client_certificate_in_envelope(listen, memory, certificates):
 
     # Twisted's trust store still takes pyOpenSSL certificates.
     ca = twisted_ssl.Certificate.loadPEM(certificates["ca"].read_bytes()).original
-    base = TLSPolicy.from_files(str(certificates["cert"]), str(certificates["key"]))
+    base = context_from_pem(str(certificates["cert"]), str(certificates["key"]))
     context = twisted_ssl.CertificateOptions(
-        privateKey=base.context_factory.privateKey,
-        certificate=base.context_factory.certificate,
+        privateKey=base.privateKey,
+        certificate=base.certificate,
         verify=True,
         caCerts=[ca],
         requireCertificate=False,

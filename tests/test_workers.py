@@ -417,9 +417,9 @@ class TestRestarts:
         clock = pool.reactor
         waits = []
         for _ in range(10):
-            worker = pool.workers[1][1]
+            worker = pool._live[1][1]
             worker.processEnded(killed())
-            assert 1 not in pool.workers
+            assert 1 not in pool._live
             spawned = len(clock.spawned)
             delay = 0.0
             while len(clock.spawned) == spawned:
@@ -428,15 +428,15 @@ class TestRestarts:
             waits.append(delay)
         assert [0.5, 1, 2, 4, 8, 16, 32, 60, 60, 60] == waits
         assert 10 == pool.restarts
-        assert [1, 2] == sorted(pool.workers)
+        assert [1, 2] == sorted(pool._live)
 
     def test_a_long_life_resets_the_back_off(self, pool: WorkerPool) -> None:
         clock = pool.reactor
         for _ in range(3):
-            pool.workers[1][1].processEnded(killed())
+            pool._live[1][1].processEnded(killed())
             clock.advance(60)
         clock.advance(pool.stable_after)
-        pool.workers[1][1].processEnded(killed())
+        pool._live[1][1].processEnded(killed())
         assert [pool.restart_delay] == [
             call.getTime() - clock.seconds() for call in clock.getDelayedCalls()
         ]
@@ -444,8 +444,8 @@ class TestRestarts:
     def test_no_restart_after_stop(self, pool: WorkerPool) -> None:
         """Stopping signals the live workers and cancels a pending restart."""
         clock = pool.reactor
-        pool.workers[1][1].processEnded(killed())
-        process, worker = pool.workers[2]
+        pool._live[1][1].processEnded(killed())
+        process, worker = pool._live[2]
         stopped = pool.stopService()
         assert ["TERM"] == process.signals
         worker.processEnded(Failure(ProcessDone(0)))
@@ -468,7 +468,7 @@ class TestLogRelay:
         """A worker's JSON record, even split over reads, becomes its event."""
         event = {"log_format": "hello {who}", "who": "you", "log_level": LogLevel.warn}
         record = ("\x1e" + eventAsJSON(dict(event)) + "\n").encode()
-        worker = pool.workers[1][1]
+        worker = pool._live[1][1]
         worker.childDataReceived(1, record[:10])
         assert [] == published
         worker.childDataReceived(1, record[10:])
@@ -483,7 +483,7 @@ class TestLogRelay:
         self, pool: WorkerPool, published: list[dict[str, Any]]
     ) -> None:
         """stderr lines (a crash before logging began) are errors of the worker."""
-        worker = pool.workers[2][1]
+        worker = pool._live[2][1]
         worker.childDataReceived(2, b"Traceback (most recent call last):\nboom")
         worker.processEnded(killed())
         texts = [

@@ -1,7 +1,7 @@
 """
 pytest fixtures for a real SMTP server per test: C{smtpd}, C{smtpd_factory},
 C{smtpd_session}.  Registered through the C{pytest11} entry point (switch it
-off with C{-p no:twisted_smtpd}).
+off with C{-p no:twisted_smtpd})::
 
     def test_signup_sends_mail(smtpd):
         signup("ann@example.org", smtp_host=smtpd.host, smtp_port=smtpd.port)
@@ -68,8 +68,13 @@ def _start(request: pytest.FixtureRequest, options: dict[str, Any]) -> SMTPTestS
     reactor = None
     if mode == "reactor":
         twisted_plugin = sys.modules.get("pytest_twisted")
-        if twisted_plugin is not None:
-            reactor = twisted_plugin._instances.reactor
+        reactor = twisted_plugin._instances.reactor if twisted_plugin else None
+        if reactor is None:
+            # Nothing would run the reactor: every client would hang.
+            raise pytest.UsageError(
+                "smtpd: mode='reactor' needs pytest-twisted (or use trial's"
+                " SMTPServerMixin)"
+            )
     return start_server(mode=mode, reactor=reactor, **options)
 
 
@@ -89,7 +94,7 @@ def _use(request: pytest.FixtureRequest, server: SMTPTestServer, first: int) -> 
 
 @pytest.fixture
 def smtpd_factory(request: pytest.FixtureRequest) -> Any:
-    """Start servers with options; each stops after the test.
+    """Start servers with options; each stops after the test::
 
         def test_tls(smtpd_factory):
             server = smtpd_factory(tls="implicit", auth={"ann": "secret"})

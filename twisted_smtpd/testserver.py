@@ -12,6 +12,8 @@ Two ways to run it:
 - B{reactor mode} (pytest-twisted and trial tests): the server runs on the
   reactor the test already runs, no thread.  C{wait_for} returns a Deferred.
 
+In thread mode::
+
     server = start_server()                     # thread mode
     smtplib.SMTP(server.host, server.port).sendmail(...)
     [message] = server.wait_for(1)
@@ -1150,7 +1152,7 @@ def start_server(
 
 
 class SMTPServerMixin:
-    """For C{twisted.trial.unittest.TestCase}: a server in trial's reactor.
+    """For C{twisted.trial.unittest.TestCase}: a server in trial's reactor::
 
         class SignupTests(SMTPServerMixin, unittest.TestCase):
             @defer.inlineCallbacks

@@ -152,11 +152,16 @@ class WorkerPool(service.Service):
         self.reactor = reactor
         self.restarts = 0
         #: worker number -> (process transport, protocol) of the live one
-        self.workers: dict[int, tuple[Any, _Worker]] = {}
+        self._live: dict[int, tuple[Any, _Worker]] = {}
         self._shared = ""
         self._fds: list[int] = []
         self._quick_deaths: dict[int, int] = {}
         self._pending_restarts: dict[int, Any] = {}
+
+    @property
+    def workers(self) -> list[tuple[Any, _Worker]]:
+        """(process transport, protocol) of each live worker, by number."""
+        return [self._live[number] for number in sorted(self._live)]
 
     def startService(self) -> None:
         super().startService()
@@ -199,11 +204,11 @@ class WorkerPool(service.Service):
             env=dict(os.environ),
             childFDs=child_fds,
         )
-        self.workers[number] = (process, worker)
+        self._live[number] = (process, worker)
 
     def _worker_ended(self, worker: _Worker, reason: Any) -> None:
-        if self.workers.get(worker.number, (None, worker))[1] is worker:
-            del self.workers[worker.number]
+        if self._live.get(worker.number, (None, worker))[1] is worker:
+            del self._live[worker.number]
         how = _how_it_ended(reason)
         if not self.running:
             _log.info(
@@ -236,7 +241,7 @@ class WorkerPool(service.Service):
                 call.cancel()
         self._pending_restarts.clear()
         waits = []
-        for process, worker in list(self.workers.values()):
+        for process, worker in self.workers:
             try:
                 process.signalProcess("TERM")
             except Exception:
@@ -246,7 +251,7 @@ class WorkerPool(service.Service):
             return succeed(None)
 
         def kill_stragglers() -> None:
-            for process, _ in list(self.workers.values()):
+            for process, _ in self.workers:
                 try:
                     process.signalProcess("KILL")
                 except Exception:
