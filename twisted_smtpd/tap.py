@@ -622,7 +622,7 @@ def makeService(config: Options) -> service.IService:
         listener.setServiceParent(parent)
         listeners.append(listener)
     reloader = None
-    if config["tls_contexts"]:
+    if config.get("tls_contexts"):
         reloader = TLSReloadService(config["tls_contexts"])
         reloader.setServiceParent(parent)
     if config["worker_count"] > 1:
@@ -663,7 +663,7 @@ def run_worker(args: list[str]) -> None:
 
     options = Options()
     options.parseOptions(args[3:])
-    if options["tls_contexts"]:
+    if options.get("tls_contexts"):
         # The parent relays SIGHUP: reload certificates here too.
         reloader = TLSReloadService(options["tls_contexts"])
         reactor.callWhenRunning(reloader.startService)

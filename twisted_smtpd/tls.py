@@ -44,6 +44,7 @@ __all__ = [
     "TLSPolicy",
     "alpn_safe",
     "context_from_pem",
+    "fix_ssl_endpoint",
     "read_passphrase_file",
     "refuse_unknown_alpn",
 ]
@@ -284,6 +285,8 @@ class ALPNSafeContextFactory:
         return context
 
     def __getattr__(self, name: str) -> Any:
+        if name == "wrapped":  # not set yet (copying, unpickling)
+            raise AttributeError(name)
         return getattr(self.wrapped, name)
 
     def __repr__(self) -> str:
@@ -552,7 +555,9 @@ def _ssl_endpoint_inside(endpoint: Any) -> Any:
 def fix_ssl_endpoint(endpoint: Any) -> Any:
     """Make an C{ssl:} endpoint's context ALPN-safe; other endpoints pass as-is.
 
-    Returns the endpoint, changed in place.
+    C{twistd smtpd} does this for every C{--port}; call it on an endpoint
+    from C{serverFromString(reactor, "ssl:...")} of your own.  Returns the
+    endpoint, changed in place.
     """
     inner = _ssl_endpoint_inside(endpoint)
     if inner is not None:
