@@ -41,6 +41,7 @@ class Server:
     proc: subprocess.Popen
     directory: Path
     extra_ports: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
 
     @property
     def url_host(self) -> str:
@@ -92,13 +93,31 @@ def start_rabbitmq(directory: Path) -> Server:
         proc = subprocess.Popen(
             [RABBITMQ_SERVER], env=env, stdout=out, stderr=subprocess.STDOUT
         )
-    server = Server("rabbitmq", port, proc, directory, {"epmd": epmd_port})
+    server = Server("rabbitmq", port, proc, directory, {"epmd": epmd_port}, env)
     try:
         _wait_listening(port, proc, "rabbitmq-server", log)
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def rabbitmqctl(server: Server, *args: str) -> str:
+    """Run C{rabbitmqctl ARGS} against the node C{start_rabbitmq} started."""
+    done = subprocess.run(
+        [
+            "/usr/lib/rabbitmq/bin/rabbitmqctl",
+            "-n",
+            server.env["RABBITMQ_NODENAME"],
+            *args,
+        ],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert 0 == done.returncode, done.stdout + done.stderr
+    return done.stdout
 
 
 def start_redis(directory: Path) -> Server:

@@ -6,16 +6,20 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import sys
+import threading
 import time
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
 
 from twisted_smtpd.deliver import DeliverOptions, handler_from_target
+from twisted_smtpd.deliver._broker import OutboundMessage
 
-from .brokers import TCPRelay, rabbit_drain, rabbit_queue, start_rabbitmq
+from .brokers import TCPRelay, rabbit_drain, rabbit_queue, rabbitmqctl, start_rabbitmq
 from .helpers import free_port, start_twistd, wait_for_port
 
 QUEUED = re.compile(rb"queued as ([0-9A-Z]{26})")
@@ -141,6 +145,43 @@ def test_broker_down_is_451_then_reconnects(rabbit, relay, amqp_server):
 
 
 @pytest_twisted.inlineCallbacks
+def test_memory_alarm_is_451_and_later_publishes_fail_at_once(rabbit, amqp_server):
+    """A broker that blocks publishers (memory alarm): 451, and once RabbitMQ
+    says the connection is blocked, publishes fail at once instead of each
+    waiting out the timeout; after the alarm clears, 250 again."""
+    rabbit_queue(rabbit.port, "alarm")
+    handler, port = amqp_server(
+        f"amqp://{rabbit.url_host}/?routing_key=alarm", timeout=2
+    )
+    publisher = handler.publisher
+    yield publisher.when_ready()
+    yield threads.deferToThread(
+        rabbitmqctl, rabbit, "set_vm_memory_high_watermark", "0"
+    )
+    try:
+        code, text = yield threads.deferToThread(send, port, b"Subject: a\r\n\r\na\r\n")
+        assert (451, True) == (code, text.startswith(b"4.4.1")), text
+        for _ in range(200):
+            if publisher._blocked is not None:
+                break
+            yield deferLater(reactor, 0.05)
+        outcome: list = []
+        publisher.publish(OutboundMessage("X", {}, b"x")).addErrback(outcome.append)
+        assert 1 == len(outcome)  # failed before returning
+        assert "blocked" in outcome[0].getErrorMessage()
+    finally:
+        yield threads.deferToThread(
+            rabbitmqctl, rabbit, "set_vm_memory_high_watermark", "0.4"
+        )
+    for _ in range(200):
+        if publisher._blocked is None:
+            break
+        yield deferLater(reactor, 0.05)
+    reply = yield threads.deferToThread(send, port, b"Subject: b\r\n\r\nb\r\n")
+    queued_id(reply)
+
+
+@pytest_twisted.inlineCallbacks
 def test_broker_down_at_start_is_451(amqp_server):
     """Nothing listens: 451 4.4.1, never a 250."""
     handler, port = amqp_server(f"amqp://127.0.0.1:{free_port()}/?routing_key=q")
@@ -230,3 +271,76 @@ def test_spool_survives_sigkill_and_forwards_in_order(rabbit, relay, tmp_path):
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=30)
     assert "Traceback" not in output, output
+
+
+def test_sigterm_waits_for_the_ack_of_a_message_in_flight(rabbit, tmp_path):
+    """SIGTERM while the broker holds back its ack: the broker connection
+    stays open through the drain, so the client still gets its 250."""
+    rabbit_queue(rabbit.port, "drain")
+    smtp_port = free_port()
+    rabbitmqctl(rabbit, "set_vm_memory_high_watermark", "0")
+    proc = start_twistd(
+        tmp_path,
+        "--port",
+        f"tcp:{smtp_port}:interface=127.0.0.1",
+        "--deliver",
+        f"amqp://{rabbit.url_host}/?routing_key=drain",
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    reply: list = []
+    try:
+        wait_for_port(smtp_port, proc)
+        for _ in range(100):
+            if any("connected to amqp" in line for line in lines):
+                break
+            time.sleep(0.1)
+        sent = threading.Event()
+        client = threading.Thread(target=send_raw, args=(smtp_port, sent, reply))
+        client.start()
+        assert sent.wait(30)
+        time.sleep(0.5)  # let the server read the final dot and publish
+        proc.send_signal(signal.SIGTERM)
+        for _ in range(100):
+            if any("SIGTERM" in line for line in lines):
+                break
+            time.sleep(0.1)
+    finally:
+        rabbitmqctl(rabbit, "set_vm_memory_high_watermark", "0.4")
+    client.join(30)
+    proc.wait(30)
+    reader.join(5)
+    proc.stdout.close()
+    message_id = queued_id(reply[0])
+    assert 421 == reply[1][0]  # then the drain closes the session
+    got = rabbit_drain(rabbit.port, "drain", 1)
+    assert [message_id] == [properties.message_id for properties, _ in got]
+    assert any("SIGTERM" in line for line in lines), lines
+
+
+def send_raw(port: int, sent: threading.Event, replies: list) -> None:
+    """One message over a plain socket; C{sent} is set once the final dot is
+    out, then the DATA reply and the next one (the 421) are read."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        reader = sock.makefile("rb")
+
+        def reply() -> tuple[int, bytes]:
+            lines = [reader.readline()]
+            while lines[-1][3:4] == b"-":
+                lines.append(reader.readline())
+            return int(lines[-1][:3]), lines[-1][4:].strip()
+
+        reply()
+        for command in (
+            b"EHLO client.example",
+            b"MAIL FROM:<a@b.example>",
+            b"RCPT TO:<c@d.example>",
+            b"DATA",
+        ):
+            sock.sendall(command + b"\r\n")
+            reply()
+        sock.sendall(b"Subject: d\r\n\r\nd\r\n.\r\n")
+        sent.set()
+        replies.append(reply())
+        replies.append(reply())

@@ -305,3 +305,45 @@ def test_twistd_bad_broker_target_one_line(tmp_path, target, expected):
     assert 0 != status
     assert any(expected in line for line in lines), lines
     assert not any("Traceback" in line for line in lines), lines
+
+
+def test_twistd_spool_with_workers_one_line(tmp_path):
+    """Each process needs a spool of its own: --workers 2 --spool is refused."""
+    status, lines = twistd_start_error(
+        tmp_path,
+        "--workers",
+        "2",
+        "--deliver",
+        "amqp://127.0.0.1/?routing_key=q",
+        "--spool",
+        str(tmp_path / "spool"),
+    )
+    assert 0 != status
+    assert any("--spool needs one process per spool directory" in x for x in lines)
+
+
+def test_amqp_reconnect_backs_off_and_caps():
+    """Each failed connection attempt doubles the wait, up to retry_max."""
+    from twisted.internet.defer import fail as failed
+
+    from twisted_smtpd.deliver.amqp import AMQPPublisher
+
+    class Refusing:
+        attempts = 0
+
+        def connect(self, factory):
+            Refusing.attempts += 1
+            return failed(ConnectionRefusedError())
+
+    clock = Clock()
+    publisher = AMQPPublisher.from_url("amqp://127.0.0.1/?routing_key=q", reactor=clock)
+    publisher._endpoint = Refusing()
+    publisher.start()
+    waits = []
+    for _ in range(9):
+        waits.append(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+        clock.advance(waits[-1])
+    assert [0.5, 1, 2, 4, 8, 16, 30, 30, 30] == waits
+    assert 10 == Refusing.attempts
+    publisher.stop()
+    assert [] == clock.getDelayedCalls()

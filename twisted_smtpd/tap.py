@@ -262,6 +262,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def _deliver(self) -> Any:
         if self["handler"]:
             raise usage.UsageError("--deliver and --handler exclude each other")
+        if self["spool"] and self["worker_count"] > 1:
+            raise usage.UsageError(
+                "--spool needs one process per spool directory: use --workers 1"
+                " (run more instances, each with its own --spool, to scale)"
+            )
         from .deliver import DeliverOptions, handler_from_target
 
         options = DeliverOptions(

@@ -224,6 +224,7 @@ class BrokerHandler:
         self.timeout = timeout
         self.spool = spool
         self._reactor = reactor
+        self._stopped = False
 
     def start(self) -> None:
         self.publisher.start()
@@ -231,8 +232,11 @@ class BrokerHandler:
             self.spool.start()
 
     def stop(self) -> Optional[Deferred[Any]]:
+        if self._stopped:
+            return None
+        self._stopped = True
         if self.spool is not None:
-            self.spool.stop()
+            self.spool.close()
         return self.publisher.stop()
 
     def _too_big(self, size: int) -> bool:
@@ -287,7 +291,9 @@ def make_handler(publisher: Publisher, options: Any, reactor: Any) -> BrokerHand
     if spool is not None:
         spool.attach(handler.publish, publisher.name)
     reactor.callWhenRunning(handler.start)
-    reactor.addSystemEventTrigger("before", "shutdown", handler.stop)
+    # "during", not "before": the server drains the messages in flight in
+    # "before" (--shutdown-grace), and they still need the engine's ack.
+    reactor.addSystemEventTrigger("during", "shutdown", handler.stop)
     return handler
 
 

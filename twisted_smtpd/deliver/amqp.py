@@ -16,7 +16,8 @@ C{451}, or the spool with C{--spool}.
 
 One connection and one confirm channel per process, through pika's Twisted
 adapter; when either closes the publisher reconnects with back-off (0.5 s
-doubling to 30 s), and while it is disconnected publishes fail at once.
+doubling to 30 s), and while it is disconnected, or while RabbitMQ blocks
+publishers on a memory or disk alarm, publishes fail at once.
 
 The exchange, queues and bindings are the operator's: nothing is declared.
 C{exchange} defaults to the default exchange, which routes by queue name,
@@ -121,6 +122,7 @@ class AMQPPublisher:
         self._retry_call: Any = None
         self._delay = self.retry_initial
         self._reported_down = False
+        self._blocked: Optional[str] = None
         #: fires each time a channel is ready (tests wait on it)
         self._ready_waiters: list[Deferred[None]] = []
 
@@ -259,11 +261,29 @@ class AMQPPublisher:
         else:
             _log.info("smtpd: connected to {name}", name=self.name)
         self._reported_down = False
+        self._blocked = None
+        # RabbitMQ blocks publishers on a memory or disk alarm; until it
+        # unblocks, new messages fail at once instead of each waiting out the
+        # timeout.  (pika's Twisted wrapper does not expose these hooks.)
+        protocol._impl.add_on_connection_blocked_callback(self._on_blocked)
+        protocol._impl.add_on_connection_unblocked_callback(self._on_unblocked)
         protocol.closed.addBoth(self._connection_lost, protocol)
         channel.on_closed.addBoth(self._channel_lost, channel, protocol)
         waiters, self._ready_waiters = self._ready_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+    def _on_blocked(self, connection: Any, frame: Any) -> None:
+        self._blocked = getattr(frame.method, "reason", "") or "resource alarm"
+        _log.warn(
+            "smtpd: {name} blocks publishing ({reason})",
+            name=self.name,
+            reason=self._blocked,
+        )
+
+    def _on_unblocked(self, connection: Any, frame: Any) -> None:
+        self._blocked = None
+        _log.info("smtpd: {name} takes messages again", name=self.name)
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = False
@@ -283,6 +303,7 @@ class AMQPPublisher:
         if self._connection is protocol:
             self._connection = None
             self._channel = None
+            self._blocked = None
             self._lost(str(getattr(reason, "value", reason)))
         return None
 
@@ -312,6 +333,8 @@ class AMQPPublisher:
         channel = self._channel
         if channel is None or not channel.is_open:
             return fail(EngineUnavailable(f"{self.name}: not connected"))
+        if self._blocked is not None:
+            return fail(EngineUnavailable(f"{self.name}: blocked ({self._blocked})"))
         properties = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
             message_id=message.message_id,
