@@ -94,7 +94,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     ]
     optParameters = [
         ["hostname", None, None, "Name for the greeting and EHLO [default: FQDN]."],
-        ["maildir", None, "Maildir", "Maildir to deliver into (created)."],
+        [
+            "maildir",
+            None,
+            "Maildir",
+            "Maildir to deliver into (created); {local}, {domain} or"
+            " {recipient} in it give one Maildir per recipient.",
+        ],
         [
             "handler",
             None,
@@ -258,6 +264,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(
                 f"cannot use --maildir {self['maildir']!r}: {error.strerror}"
             )
+        except ValueError as error:  # a placeholder other than {local} etc.
+            raise usage.UsageError(f"cannot use --maildir: {error}")
 
     def _deliver(self) -> Any:
         if self["handler"]:
