@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import AlreadyCalledError, CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
@@ -152,7 +152,7 @@ def test_check_client_gets_421_and_close(clock: Clock) -> None:
     assert [] == client.replies()
     clock.advance(TIMEOUT)
     (reply,) = client.replies()
-    assert reply.startswith(b"421 4.3.0 mx.test ")
+    assert reply.startswith(b"421 mx.test ")  # no EHLO: no enhanced code
     assert client.closed
     assert ["check_client"] == handler.cancelled
 
@@ -182,22 +182,33 @@ def test_finish(clock: Clock, lmtp: bool) -> None:
     assert 1 == len(handler.stored)
 
 
-def test_late_result_is_ignored(clock: Clock) -> None:
-    """A canceller that does nothing: the hook is still over at the deadline,
-    and its later result changes nothing."""
-    late: Deferred[Any] = Deferred(lambda d: None)
+@pytest.mark.parametrize("with_canceller", [False, True])
+def test_late_result_is_ignored(clock: Clock, with_canceller: bool) -> None:
+    """The hook is over at the deadline, whatever its canceller does, and a
+    later result changes nothing (with a canceller that ignores the cancel,
+    Twisted raises AlreadyCalledError in the handler's own late callback)."""
+    late: Deferred[Any] = Deferred((lambda d: None) if with_canceller else None)
 
     class Late:
         def check_sender(self, envelope: Any) -> Any:
             return late
+
+        def handle_message(self, envelope: Any) -> None:
+            pass
 
     client = client_for(Late(), clock)
     greet(client)
     client.send(b"MAIL FROM:<s@example.org>\r\n")
     clock.advance(TIMEOUT)
     assert [R451] == client.replies()
-    late.callback(None)
+    if with_canceller:
+        with pytest.raises(AlreadyCalledError):
+            late.callback(None)
+    else:
+        late.callback(None)
     assert [] == client.replies()
+    # Not accepted: RCPT still needs MAIL.
+    assert client.command(b"RCPT TO:<b@example.net>")[0].startswith(b"503 ")
 
 
 def test_coroutine_is_cancelled(clock: Clock) -> None:
@@ -212,6 +223,9 @@ def test_coroutine_is_cancelled(clock: Clock) -> None:
             except (CancelledError, asyncio.CancelledError):
                 seen.append("cancelled")
                 raise
+
+        def handle_message(self, envelope: Any) -> None:
+            pass
 
     client = client_for(Async(), clock)
     greet(client)
@@ -228,6 +242,9 @@ def test_no_deadline_left_behind(clock: Clock) -> None:
     class Slow:
         def check_sender(self, envelope: Any) -> Any:
             return pending
+
+        def handle_message(self, envelope: Any) -> None:
+            pass
 
     client = client_for(Slow(), clock)
     greet(client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -53,7 +54,15 @@ def envelope(client: FakeClient, *recipients: str) -> list[bytes]:
 def data(client: FakeClient, body: bytes = BODY) -> list[bytes]:
     assert [b"354 End data with <CR><LF>.<CR><LF>"] == client.command(b"DATA")
     client.send(body + b".\r\n")
-    return client.replies()
+    return replies(client)
+
+
+def replies(client: FakeClient) -> list[bytes]:
+    """The replies, with the session's own message id shown as <id>."""
+    return [
+        re.sub(rb"queued as [0-9A-Z]+-\d+$", b"queued as <id>", line)
+        for line in client.replies()
+    ]
 
 
 @pytest.fixture
@@ -77,7 +86,8 @@ class TestGreeting:
     def test_ehlo_and_helo_are_refused(self, clock: Clock, verb: bytes) -> None:
         """RFC 2033 4.1: an LMTP server speaks LHLO only."""
         client = lmtp_client(MemoryHandler(), clock)
-        assert [b"500 5.5.1 This is an LMTP server: use LHLO"] == client.command(
+        # Before LHLO: no enhanced status codes (RFC 2034).
+        assert [b"500 This is an LMTP server: use LHLO"] == client.command(
             verb + b" relay.example"
         )
         # Not greeted: MAIL still needs LHLO.
@@ -88,6 +98,8 @@ class TestGreeting:
             SMTPFactory(MemoryHandler(), hostname="mx.test", reactor=clock)
         )
         client.replies()
+        assert [b"500 Command not recognized"] == client.command(b"LHLO x")
+        client.command(b"EHLO c.example")
         assert [b"500 5.5.2 Command not recognized"] == client.command(b"LHLO x")
 
 
@@ -111,7 +123,7 @@ class TestReplies:
         )
         assert rcpt[1] == b"550 5.1.1 No such user"
         assert [
-            b"250 2.0.0 <a@example.net> OK: delivered",
+            b"250 2.0.0 <a@example.net> OK: queued as <id>",
             b"452 4.2.2 Mailbox full",
             b"250 2.0.0 <c@example.net> OK: queued as Q9",
         ] == data(client)
@@ -156,25 +168,25 @@ class TestReplies:
             {"a@example.net": None, "b@example.net": SMTPError(450, "4.2.1", "Later")}
         )
         assert [
-            b"250 2.0.0 <a@example.net> OK: delivered",
+            b"250 2.0.0 <a@example.net> OK: queued as <id>",
             b"450 4.2.1 Later",
             b"250 2.0.0 OK",
-        ] == client.replies()
+        ] == replies(client)
 
     def test_bdat_last_gives_one_reply_each(self, clock: Clock) -> None:
         client = lmtp_client(Outcomes(None), clock)
         envelope(client, "a@example.net", "b@example.net")
         client.send(b"BDAT %d LAST\r\n%s" % (len(BODY), BODY))
         assert [
-            b"250 2.0.0 <a@example.net> OK: delivered",
-            b"250 2.0.0 <b@example.net> OK: delivered",
-        ] == client.replies()
+            b"250 2.0.0 <a@example.net> OK: queued as <id>",
+            b"250 2.0.0 <b@example.net> OK: queued as <id>",
+        ] == replies(client)
 
     def test_duplicate_recipient_gets_two_replies(self, clock: Clock) -> None:
         """Each accepted RCPT is answered, a repeated address too."""
         client = lmtp_client(Outcomes({"a@example.net": None}), clock)
         envelope(client, "a@example.net", "a@example.net")
-        assert [b"250 2.0.0 <a@example.net> OK: delivered"] * 2 == data(client)
+        assert [b"250 2.0.0 <a@example.net> OK: queued as <id>"] * 2 == data(client)
 
     def test_received_header_says_lmtp(self, clock: Clock) -> None:
         """RFC 3848: the protocol in the trace is LMTP."""
@@ -218,3 +230,63 @@ class TestSMTPFolding:
         }
         client = self.smtp(Outcomes(result), clock)
         assert [b"452 4.3.1 Full"] == data(client)
+
+
+class TestOptions:
+    """twistd smtpd --lmtp, --handler-timeout and --maildir templates."""
+
+    def test_lmtp_handler_timeout_and_template(
+        self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from twisted_smtpd.handlers import MaildirHandler
+        from twisted_smtpd.tap import build_factory
+
+        from .test_tap import parse
+
+        monkeypatch.chdir(tmp_path)
+        options = parse("--lmtp", "--handler-timeout", "7", "--maildir", "m/{local}")
+        factory = build_factory(options)
+        assert factory.lmtp and factory.protocol is LMTPServerProtocol
+        assert 7 == factory.limits.handler_timeout
+        handler = options["handler_object"]
+        assert isinstance(handler, MaildirHandler)
+        assert str(tmp_path / "m" / "bob") == handler.maildir_for("bob@example.net")
+        assert not (tmp_path / "m").exists()
+
+    def test_defaults(self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        from twisted_smtpd.tap import build_factory
+
+        from .test_tap import parse
+
+        monkeypatch.chdir(tmp_path)
+        factory = build_factory(parse())
+        assert not factory.lmtp and factory.protocol is not LMTPServerProtocol
+        assert 120 == factory.limits.handler_timeout
+
+    @pytest.mark.parametrize(
+        "args, error",
+        [
+            (
+                ["--handler-timeout", "soon"],
+                "--handler-timeout must be a whole number, not 'soon'",
+            ),
+            (["--handler-timeout", "-1"], "--handler-timeout must be at least 0"),
+            (
+                ["--maildir", "m/{user}"],
+                "cannot use --maildir: unknown placeholder {user}",
+            ),
+        ],
+    )
+    def test_bad_values_are_one_line(
+        self,
+        tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        args: list[str],
+        error: str,
+    ) -> None:
+        from .test_tap import parse_error
+
+        monkeypatch.chdir(tmp_path)
+        line = parse_error(capsys, *args)
+        assert error in line and 1 == len(line.strip().splitlines())

@@ -91,6 +91,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["auth-without-tls", None, "Offer AUTH on connections without TLS."],
         ["debug", None, "Log the SMTP dialogue (AUTH payloads masked)."],
         ["quiet", None, "No log line per session or accepted message."],
+        [
+            "lmtp",
+            None,
+            "Serve LMTP (RFC 2033) instead of SMTP: LHLO, one reply per recipient.",
+        ],
     ]
     optParameters = [
         ["hostname", None, None, "Name for the greeting and EHLO [default: FQDN]."],
@@ -120,6 +125,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-message-size", None, "33554432", "Largest message in bytes (SIZE)."],
         ["max-recipients", None, "100", "Recipients per message."],
         ["timeout", None, "300", "Idle timeout in seconds."],
+        [
+            "handler-timeout",
+            None,
+            "120",
+            "Seconds a handler hook may take before it is cancelled (451 4.3.0);"
+            " 0 = no limit.",
+        ],
         ["max-connections", None, "0", "Concurrent sessions (0 = no limit)."],
         ["max-connections-per-ip", None, "0", "Concurrent sessions per client IP."],
         [
@@ -200,6 +212,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             ),
             max_recipients=_positive_int("max-recipients", self["max-recipients"], 1),
             timeout=_positive_int("timeout", self["timeout"], 1),
+            handler_timeout=_positive_int("handler-timeout", self["handler-timeout"]),
             max_connections=_positive_int("max-connections", self["max-connections"]),
             max_connections_per_ip=_positive_int(
                 "max-connections-per-ip", self["max-connections-per-ip"]
@@ -642,6 +655,7 @@ def build_factory(config: Options) -> SMTPFactory:
         debug=bool(config["debug"]),
         quiet=bool(config["quiet"]),
         events=_metrics_events(config),
+        lmtp=bool(config["lmtp"]),
     )
 
 
