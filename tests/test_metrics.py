@@ -379,6 +379,42 @@ class TestDrain:
         assert [None] == stopped
         assert not site_listener.running
 
+    def test_drain_keeps_the_certificate_reloader(
+        self,
+        cwd: Path,
+        memory_reactor: MemoryReactorClock,
+        certificates: dict[str, Path],
+    ) -> None:
+        """A drain stops only the SMTP listeners: SIGHUP still reloads."""
+        before = signal.getsignal(signal.SIGHUP)
+        tls = ("--tls-cert", str(certificates["cert"]))
+        parent = self.start(*tls, "--tls-key", str(certificates["key"]))
+        try:
+            reloader = signal.getsignal(signal.SIGHUP)
+            assert before is not reloader
+            parent.drain()
+            assert reloader is signal.getsignal(signal.SIGHUP)
+        finally:
+            parent.stopService()
+
+    def test_stop_keeps_the_reloader_until_the_sessions_end(
+        self,
+        cwd: Path,
+        memory_reactor: MemoryReactorClock,
+        certificates: dict[str, Path],
+    ) -> None:
+        """During a graceful stop SIGHUP still reloads (its default would kill)."""
+        before = signal.getsignal(signal.SIGHUP)
+        tls = ("--tls-cert", str(certificates["cert"]))
+        parent = self.start(*tls, "--tls-key", str(certificates["key"]))
+        reloader = signal.getsignal(signal.SIGHUP)
+        client = connect(parent.factory)
+        client.replies()
+        parent.stopService()
+        assert reloader is signal.getsignal(signal.SIGHUP)
+        client.protocol.connectionLost(None)
+        assert before is signal.getsignal(signal.SIGHUP)
+
     def test_sigusr1_is_ours_while_running(
         self, cwd: Path, memory_reactor: MemoryReactorClock
     ) -> None:

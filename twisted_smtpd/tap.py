@@ -403,7 +403,10 @@ class SMTPService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if threading.current_thread() is threading.main_thread():
+        # Signals can only be set from the main thread; Windows has no SIGUSR1.
+        if threading.current_thread() is threading.main_thread() and hasattr(
+            signal, "SIGUSR1"
+        ):
             from twisted.internet import reactor
 
             def on_usr1(signum: int, frame: Any) -> None:
@@ -448,7 +451,9 @@ class SMTPService(service.MultiService):
                                 process.signalProcess(signal.SIGUSR1)
                             except ProcessExitedAlready:
                                 pass
-                elif child not in self.stop_after_drain:
+                elif getattr(child, "factory", None) is self.factory:
+                    # Only the SMTP listeners: the metrics site and the
+                    # SIGHUP reloader keep working while the server drains.
                     listeners.append(maybeDeferred(child.stopService))
             self._drained = gatherResults(listeners).addCallback(
                 lambda _: self.factory.shutdown(self.grace)
@@ -630,6 +635,8 @@ def makeService(config: Options) -> service.IService:
     if config.get("tls_contexts"):
         reloader = TLSReloadService(config["tls_contexts"])
         reloader.setServiceParent(parent)
+        # A SIGHUP during a graceful stop must reload, not kill the process.
+        parent.stop_after_drain.append(reloader)
     if config["worker_count"] > 1:
         from .workers import WorkerPool
 
