@@ -591,10 +591,17 @@ def _share_metrics_between_workers() -> None:
 
 
 def _add_metrics_site(config: Options, parent: SMTPService) -> None:
-    from .metrics import MetricsResource, PrometheusEvents, metrics_site
+    from .metrics import (
+        CertificateExpiry,
+        MetricsResource,
+        PrometheusEvents,
+        metrics_site,
+    )
 
     events = parent.factory.events
     assert isinstance(events, PrometheusEvents)  # build_factory made it
+    if config.get("tls_contexts"):
+        events.add_collector(CertificateExpiry(config["tls_contexts"]))
     resource = MetricsResource(events, ready=parent.ready, drain=parent.drain)
     listener = StreamServerEndpointService(
         config["metrics_endpoint"], metrics_site(resource)
