@@ -379,6 +379,54 @@ class TestDrain:
         assert [None] == stopped
         assert not site_listener.running
 
+    def test_drain_keeps_the_certificate_reloader(
+        self,
+        cwd: Path,
+        memory_reactor: MemoryReactorClock,
+        certificates: dict[str, Path],
+    ) -> None:
+        """A drain stops only the SMTP listeners: SIGHUP still reloads."""
+        before = signal.getsignal(signal.SIGHUP)
+        tls = ("--tls-cert", str(certificates["cert"]))
+        parent = self.start(*tls, "--tls-key", str(certificates["key"]))
+        try:
+            reloader = signal.getsignal(signal.SIGHUP)
+            assert before is not reloader
+            parent.drain()
+            assert reloader is signal.getsignal(signal.SIGHUP)
+        finally:
+            parent.stopService()
+
+    def test_stop_keeps_the_reloader_until_the_sessions_end(
+        self,
+        cwd: Path,
+        memory_reactor: MemoryReactorClock,
+        certificates: dict[str, Path],
+    ) -> None:
+        """During a graceful stop SIGHUP still reloads (its default would kill)."""
+        before = signal.getsignal(signal.SIGHUP)
+        tls = ("--tls-cert", str(certificates["cert"]))
+        parent = self.start(*tls, "--tls-key", str(certificates["key"]))
+        reloader = signal.getsignal(signal.SIGHUP)
+        client = connect(parent.factory)
+        client.replies()
+        parent.stopService()
+        assert reloader is signal.getsignal(signal.SIGHUP)
+        client.protocol.connectionLost(None)
+        assert before is signal.getsignal(signal.SIGHUP)
+
+    def test_sigusr1_is_ours_while_running(
+        self, cwd: Path, memory_reactor: MemoryReactorClock
+    ) -> None:
+        """Starting takes SIGUSR1 (the drain); stopping gives it back."""
+        before = signal.getsignal(signal.SIGUSR1)
+        parent = self.start()
+        try:
+            assert before is not signal.getsignal(signal.SIGUSR1)
+        finally:
+            parent.stopService()
+        assert before is signal.getsignal(signal.SIGUSR1)
+
     def test_stop_keeps_readyz_until_the_sessions_end(
         self, cwd: Path, memory_reactor: MemoryReactorClock
     ) -> None:
@@ -514,3 +562,62 @@ def test_drain_reaches_the_workers(twistd: Any) -> None:
     wait_until(lambda: sum("ended:" in line for line in list(lines)) == 2)
     ended = [line for line in lines if "ended:" in line]
     assert all("exit code 0" in line for line in ended), ended
+
+
+# -- --workers: one view over every process --------------------------------------
+
+MULTIPROCESS_CHILD = """
+import os
+import sys
+from twisted_smtpd.metrics import PrometheusEvents
+events = PrometheusEvents()
+for _ in range(int(sys.argv[1])):
+    events.session_started()
+    events.message_received("accepted", 100)
+events.reply_sent(250)
+print("counted", os.getpid(), flush=True)
+if sys.argv[2] == "stay":
+    sys.stdin.read()  # until the test closes stdin
+"""
+
+MULTIPROCESS_SCRAPE = """
+from prometheus_client import generate_latest
+from twisted_smtpd.metrics import PrometheusEvents
+print(generate_latest(PrometheusEvents().exposition_registry()).decode())
+"""
+
+
+def test_multiprocess_view(tmp_path: Path) -> None:
+    """Counts of every process add up; a dead one's open sessions drop out."""
+    import subprocess
+
+    from .helpers import twistd_env
+
+    env = {**twistd_env(), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+
+    def python(*args: str, **kwargs: Any) -> Any:
+        return subprocess.Popen(
+            [sys.executable, "-c", *args],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            **kwargs,
+        )
+
+    alive = python(MULTIPROCESS_CHILD, "2", "stay")
+    try:
+        assert alive.stdout.readline().startswith("counted")
+        gone = python(MULTIPROCESS_CHILD, "3", "exit")
+        gone.communicate(timeout=30)
+        scraper = python(MULTIPROCESS_SCRAPE)
+        text, _ = scraper.communicate(timeout=30)
+    finally:
+        alive.communicate(timeout=30)
+    samples = parse_exposition(text)
+    # The exited process had 3 sessions open: they are not open any more.
+    assert 2 == value(samples, "smtpd_sessions_open")
+    # Its counts stay in the totals: counters never go down.
+    assert 5 == value(samples, "smtpd_messages_total", outcome="accepted")
+    assert 500 == value(samples, "smtpd_received_bytes_total")
+    assert 2 == value(samples, "smtpd_replies_total", **{"class": "2xx"})

@@ -352,10 +352,10 @@ def test_client_certificate_in_envelope(listen, memory, certificates):
 
     # Twisted's trust store still takes pyOpenSSL certificates.
     ca = twisted_ssl.Certificate.loadPEM(certificates["ca"].read_bytes()).original
-    base = TLSPolicy.from_files(str(certificates["cert"]), str(certificates["key"]))
+    base = context_from_pem(str(certificates["cert"]), str(certificates["key"]))
     context = twisted_ssl.CertificateOptions(
-        privateKey=base.context_factory.privateKey,
-        certificate=base.context_factory.certificate,
+        privateKey=base.privateKey,
+        certificate=base.certificate,
         verify=True,
         caCerts=[ca],
         requireCertificate=False,
@@ -504,3 +504,62 @@ class TestALPN:
         finally:
             proc.terminate()
             proc.communicate(timeout=20)
+
+
+# Twisted's ssl: parser still hands pyOpenSSL objects to pyOpenSSL.
+@pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
+@pytest.mark.parametrize("how", ["twistd-sslmethod", "own-endpoint"])
+@pytest_twisted.inlineCallbacks
+def test_alpn_on_ssl_endpoints_left_to_twisted(memory, certificates, how):
+    """ssl: endpoints Twisted builds (sslmethod=, or your own serverFromString
+    passed through fix_ssl_endpoint) also complete an ALPN handshake."""
+    from twisted.internet import endpoints, reactor
+
+    from twisted_smtpd.tap import Options
+    from twisted_smtpd.tls import ServerTLSContext, fix_ssl_endpoint
+
+    cert, key = certificates["cert"], certificates["key"]
+    description = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    if how == "twistd-sslmethod":
+        options = Options()
+        options.parseOptions(
+            ["--handler", "twisted_smtpd.handlers.discard", "--port"]
+            + [description + ":sslmethod=TLS_METHOD"]
+        )
+        endpoint = options["endpoints"][0]
+        # Left to Twisted: its CertificateOptions, not our context.
+        assert not isinstance(endpoint._sslContextFactory, ServerTLSContext)
+    else:
+        endpoint = fix_ssl_endpoint(endpoints.serverFromString(reactor, description))
+    port = yield endpoint.listen(SMTPFactory(memory, hostname="mx.test"))
+
+    def client():
+        with smtplib.SMTP_SSL(
+            "127.0.0.1",
+            port.getHost().port,
+            timeout=10,
+            context=alpn_client_context(certificates),
+        ) as smtp:
+            smtp.sendmail("a@b.example", ["c@d.example"], b"alpn\r\n")
+
+    try:
+        yield threads.deferToThread(client)
+    finally:
+        yield port.stopListening()
+    assert [b"alpn\r\n"] == [e.content for e in memory.messages]
+
+
+def test_ssl_port_with_missing_key(tmp_path, certificates) -> None:
+    """An ssl: port whose key file is missing stops start-up with one line."""
+    missing = tmp_path / "missing.pem"
+    status, lines = twistd_start_error(
+        tmp_path,
+        "--port",
+        f"ssl:0:privateKey={missing}:certKey={certificates['cert']}",
+    )
+    assert 0 != status
+    assert [
+        f"twistd smtpd: error: bad --port 'ssl:0:privateKey={missing}:certKey="
+        f"{certificates['cert']}': cannot read TLS key '{missing}':"
+        " No such file or directory"
+    ] == lines

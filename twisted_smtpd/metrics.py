@@ -89,9 +89,10 @@ class PrometheusEvents(SessionEvents):
     Args:
         registry: where the collectors register in single-process mode;
             default a new private registry (so that several factories, or
-            tests, do not collide).  In multiprocess mode (C{$MULTIPROC_ENV}
-            set before prometheus-client was imported) values go to that
-            directory's files and L{exposition_registry} merges them.
+            tests, do not collide).  In multiprocess mode
+            (C{PROMETHEUS_MULTIPROC_DIR} set before prometheus-client was
+            imported) values go to that directory's files and
+            L{exposition_registry} merges them.
     """
 
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
