@@ -88,6 +88,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["workers", None, "1", "Processes sharing the listening ports."],
         ["tls-cert", None, None, "PEM certificate (chain) for STARTTLS."],
         ["tls-key", None, None, "PEM private key for STARTTLS."],
+        ["web", None, None, "Mail catcher UI + Mailpit API on ENDPOINT (loopback)."],
+        ["web-auth", None, None, "Password file (user:password) for the catcher."],
+        ["web-mailboxes", None, "recipient", "recipient, domain, auth or DOTTED.NAME."],
+        ["web-relay", None, None, "HOST:PORT the catcher releases messages to."],
     ]
     compData = usage.Completions(
         optActions={
@@ -152,6 +156,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                         f"--workers can share tcp: and ssl: ports, not {description!r}"
                     )
         self["handler_object"] = self._handler()
+        self["web_service"] = None
+        if self["web"]:
+            from .web import configure_web
+
+            self["handler_object"], self["web_service"] = configure_web(
+                self, self["handler_object"]
+            )
         self["tls_policy"] = self._tls()
         self["auth_policy"] = self._auth()
 
@@ -294,6 +305,8 @@ def makeService(config: Options) -> service.IService:
     """One L{SMTPFactory}, one listening service per C{--port}, and workers."""
     factory = build_factory(config)
     parent = SMTPService(factory, config["grace"])
+    if config.get("web_service") is not None:
+        config["web_service"].setServiceParent(parent)  # first: its index opens first
     listeners = []
     for endpoint in config["endpoints"]:
         listener = StreamServerEndpointService(endpoint, factory)
