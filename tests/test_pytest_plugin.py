@@ -334,7 +334,7 @@ def test_delay(smtpd):
         client.ehlo()
         started = time.monotonic()
         assert client.mail("a@x.test")[0] == 250
-        assert time.monotonic() - started >= 0.5
+        assert time.monotonic() - started >= 0.49
 
 def test_disconnect_at_rcpt(smtpd):
     smtpd.disconnect("rcpt")
@@ -347,16 +347,17 @@ def test_disconnect_after_the_dot(smtpd):
     with pytest.raises(smtplib.SMTPServerDisconnected):
         send(smtpd)
     assert smtpd.messages == []
-    assert smtpd.transcript.rstrip().splitlines()[-2:] == [
-        "C: .", "* connection dropped: fault rule at data"]
+    lines = smtpd.transcript.splitlines()
+    after_the_dot = lines[lines.index("C: .") + 1]
+    assert after_the_dot == "* connection dropped: fault rule at data"
 
 def test_throttle(smtpd):
-    smtpd.throttle(2000)
+    smtpd.throttle(1000)  # the ~1150 bytes the client sends take over 1 s
     started = time.monotonic()
     with smtplib.SMTP(smtpd.host, smtpd.port) as client:
         body = b"Subject: slow\\r\\n\\r\\n" + b"x" * 1000
         client.sendmail("a@x.test", ["b@x.test"], body)
-    assert time.monotonic() - started >= 0.5
+    assert time.monotonic() - started >= 0.9
     assert smtpd.wait_for(1)[0].get_content().startswith("x" * 1000)
 """
 

@@ -304,6 +304,17 @@ def test_throttle_paces_input_and_pauses_reading(server, wire, clock):
     assert wire.command(b"NOOP") == [b"250 OK"]
 
 
+def test_throttle_holds_the_rate_across_separate_reads(server, wire, clock):
+    server.throttle(100)
+    clock.advance(10)
+    wire.send(b"NOOP\r\nNOOP")  # 10 bytes: the budget of one tick, at once
+    assert wire.replies() == [b"250 OK"]
+    wire.send(b"\r\n")  # the buffer was empty, yet the rate holds
+    assert wire.replies() == []
+    clock.advance(0.1)
+    assert wire.replies() == [b"250 OK"]
+
+
 def test_throttle_lets_the_starttls_reply_out_before_the_handshake(clock):
     server = SMTPTestServer(clock, tls="starttls")
     from twisted_smtpd.testing import TLSStringTransport

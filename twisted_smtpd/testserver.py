@@ -373,6 +373,8 @@ class _RecordingProtocol(ProtocolWrapper):
         self._in = bytearray()  # throttled input waiting
         self._out_call: Any = None
         self._in_call: Any = None
+        self._out_ready = 0.0  # reactor time the next throttled chunk may go
+        self._in_ready = 0.0
         self._close_after_output = False
         self._paused_by_protocol = False
         self._transport_paused = False
@@ -391,31 +393,53 @@ class _RecordingProtocol(ProtocolWrapper):
         if self.record is not None:
             self._server._record(self.record, "* " + text)
 
+    # Throttling: each direction moves a tick's worth of bytes at a time, and
+    # the next chunk waits until the bytes sent so far fit the rate (over the
+    # whole session, not only while a buffer is full).
+    def _take(self, buffer: bytearray) -> bytes:
+        rate = self._server.throttle_rate
+        size = max(1, int(rate * _TICK)) if rate else len(buffer)
+        chunk = bytes(buffer[:size])
+        del buffer[:size]
+        return chunk
+
+    def _next_ready(self, ready: float, size: int) -> float:
+        rate = self._server.throttle_rate
+        if not rate:
+            return 0.0
+        return max(self._reactor.seconds(), ready) + size / rate
+
     # server -> client
     def write(self, data: bytes) -> None:
         if self.dropped or not data:
             return
         self._server._record_bytes(self._replies, data)
-        rate = self._server.throttle_rate
-        if rate or self._out:
+        if self._server.throttle_rate or self._out:
             self._out += data
-            if self._out_call is None:
-                self._pump_out()
+            self._schedule_out()
         else:
             self.transport.write(data)
 
     def writeSequence(self, data: Any) -> None:
         self.write(b"".join(data))
 
+    def _schedule_out(self) -> None:
+        if self._out_call is not None or not self._out or self.dropped:
+            return
+        wait = self._out_ready - self._reactor.seconds()
+        if wait > 0:
+            self._out_call = self._reactor.callLater(wait, self._pump_out)
+        else:
+            self._pump_out()
+
     def _pump_out(self) -> None:
         self._out_call = None
-        rate = self._server.throttle_rate
-        size = max(1, int(rate * _TICK)) if rate else len(self._out)
-        chunk, self._out[:size] = bytes(self._out[:size]), b""
+        chunk = self._take(self._out)
         if chunk:
+            self._out_ready = self._next_ready(self._out_ready, len(chunk))
             self.transport.write(chunk)
         if self._out:
-            self._out_call = self._reactor.callLater(_TICK, self._pump_out)
+            self._schedule_out()
         elif self._close_after_output:
             self.transport.loseConnection()
 
@@ -450,8 +474,7 @@ class _RecordingProtocol(ProtocolWrapper):
         if self._server.throttle_rate or self._in:
             self._in += data
             self._update_pause()
-            if self._in_call is None and not self._paused_by_protocol:
-                self._pump_in()
+            self._schedule_in()
             return
         self._deliver(data)
 
@@ -459,18 +482,31 @@ class _RecordingProtocol(ProtocolWrapper):
         self._server._record_bytes(self._client, data)
         self.wrappedProtocol.dataReceived(data)
 
+    def _schedule_in(self) -> None:
+        if (
+            self._in_call is not None
+            or not self._in
+            or self._paused_by_protocol
+            or self.dropped
+            or self.wrappedProtocol is None
+        ):
+            return
+        wait = self._in_ready - self._reactor.seconds()
+        if wait > 0:
+            self._in_call = self._reactor.callLater(wait, self._pump_in)
+        else:
+            self._pump_in()
+
     def _pump_in(self) -> None:
         self._in_call = None
         if self.dropped or self._paused_by_protocol or self.wrappedProtocol is None:
             return
-        rate = self._server.throttle_rate
-        size = max(1, int(rate * _TICK)) if rate else len(self._in)
-        chunk, self._in[:size] = bytes(self._in[:size]), b""
-        if self._in:
-            self._in_call = self._reactor.callLater(_TICK, self._pump_in)
+        chunk = self._take(self._in)
+        self._in_ready = self._next_ready(self._in_ready, len(chunk))
         self._update_pause()
         if chunk:
             self._deliver(chunk)
+        self._schedule_in()
 
     def pauseProducing(self) -> None:
         self._paused_by_protocol = True
@@ -482,8 +518,7 @@ class _RecordingProtocol(ProtocolWrapper):
     def resumeProducing(self) -> None:
         self._paused_by_protocol = False
         self._update_pause()
-        if self._in and self._in_call is None:
-            self._in_call = self._reactor.callLater(_TICK, self._pump_in)
+        self._schedule_in()
 
     def _update_pause(self) -> None:
         # Read nothing more from the socket while throttled input waits.
