@@ -370,8 +370,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["tls_contexts"].append(context)
         elif self["tls_contexts"] and "extraCertChain" not in kwargs:
             context = self["tls_contexts"][0]
-        else:
+        elif "extraCertChain" in kwargs:
             return None
+        elif os.path.exists("server.pem"):
+            # Twisted's default: key and certificate in ./server.pem.
+            context = ServerTLSContext([("server.pem", "server.pem")], None)
+            self["tls_contexts"].append(context)
+        else:
+            raise ValueError(
+                "ssl: needs privateKey= and certKey=, or --tls-cert and --tls-key"
+            )
         return endpoints.SSL4ServerEndpoint(
             reactor,
             int(port),
@@ -534,15 +542,19 @@ class TLSReloadService(service.Service):
         from twisted.internet import reactor
 
         super().startService()
-        self._previous = signal.signal(
-            signal.SIGHUP,
-            lambda *_: reactor.callFromThread(self._hangup),  # type: ignore[attr-defined]
-        )
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(
+                signal.SIGHUP,
+                lambda *_: reactor.callFromThread(self._hangup),  # type: ignore[attr-defined]
+            )
 
     def _hangup(self) -> None:
         for process, worker in getattr(self.workers, "workers", []):
             if not worker.ended.called:
-                process.signalProcess("HUP")
+                try:
+                    process.signalProcess("HUP")
+                except ProcessExitedAlready:
+                    pass
         self.reload()
 
     def stopService(self) -> None:
@@ -602,10 +614,17 @@ def _share_metrics_between_workers() -> None:
 
 
 def _add_metrics_site(config: Options, parent: SMTPService) -> None:
-    from .metrics import MetricsResource, PrometheusEvents, metrics_site
+    from .metrics import (
+        CertificateExpiry,
+        MetricsResource,
+        PrometheusEvents,
+        metrics_site,
+    )
 
     events = parent.factory.events
     assert isinstance(events, PrometheusEvents)  # build_factory made it
+    if config.get("tls_contexts"):
+        events.add_collector(CertificateExpiry(config["tls_contexts"]))
     resource = MetricsResource(events, ready=parent.ready, drain=parent.drain)
     listener = StreamServerEndpointService(
         config["metrics_endpoint"], metrics_site(resource)
@@ -650,7 +669,7 @@ def makeService(config: Options) -> service.IService:
     if config.get("tls_contexts"):
         reloader = TLSReloadService(config["tls_contexts"])
         reloader.setServiceParent(parent)
-        # A SIGHUP during a graceful stop must reload, not kill the process.
+        # A SIGHUP during a drain or a graceful stop must reload, not kill.
         parent.stop_after_drain.append(reloader)
     if config["worker_count"] > 1:
         from .workers import WorkerPool
