@@ -201,11 +201,11 @@ def test_message_appears_live_renders_sandboxed_search_and_delete(catcher, page)
     _wait(driver, lambda d: len(_subjects(d)) == 2)
 
     # Delete the open message: gone from the list and from the API.
+    driver.find_element("id", "close-message").click()
+    assert not driver.find_element("id", "viewer").is_displayed()
     driver.find_element("css selector", "#messages .message:last-child").click()
-    _wait(
-        driver,
-        lambda d: d.find_element("id", "message-subject").text == "Welcome aboard",
-    )
+    _wait(driver, lambda d: d.find_element("id", "viewer").is_displayed())
+    assert driver.find_element("id", "message-subject").text == "Welcome aboard"
     driver.find_element("id", "delete-message").click()
     _wait(driver, lambda d: _subjects(d) == ["Quarterly report"])
     assert not driver.find_element("id", "viewer").is_displayed()

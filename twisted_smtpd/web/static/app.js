@@ -114,8 +114,11 @@
   }
 
   // -- one message -------------------------------------------------------------
+  let opening = 0; // a message closed or deleted while it loads stays closed
   async function openMessage(id) {
+    const token = ++opening;
     const m = await api("GET", `/api/v1/message/${encodeURIComponent(id)}`);
+    if (token !== opening) return;
     state.selected = m.ID;
     for (const item of document.querySelectorAll(".message")) {
       item.classList.toggle("selected", item.dataset.id === m.ID);
@@ -188,6 +191,7 @@
   }
 
   function closeMessage() {
+    opening++;
     state.selected = null;
     $("viewer").hidden = true;
     $("html-frame").src = "about:blank";
