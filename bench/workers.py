@@ -88,6 +88,8 @@ def run(workers: int, args: argparse.Namespace) -> dict:
             "msgs_per_s": args.messages / elapsed,
             "server_cpu_share": server_cpu / elapsed,
             "msgs_per_cpu_s": args.messages / server_cpu,
+            # flat when scaling is free: the same CPU per message in 1 or N
+            "cpu_us_per_msg": 1e6 * server_cpu / args.messages,
             "errors": client.stderr.decode()[-200:],
         }
     finally:
@@ -108,12 +110,14 @@ def main() -> None:
             f"workers={r['workers']}: {r['msgs_per_s']:,.0f} msgs/s,"
             f" server CPU {r['server_cpu_share']:.2f} cores,"
             f" {r['msgs_per_cpu_s']:,.0f} msgs/CPU-s,"
+            f" {r['cpu_us_per_msg']:.0f} µs CPU/msg,"
             f" CPU-s per process {r['cpu_per_process']} {r['errors']}"
         )
     one, two = results
     print(
         f"2 workers / 1 worker: {two['msgs_per_s'] / one['msgs_per_s']:.2f}x msgs/s,"
-        f" {two['msgs_per_cpu_s'] / one['msgs_per_cpu_s']:.2f}x per server CPU-s"
+        f" {two['msgs_per_cpu_s'] / one['msgs_per_cpu_s']:.2f}x per server CPU-s,"
+        f" CPU/msg {one['cpu_us_per_msg']:.0f} -> {two['cpu_us_per_msg']:.0f} µs"
         f" (cores the server got: {two['server_cpu_share']:.2f})"
     )
 

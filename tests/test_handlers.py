@@ -10,6 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
+import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from twisted_smtpd import SMTPFactory, handlers
+from twisted_smtpd import SMTPError, SMTPFactory, handlers
 from twisted_smtpd._session import Envelope
 from twisted_smtpd.handlers import (
     DiscardHandler,
@@ -51,10 +54,16 @@ def make_envelope(mail_from: str = "a@example.org") -> Envelope:
     return envelope
 
 
-class FakeThreads:
-    """A reactor and its thread pool: jobs wait in C{jobs} until run."""
+class FakeThreads(Clock):
+    """A reactor and its thread pool: jobs wait in C{jobs} until run.
+
+    Its clock moves only on C{advance()}; C{callWhenRunning} calls wait in
+    C{when_running} until C{start()}.
+    """
 
     def __init__(self) -> None:
+        super().__init__()
+        self.when_running: list[Any] = []
         self.jobs: list[tuple[Any, Any, tuple[Any, ...]]] = []
         self.ran: list[str] = []
         self._deferreds: list[Deferred[Any]] = []
@@ -62,6 +71,15 @@ class FakeThreads:
     # the reactor
     def getThreadPool(self) -> FakeThreads:
         return self
+
+    def callWhenRunning(self, f: Any, *args: Any) -> None:
+        self.when_running.append((f, args))
+
+    def start(self) -> None:
+        """Run what waits for the reactor to start, as reactor.run() would."""
+        waiting, self.when_running = self.when_running, []
+        for f, args in waiting:
+            f(*args)
 
     def callFromThread(self, f: Any, *args: Any) -> None:
         owner = getattr(f, "__self__", None)
@@ -116,27 +134,39 @@ class FakeProducer:
 
 
 class FullDisk:
-    """C{open} for handlers.py: each file takes C{room} bytes, then ENOSPC."""
+    """C{open} for handlers.py: each file takes C{room} bytes, then ENOSPC.
+
+    Writes are short when the room runs out, as write(2)'s are.  With
+    C{close_fails}, close() releases the file and then raises ENOSPC, as a
+    buffered file's close() does when its flush is refused again.
+    """
 
     def __init__(self) -> None:
         self.room = 10**9
+        self.close_fails = False
         self.files: list[Any] = []
 
-    def __call__(self, path: str, mode: str) -> Any:
-        file = open(path, mode)
+    def __call__(self, path: str, mode: str, buffering: int = -1) -> Any:
+        file = open(path, mode, buffering=0)
         self.files.append(file)
-        return _LimitedFile(file, self.room)
+        return _LimitedFile(file, self)
 
 
 class _LimitedFile:
-    def __init__(self, file: Any, room: int) -> None:
+    def __init__(self, file: Any, disk: FullDisk) -> None:
         self._file = file
-        self._room = room
+        self._disk = disk
 
     def write(self, data: bytes) -> int:
-        if self._file.tell() + len(data) > self._room:
+        room = self._disk.room - self._file.tell()
+        if room <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self._file.write(data)
+        return self._file.write(data[:room])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._disk.close_fails:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._file, name)
@@ -186,6 +216,13 @@ def break_subdirectory(handler: MaildirHandler, sub: str) -> None:
     path = os.path.join(handler.path, sub)
     os.rmdir(path)
     Path(path).write_bytes(b"")
+
+
+def refusal(failure: Any) -> tuple[int, str, type]:
+    """(code, enhanced code, cause) of a Maildir refusal: an SMTPError."""
+    assert isinstance(failure, Failure) and failure.check(SMTPError), failure
+    reply = failure.value.reply
+    return reply.code, reply.enhanced, type(failure.value.__cause__)
 
 
 def results(deferred: Deferred[Any]) -> list[Any]:
@@ -543,7 +580,7 @@ class TestMaildirFailures:
         seen = results(receiver.finish())
         threads.run_all()
         assert 1 == len(seen)
-        assert seen[0].check(NotADirectoryError)
+        assert (451, "4.3.0", NotADirectoryError) == refusal(seen[0])
         assert [] == os.listdir(os.path.join(maildir.path, "new"))
 
     def test_tmp_not_a_directory_while_spooling(
@@ -557,7 +594,7 @@ class TestMaildirFailures:
         receiver.write(b"y" * 100)
         seen = results(receiver.finish())
         threads.run_all()
-        assert seen[0].check(NotADirectoryError)
+        assert (451, "4.3.0", NotADirectoryError) == refusal(seen[0])
         assert ["_write_blocking"] == threads.ran[:1]
         assert "_commit_blocking" not in threads.ran
         assert [] == os.listdir(os.path.join(maildir.path, "new"))
@@ -569,7 +606,7 @@ class TestMaildirFailures:
         receiver.write(b"x\r\n")
         seen = results(receiver.finish())
         threads.run_all()
-        assert seen[0].check(NotADirectoryError)
+        assert (451, "4.3.0", NotADirectoryError) == refusal(seen[0])
         assert ["_commit_blocking", "_discard_blocking"] == threads.ran
         assert ([], []) == (
             os.listdir(os.path.join(maildir.path, "tmp")),
@@ -592,8 +629,8 @@ class TestMaildirFailures:
         receiver.write(b"z" * 300)
         seen = results(receiver.finish())
         threads.run_all()
-        assert seen[0].check(OSError)
-        assert errno.ENOSPC == seen[0].value.errno
+        assert (452, "4.3.1", OSError) == refusal(seen[0])
+        assert errno.ENOSPC == seen[0].value.__cause__.errno
         assert (empty(), []) == (listing(maildir), threads.unhandled())
 
     def test_cleanup_after_failure_is_quiet(
@@ -640,6 +677,404 @@ class TestMaildirFailures:
         receiver.write(b"x" * 300)
         threads.run_all()
         assert ["pause", "resume"] == producer.calls
+
+
+@pytest.fixture
+def logged() -> Any:
+    """The log events emitted during the test."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def lines(events: list[dict[str, Any]], text: str) -> list[str]:
+    """The formatted log lines containing C{text}."""
+    from twisted.logger import formatEvent
+
+    return [line for line in map(formatEvent, events) if text in line]
+
+
+def fail_directory_fsync(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """os.fsync fails with EIO on directories; returns the fds it refused."""
+    real_fsync = os.fsync
+    refused: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            refused.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return refused
+
+
+def fail_file_fsync(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """os.fsync fails with EIO on regular files; returns the fds it refused."""
+    real_fsync = os.fsync
+    refused: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            refused.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return refused
+
+
+def deliver(handler: MaildirHandler, threads: FakeThreads, body: bytes) -> Any:
+    """One message through C{handler}: the result of finish()."""
+    receiver = handler.open_message(make_envelope())
+    receiver.write(body)
+    seen = results(receiver.finish())
+    threads.run_all()
+    assert 1 == len(seen)
+    return seen[0]
+
+
+class TestMaildirFullDisk:
+    def test_cleanup_survives_a_failing_close(
+        self,
+        maildir: MaildirHandler,
+        threads: FakeThreads,
+        full_disk: FullDisk,
+    ) -> None:
+        """A refused message leaves no file in tmp/ even when close() raises too.
+
+        Before: the clean-up's close() raised ENOSPC again and the unlink
+        never ran, so every refusal left an empty file (and took an inode).
+        """
+        full_disk.room = 0
+        full_disk.close_fails = True
+        for _ in range(3):
+            assert (452, "4.3.1", OSError) == refusal(
+                deliver(maildir, threads, b"x" * 100)
+            )
+        assert (empty(), []) == (listing(maildir), threads.unhandled())
+        assert all(file.closed for file in full_disk.files)
+        full_disk.room = 10**9
+        full_disk.close_fails = False
+        name = deliver(maildir, threads, b"back\r\n")
+        assert {"tmp": [], "new": [name], "cur": []} == listing(maildir)
+
+    def test_abort_survives_a_failing_close(
+        self,
+        maildir: MaildirHandler,
+        threads: FakeThreads,
+        full_disk: FullDisk,
+    ) -> None:
+        """abort() after a refused spool write unlinks although close() raises."""
+        full_disk.room = 100
+        full_disk.close_fails = True
+        spooling(maildir, threshold=64)
+        receiver = maildir.open_message(make_envelope())
+        receiver.write(b"x" * 300)
+        threads.run_all()
+        receiver.abort()
+        threads.run_all()
+        assert empty() == listing(maildir)
+
+    def test_the_reply_waits_for_the_cleanup(
+        self,
+        maildir: MaildirHandler,
+        threads: FakeThreads,
+        full_disk: FullDisk,
+    ) -> None:
+        """finish() fails only after tmp/ is clean, so a retry finds room."""
+        full_disk.room = 10
+        receiver = maildir.open_message(make_envelope())
+        seen = results(receiver.finish())
+        threads.run_one()  # the commit fails
+        assert ([], 1) == (seen, len(listing(maildir)["tmp"]))
+        threads.run_one()  # the clean-up
+        assert (452, "4.3.1", OSError) == refusal(seen[0])
+        assert empty() == listing(maildir)
+
+    def test_one_line_per_refusal_rate_limited(
+        self,
+        maildir: MaildirHandler,
+        threads: FakeThreads,
+        full_disk: FullDisk,
+        logged: list[dict[str, Any]],
+    ) -> None:
+        """A full disk logs one line with the errno per log_interval, no traceback."""
+        full_disk.room = 0
+        for _ in range(5):
+            refusal(deliver(maildir, threads, b"x"))
+        threads.advance(maildir.log_interval)
+        refusal(deliver(maildir, threads, b"x"))
+        refused = lines(logged, "refused a message")
+        assert [
+            f"smtpd: Maildir {maildir.path} refused a message:"
+            " ENOSPC (No space left on device)",
+            f"smtpd: Maildir {maildir.path} refused a message:"
+            " ENOSPC (No space left on device) (4 more since the last report)",
+        ] == refused
+        assert [] == [event for event in logged if "log_failure" in event]
+
+    def test_through_the_protocol(
+        self,
+        maildir: MaildirHandler,
+        threads: FakeThreads,
+        full_disk: FullDisk,
+        client_for: Any,
+        logged: list[dict[str, Any]],
+    ) -> None:
+        """The client gets 452 4.3.1, the session goes on, no traceback is logged."""
+        full_disk.room = 0
+        client = client_for(maildir)
+        send_message(client, b"x\r\n.\r\n")
+        threads.run_all()
+        assert [b"452 4.3.1 Insufficient system storage"] == client.replies()
+        assert [] == [event for event in logged if "log_failure" in event]
+        full_disk.room = 10**9
+        send_message(client, b"y\r\n.\r\n")
+        threads.run_all()
+        (name,) = listing(maildir)["new"]
+        assert [f"250 2.0.0 OK: queued as {name}".encode()] == client.replies()
+
+    def test_errors_we_do_not_understand_keep_their_traceback(
+        self,
+        maildir: MaildirHandler,
+        threads: FakeThreads,
+        monkeypatch: pytest.MonkeyPatch,
+        client_for: Any,
+        logged: list[dict[str, Any]],
+    ) -> None:
+        """A bug (not a disk error) is answered 451 and logged with its traceback."""
+
+        def broken(path: str, mode: str, buffering: int = -1) -> Any:
+            raise ZeroDivisionError("a bug")
+
+        monkeypatch.setattr(handlers, "open", broken, raising=False)
+        client = client_for(maildir)
+        send_message(client, b"x\r\n.\r\n")
+        threads.run_all()
+        assert [b"451 4.3.0 Requested action aborted: local error"] == client.replies()
+        failures = [event["log_failure"] for event in logged if "log_failure" in event]
+        assert 1 == len(failures) and failures[0].check(ZeroDivisionError)
+        assert [] == lines(logged, "refused a message")
+
+
+class TestMaildirFsyncFailures:
+    def test_failed_directory_fsync_still_answers_250(
+        self,
+        tmp_path: Path,
+        threads: FakeThreads,
+        monkeypatch: pytest.MonkeyPatch,
+        logged: list[dict[str, Any]],
+    ) -> None:
+        """The rename commits: a failed fsync of new/ is logged, not refused.
+
+        Before: 451 for a message already in new/, so every retry stored
+        one more copy.
+        """
+        handler = MaildirHandler(str(tmp_path / "M"), reactor=threads)
+        refused = fail_directory_fsync(monkeypatch)
+        name = deliver(handler, threads, b"stored\r\n")
+        assert isinstance(name, str) and 1 == len(refused)
+        assert {"tmp": [], "new": [name], "cur": []} == listing(handler)
+        (line,) = lines(logged, "fsync of new/ failed")
+        assert name in line and "EIO" in line and "answered 250" in line
+
+    def test_failed_directory_fsync_through_the_protocol(
+        self,
+        tmp_path: Path,
+        threads: FakeThreads,
+        monkeypatch: pytest.MonkeyPatch,
+        client_for: Any,
+    ) -> None:
+        """Three messages, three 250s, three files: no duplicate from a retry."""
+        handler = MaildirHandler(str(tmp_path / "M"), reactor=threads)
+        fail_directory_fsync(monkeypatch)
+        client = client_for(handler)
+        replies = []
+        for n in range(3):
+            send_message(client, f"n={n}\r\n.\r\n".encode())
+            threads.run_all()
+            replies.extend(client.replies())
+        names = listing(handler)["new"]
+        assert 3 == len(names)
+        assert sorted(f"250 2.0.0 OK: queued as {n}".encode() for n in names) == sorted(
+            replies
+        )
+
+    def test_failed_file_fsync_is_refused_and_cleaned(
+        self,
+        tmp_path: Path,
+        threads: FakeThreads,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Before the rename nothing is committed: 451, and tmp/ is cleaned."""
+        handler = MaildirHandler(str(tmp_path / "M"), reactor=threads)
+        refused = fail_file_fsync(monkeypatch)
+        assert (451, "4.3.0", OSError) == refusal(deliver(handler, threads, b"x"))
+        assert 1 == len(refused)
+        assert empty() == listing(handler)
+
+    @pytest_twisted.inlineCallbacks
+    def test_real_threads(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+        """In the reactor's own thread pool: 250 after a failed fsync of new/."""
+        handler = MaildirHandler(str(tmp_path / "M"))
+        refused = fail_directory_fsync(monkeypatch)
+        receiver = handler.open_message(make_envelope())
+        receiver.write(b"threaded\r\n")
+        name = yield receiver.finish()
+        assert 1 == len(refused)
+        assert {"tmp": [], "new": [name], "cur": []} == listing(handler)
+        fail_file_fsync(monkeypatch)
+        receiver = handler.open_message(make_envelope())
+        receiver.write(b"refused\r\n")
+        with pytest.raises(SMTPError):
+            yield receiver.finish()
+        assert {"tmp": [], "new": [name], "cur": []} == listing(handler)
+
+
+class TestMaildirRecreated:
+    @pytest.mark.parametrize("removed", ["Maildir", "tmp", "new"])
+    def test_missing_directories_are_made_again(
+        self,
+        maildir: MaildirHandler,
+        threads: FakeThreads,
+        logged: list[dict[str, Any]],
+        removed: str,
+    ) -> None:
+        """A deleted Maildir (or tmp/ or new/) is created again on delivery.
+
+        Before: 451 for every message until someone made it by hand.
+        """
+        shutil.rmtree(
+            maildir.path
+            if removed == "Maildir"
+            else os.path.join(maildir.path, removed)
+        )
+        name = deliver(maildir, threads, b"x\r\n")
+        assert isinstance(name, str), name
+        assert {"tmp": [], "new": [name], "cur": []} == listing(maildir)
+        assert 1 == len(lines(logged, "created again"))
+
+    def test_maildir_removed_mid_message(
+        self, maildir: MaildirHandler, threads: FakeThreads
+    ) -> None:
+        """A Maildir removed with our tmp/ file in it: 451, then the retry is 250."""
+        spooling(maildir, threshold=64)
+        receiver = maildir.open_message(make_envelope())
+        receiver.write(b"x" * 100)
+        threads.run_all()
+        shutil.rmtree(maildir.path)
+        seen = results(receiver.finish())
+        threads.run_all()
+        assert (451, "4.3.0", FileNotFoundError) == refusal(seen[0])
+        name = deliver(maildir, threads, b"again\r\n")
+        assert {"tmp": [], "new": [name], "cur": []} == listing(maildir)
+
+
+class TestMaildirSweep:
+    def make_stale(self, maildir: MaildirHandler, name: str) -> Path:
+        path = Path(maildir.path, "tmp", name)
+        path.write_bytes(b"left by a killed process")
+        return path
+
+    def later(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+        """Move the wall clock the sweep reads C{seconds} ahead."""
+        now = time.time()
+        monkeypatch.setattr(handlers.time, "time", lambda: now + seconds)
+
+    def test_at_start_up_and_periodically(
+        self,
+        maildir: MaildirHandler,
+        threads: FakeThreads,
+        monkeypatch: pytest.MonkeyPatch,
+        logged: list[dict[str, Any]],
+    ) -> None:
+        """Once the reactor runs tmp/ is swept, then every sweep_interval.
+
+        Before: leftovers of a SIGKILL stayed in tmp/ for ever.
+        """
+        self.make_stale(maildir, "old")
+        self.later(monkeypatch, maildir.stale_tmp_age + 60)
+        assert [] == threads.jobs  # not while twistd may still daemonise
+        threads.start()
+        assert ["_sweep_blocking"] == [f.__name__ for _, f, _ in threads.jobs]
+        threads.run_all()
+        assert empty() == listing(maildir)
+        assert 1 == len(lines(logged, "removed 1 stale files from"))
+        self.make_stale(maildir, "older")
+        threads.advance(maildir.sweep_interval - 1)
+        assert [] == threads.jobs
+        threads.advance(1)
+        threads.run_all()
+        assert empty() == listing(maildir)
+        maildir.stop_sweeping()
+        threads.advance(maildir.sweep_interval)
+        assert [] == threads.jobs
+
+    def test_recent_and_other_files_are_kept(
+        self,
+        maildir: MaildirHandler,
+        threads: FakeThreads,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Only regular files untouched for stale_tmp_age go; in-flight ones stay."""
+        self.make_stale(maildir, "stale")
+        touched = self.make_stale(maildir, "touched")
+        os.mkdir(os.path.join(maildir.path, "tmp", "a-directory"))
+        in_new = Path(maildir.path, "new", "delivered")
+        in_new.write_bytes(b"mail")
+        future = time.time() + maildir.stale_tmp_age
+        os.utime(touched, (future, future))
+        self.later(monkeypatch, maildir.stale_tmp_age + 60)
+        removed = results(maildir.sweep())
+        threads.run_all()
+        assert [["stale"]] == removed
+        assert ["a-directory", "touched"] == listing(maildir)["tmp"]
+        assert in_new.exists()
+
+    def test_a_message_in_flight_survives(
+        self, maildir: MaildirHandler, threads: FakeThreads
+    ) -> None:
+        """A sweep while a big message is being spooled leaves it alone."""
+        spooling(maildir, threshold=64)
+        receiver = maildir.open_message(make_envelope())
+        receiver.write(b"x" * 100)
+        threads.run_all()
+        removed = results(maildir.sweep())
+        threads.run_all()
+        assert [[]] == removed
+        name = results(receiver.finish())
+        threads.run_all()
+        assert {"tmp": [], "new": name, "cur": []} == listing(maildir)
+
+    def test_a_failing_sweep_keeps_sweeping(
+        self,
+        maildir: MaildirHandler,
+        threads: FakeThreads,
+        logged: list[dict[str, Any]],
+    ) -> None:
+        """tmp/ unreadable: one line, and the next sweep still runs."""
+        break_subdirectory(maildir, "tmp")
+        threads.start()
+        threads.run_all()
+        (line,) = lines(logged, "cannot clean")
+        assert "ENOTDIR" in line
+        threads.advance(maildir.sweep_interval)
+        assert ["_sweep_blocking"] == [f.__name__ for _, f, _ in threads.jobs]
+        threads.run_all()
+        assert [] == [event for event in logged if "log_failure" in event]
+
+
+class TestMaildirNames:
+    def test_pid_at_write_time(
+        self, maildir: MaildirHandler, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A handler made before twistd daemonises names files with the new pid."""
+        monkeypatch.setattr(handlers.os, "getpid", lambda: 424242)
+        assert "P424242Q" in maildir.unique_name()
 
 
 @pytest.fixture
@@ -737,3 +1172,51 @@ class TestMaildirThroughProtocol:
         threads.run_all()
         assert "_discard_blocking" == threads.ran[-1]
         assert empty() == listing(maildir)
+
+
+class HangingRecipientCheck(MemoryHandler):
+    """check_recipient waits on an outside service that never answers."""
+
+    def __init__(self, clock: Clock, timeout: Any = None) -> None:
+        super().__init__()
+        self.clock = clock
+        self.timeout = timeout
+        self.pending: list[Deferred[None]] = []
+
+    def check_recipient(self, envelope: Any, address: str, options: Any) -> Any:
+        lookup: Deferred[None] = Deferred()
+        self.pending.append(lookup)
+        if self.timeout is not None:
+            lookup.addTimeout(self.timeout, self.clock)
+        return lookup
+
+
+class TestHungHooks:
+    """docs/handlers.rst, "Testing your handler": what a hook that hangs does."""
+
+    def test_a_hook_that_never_fires_gets_no_reply(self, clock: Clock) -> None:
+        """No deadline on hooks (yet) and the idle timer waits: no reply, open.
+
+        When the hook deadline (--handler-timeout) lands, this and the note in
+        the docs change together.
+        """
+        handler = HangingRecipientCheck(clock)
+        client = connect(SMTPFactory(handler, hostname="mx.test", reactor=clock))
+        client.replies()
+        client.command(b"EHLO client.example")
+        client.command(b"MAIL FROM:<a@example.org>")
+        assert [] == client.command(b"RCPT TO:<b@example.net>")
+        clock.advance(client.protocol.factory.limits.timeout * 2)
+        assert ([], False) == (client.replies(), client.closed)
+
+    def test_a_hook_with_its_own_timeout_gets_451(self, clock: Clock) -> None:
+        """The documented remedy: addTimeout -> 451 4.3.0, the session goes on."""
+        handler = HangingRecipientCheck(clock, timeout=30)
+        client = connect(SMTPFactory(handler, hostname="mx.test", reactor=clock))
+        client.replies()
+        client.command(b"EHLO client.example")
+        client.command(b"MAIL FROM:<a@example.org>")
+        assert [] == client.command(b"RCPT TO:<b@example.net>")
+        clock.advance(30)
+        assert [b"451 4.3.0 Requested action aborted: local error"] == client.replies()
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")

@@ -352,10 +352,10 @@ def test_client_certificate_in_envelope(listen, memory, certificates):
 
     # Twisted's trust store still takes pyOpenSSL certificates.
     ca = twisted_ssl.Certificate.loadPEM(certificates["ca"].read_bytes()).original
-    base = TLSPolicy.from_files(str(certificates["cert"]), str(certificates["key"]))
+    base = context_from_pem(str(certificates["cert"]), str(certificates["key"]))
     context = twisted_ssl.CertificateOptions(
-        privateKey=base.context_factory.privateKey,
-        certificate=base.context_factory.certificate,
+        privateKey=base.privateKey,
+        certificate=base.certificate,
         verify=True,
         caCerts=[ca],
         requireCertificate=False,
@@ -373,3 +373,203 @@ def test_client_certificate_in_envelope(listen, memory, certificates):
     yield threads.deferToThread(client)
     certificate = memory.messages[0].tls.peer_certificate
     assert "CN=localhost" == certificate.subject.rfc4514_string()
+
+
+def alpn_client_context(certificates) -> ssl.SSLContext:
+    """A client that offers ALPN, as browsers' and Go's TLS stacks do."""
+    context = client_context(certificates)
+    context.set_alpn_protocols(["smtp", "h2"])
+    return context
+
+
+def openssl_alpn(
+    port: int, certificates, starttls: bool
+) -> subprocess.CompletedProcess:
+    """C{openssl s_client -alpn smtp}, STARTTLS or implicit TLS, then EHLO, QUIT."""
+    starttls_args = ["-starttls", "smtp"] if starttls else []
+    return subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            *starttls_args,
+            "-alpn",
+            "smtp",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            str(certificates["ca"]),
+            "-verify_return_error",
+            "-ign_eof",
+        ],
+        input=b"EHLO c.example\r\nQUIT\r\n",
+        capture_output=True,
+        timeout=30,
+    )
+
+
+class TestALPN:
+    """Issue 11 item 1: a ClientHello offering ALPN must not be refused."""
+
+    @pytest_twisted.inlineCallbacks
+    def test_starttls_python_alpn(self, listen, memory, tls_policy, certificates):
+        """STARTTLS completes for an ALPN client; no protocol is selected."""
+        port = listen(memory, tls=tls_policy)
+
+        def client():
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.starttls(context=alpn_client_context(certificates))
+                selected = smtp.sock.selected_alpn_protocol()
+                smtp.sendmail("a@b.example", ["c@d.example"], b"alpn\r\n")
+                return selected
+
+        assert None is (yield threads.deferToThread(client))
+        assert [b"alpn\r\n"] == [e.content for e in memory.messages]
+
+    @pytest_twisted.inlineCallbacks
+    def test_implicit_python_alpn(self, listen, memory, tls_policy, certificates):
+        """An ssl: listener with the policy's context accepts an ALPN client."""
+        port = listen(memory, ssl_context=tls_policy.context_factory)
+
+        def client():
+            with smtplib.SMTP_SSL(
+                "127.0.0.1", port, timeout=10, context=alpn_client_context(certificates)
+            ) as smtp:
+                smtp.sendmail("a@b.example", ["c@d.example"], b"alpn465\r\n")
+
+        yield threads.deferToThread(client)
+        assert [b"alpn465\r\n"] == [e.content for e in memory.messages]
+
+    @pytest_twisted.inlineCallbacks
+    def test_user_context_keeps_its_protocols(self, listen, memory, certificates):
+        """A user's CertificateOptions with acceptableProtocols still selects one."""
+        from twisted.internet import ssl as twisted_ssl
+
+        base = context_from_pem(str(certificates["cert"]), str(certificates["key"]))
+        context = twisted_ssl.CertificateOptions(
+            privateKey=base.privateKey,
+            certificate=base.certificate,
+            extraCertChain=base.extraCertChain,
+            acceptableProtocols=[b"smtp"],
+        )
+        port = listen(memory, tls=TLSPolicy(context))
+
+        def client():
+            selected = []
+            for offer in (["h2", "smtp"], ["h2"]):
+                tls = client_context(certificates)
+                tls.set_alpn_protocols(offer)
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                    smtp.starttls(context=tls)
+                    selected.append(smtp.sock.selected_alpn_protocol())
+            return selected
+
+        assert ["smtp", None] == (yield threads.deferToThread(client))
+
+    def test_twistd_both_paths(self, tmp_path, certificates) -> None:
+        """twistd: openssl -alpn and Python ALPN clients on STARTTLS and ssl:."""
+        require_program("openssl")
+        plain, secure = free_port(), free_port()
+        cert, key = str(certificates["cert"]), str(certificates["key"])
+        proc = start_twistd(
+            tmp_path,
+            "--port",
+            f"tcp:{plain}:interface=127.0.0.1",
+            "--port",
+            f"ssl:{secure}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+            "--handler",
+            "twisted_smtpd.handlers.discard",
+        )
+        try:
+            wait_for_port(plain, proc)
+            wait_for_port(secure, proc)
+            for port, starttls in ((plain, True), (secure, False)):
+                result = openssl_alpn(port, certificates, starttls)
+                assert 0 == result.returncode, result.stderr
+                assert b"No ALPN negotiated" in result.stdout
+                assert b"221 " in result.stdout
+            with smtplib.SMTP("127.0.0.1", plain, timeout=10) as smtp:
+                smtp.starttls(context=alpn_client_context(certificates))
+                assert 250 == smtp.ehlo()[0]
+            with smtplib.SMTP_SSL(
+                "127.0.0.1",
+                secure,
+                timeout=10,
+                context=alpn_client_context(certificates),
+            ) as smtp:
+                assert 250 == smtp.ehlo()[0]
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=20)
+
+
+# Twisted's ssl: parser still hands pyOpenSSL objects to pyOpenSSL.
+@pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
+@pytest.mark.parametrize("how", ["twistd-sslmethod", "own-endpoint"])
+@pytest_twisted.inlineCallbacks
+def test_alpn_on_ssl_endpoints_left_to_twisted(memory, certificates, how):
+    """ssl: endpoints Twisted builds (sslmethod=, or your own serverFromString
+    passed through fix_ssl_endpoint) also complete an ALPN handshake."""
+    from twisted.internet import endpoints, reactor
+
+    from twisted_smtpd.tap import Options
+    from twisted_smtpd.tls import ServerTLSContext, fix_ssl_endpoint
+
+    cert, key = certificates["cert"], certificates["key"]
+    description = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    if how == "twistd-sslmethod":
+        options = Options()
+        options.parseOptions(
+            ["--handler", "twisted_smtpd.handlers.discard", "--port"]
+            + [description + ":sslmethod=TLS_METHOD"]
+        )
+        endpoint = options["endpoints"][0]
+        # Left to Twisted: its CertificateOptions, not our context.
+        assert not isinstance(endpoint._sslContextFactory, ServerTLSContext)
+    else:
+        endpoint = fix_ssl_endpoint(endpoints.serverFromString(reactor, description))
+    port = yield endpoint.listen(SMTPFactory(memory, hostname="mx.test"))
+
+    def client():
+        with smtplib.SMTP_SSL(
+            "127.0.0.1",
+            port.getHost().port,
+            timeout=10,
+            context=alpn_client_context(certificates),
+        ) as smtp:
+            smtp.sendmail("a@b.example", ["c@d.example"], b"alpn\r\n")
+
+    try:
+        yield threads.deferToThread(client)
+    finally:
+        yield port.stopListening()
+    assert [b"alpn\r\n"] == [e.content for e in memory.messages]
+
+
+def test_ssl_port_with_missing_key(tmp_path, certificates) -> None:
+    """An ssl: port whose key file is missing stops start-up with one line."""
+    missing = tmp_path / "missing.pem"
+    status, lines = twistd_start_error(
+        tmp_path,
+        "--port",
+        f"ssl:0:privateKey={missing}:certKey={certificates['cert']}",
+    )
+    assert 0 != status
+    assert [
+        f"twistd smtpd: error: bad --port 'ssl:0:privateKey={missing}:certKey="
+        f"{certificates['cert']}': cannot read TLS key '{missing}':"
+        " No such file or directory"
+    ] == lines
+
+
+def test_ssl_port_without_any_certificate(tmp_path) -> None:
+    """ssl:PORT with no certificate anywhere says what it needs, in one line."""
+    status, lines = twistd_start_error(tmp_path, "--port", "ssl:0")
+    assert 0 != status
+    assert [
+        "twistd smtpd: error: bad --port 'ssl:0': ssl: needs privateKey= and"
+        " certKey=, or --tls-cert and --tls-key"
+    ] == lines

@@ -5,18 +5,22 @@ Built-in handlers: Maildir delivery, an in-memory collector, and discard.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
+import stat
 import time
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._session import Envelope
+from .replies import R451_LOCAL_ERROR, R452_INSUFFICIENT_STORAGE, SMTPError
 
 __all__ = ["MaildirHandler", "MemoryHandler", "DiscardHandler", "discard"]
 
@@ -72,6 +76,61 @@ def _return_path(envelope: Envelope) -> bytes:
     return f"Return-Path: <{envelope.mail_from}>\r\n".encode("utf-8", "surrogateescape")
 
 
+#: errno values that mean "the disk is full": answered 452 4.3.1
+_STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: errno values of a refusing disk or a broken Maildir that we understand: one
+#: log line each, no traceback (anything else is a bug worth a traceback)
+_UNDERSTOOD = _STORAGE_FULL | frozenset(
+    {
+        errno.EROFS,
+        errno.EIO,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.EFBIG,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+        errno.ESTALE,
+    }
+)
+
+
+def _describe(error: OSError) -> str:
+    """C{ENOSPC (No space left on device)}: the errno by name, then its text."""
+    name = errno.errorcode.get(error.errno or 0, str(error.errno))
+    return f"{name} ({error.strerror or error})"
+
+
+class _RateLimitedLog:
+    """At most one line per C{interval} seconds per kind; the rest are counted.
+
+    A full disk refuses every message; one line per refusal would fill the
+    log (and the disk it is on) as fast as clients retry.
+    """
+
+    def __init__(self, clock: Any, interval: float) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def error(self, kind: str, format: str, **fields: Any) -> None:
+        now = self._clock.seconds()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._interval:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        suppressed = self._suppressed.pop(kind, 0)
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        _log.error(format + "{more}", more=more, **fields)
+
+
 class MaildirHandler:
     """Deliver into a Maildir: tmp/ -> write -> fsync -> rename into new/.
 
@@ -79,15 +138,34 @@ class MaildirHandler:
     C{spool_threshold}, so memory stays bounded; the file only appears in
     new/ after its data is on disk, and only then does the client get 250.
 
+    The rename into new/ is the commit point: once it has happened the
+    client gets 250, even if the following fsync of new/ fails (that is
+    logged as an error: the message is stored and visible, but its
+    directory entry may not survive a crash of the machine).  Answering 451
+    there would make the client send again a message that is already in
+    new/.  Any failure before the rename removes the file in tmp/ (whatever
+    C{close()} does) before the client is answered: 452 4.3.1 for a full
+    disk or quota, 451 4.3.0 otherwise.  tmp/, new/ and cur/ are created
+    again when they have gone missing, and files left in tmp/ (by a killed
+    process) are removed once untouched for C{stale_tmp_age} seconds, at
+    start-up and every C{sweep_interval} seconds.
+
     Args:
         path: the Maildir (created with tmp/, new/ and cur/ if missing).
         fsync: flush file and directory to disk before answering 250.
-        reactor: for the thread pool; default the global reactor.
+        reactor: for the thread pool and the clock; default the global
+            reactor.
     """
 
     spool_threshold = 256 * 1024
     #: pause the client when this many bytes wait for the disk
     max_in_flight = 1024 * 1024
+    #: maildir(5): a reader deletes tmp/ files untouched for 36 hours
+    stale_tmp_age = 36 * 3600
+    #: seconds between sweeps of tmp/ while running
+    sweep_interval = 3600.0
+    #: at most one log line per this many seconds for each kind of refusal
+    log_interval = 10.0
 
     def __init__(self, path: str, *, fsync: bool = True, reactor: Any = None) -> None:
         if reactor is None:
@@ -97,24 +175,125 @@ class MaildirHandler:
         self.path = os.path.abspath(path)
         self.fsync = fsync
         self._reactor = reactor
+        self.make_directories()
+        self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        self._refusals = _RateLimitedLog(reactor, self.log_interval)
+        self._sweeper: Optional[LoopingCall] = None
+        # Not now: twistd may still daemonise (a new pid, maybe a new
+        # working directory) before the reactor runs.
+        reactor.callWhenRunning(self.start_sweeping)
+
+    def make_directories(self) -> None:
+        """Create tmp/, new/ and cur/ (and the Maildir) where missing."""
         for sub in ("tmp", "new", "cur"):
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
-        self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-        self._pid = os.getpid()
 
     def unique_name(self) -> str:
-        """A Maildir file name unique to this process (maildir(5) style)."""
+        """A Maildir file name unique to this process (maildir(5) style).
+
+        The pid is read each time: a daemonised twistd forks after the
+        handler is made, and two processes must never share names.
+        """
         now = time.time()
         seconds = int(now)
         micro = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micro}P{self._pid}Q{next(_DELIVERIES)}.{self._host}"
+        pid = os.getpid()
+        return f"{seconds}.M{micro}P{pid}Q{next(_DELIVERIES)}.{self._host}"
 
     def open_message(self, envelope: Envelope) -> _MaildirReceiver:
         return _MaildirReceiver(self, envelope)
 
+    # -- tmp/ clean-up ---------------------------------------------------------
+
+    def start_sweeping(self) -> None:
+        """Sweep tmp/ now and every C{sweep_interval} seconds (in a thread)."""
+        if self._sweeper is None:
+            self._sweeper = LoopingCall(self._sweep_logged)
+            self._sweeper.clock = self._reactor
+            self._sweeper.start(self.sweep_interval, now=True)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
+
+    def sweep(self) -> Deferred[list[str]]:
+        """Remove tmp/ files untouched for C{stale_tmp_age}; their names."""
+        return self._in_thread(self._sweep_blocking, time.time() - self.stale_tmp_age)
+
+    def _sweep_logged(self) -> Deferred[None]:
+        def report(removed: list[str]) -> None:
+            if removed:
+                _log.info(
+                    "smtpd: removed {count} stale files from {tmp}",
+                    count=len(removed),
+                    tmp=os.path.join(self.path, "tmp"),
+                )
+
+        # Never let a failure stop the LoopingCall.
+        return self.sweep().addCallbacks(report, self._sweep_failed)
+
+    def _sweep_failed(self, failure: Failure) -> None:
+        if failure.check(OSError) and failure.value.errno in _UNDERSTOOD:
+            self._refusals.error(
+                "sweep",
+                "smtpd: cannot clean {tmp}: {reason}",
+                tmp=os.path.join(self.path, "tmp"),
+                reason=_describe(failure.value),
+            )
+        else:
+            _log.failure("smtpd: Maildir tmp/ clean-up failed", failure)
+
+    def _sweep_blocking(self, cutoff: float) -> list[str]:
+        tmp = os.path.join(self.path, "tmp")
+        removed: list[str] = []
+        try:
+            entries = os.scandir(tmp)
+        except FileNotFoundError:
+            return removed
+        with entries:
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                    # "Untouched": not written, renamed or read since cutoff.
+                    touched = max(info.st_mtime, info.st_ctime, info.st_atime)
+                    if not stat.S_ISREG(info.st_mode) or touched >= cutoff:
+                        continue
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue  # gone meanwhile
+                removed.append(entry.name)
+        return removed
+
+    # -- for receivers ---------------------------------------------------------
+
     def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
         pool = self._reactor.getThreadPool()
         return deferToThreadPool(self._reactor, pool, fn, *args)
+
+    def _refused(self, failure: Failure) -> Failure:
+        """A delivery failed before the commit: the client's reply, one log line.
+
+        Disk errors we understand become an L{SMTPError} with a one-line
+        log; anything else keeps its traceback (the protocol logs it).
+        """
+        error = failure.value
+        if not isinstance(error, OSError) or error.errno not in _UNDERSTOOD:
+            return failure
+        self._refusals.error(
+            f"refused-{error.errno}",
+            "smtpd: Maildir {path} refused a message: {reason}",
+            path=self.path,
+            reason=_describe(error),
+        )
+        reply = (
+            R452_INSUFFICIENT_STORAGE
+            if error.errno in _STORAGE_FULL
+            else R451_LOCAL_ERROR
+        )
+        refusal = SMTPError(reply)
+        refusal.__cause__ = error
+        return Failure(refusal)
 
 
 class _MaildirReceiver:
@@ -132,6 +311,9 @@ class _MaildirReceiver:
         self._tail: Optional[Deferred[Any]] = None  # the last disk operation
         self._producer: Any = None
         self._paused = False
+        #: set in the thread, logged in the reactor thread
+        self._recreated = False
+        self._directory_sync_error: Optional[OSError] = None
 
     # IConsumer, for back-pressure
     def registerProducer(self, producer: Any, streaming: bool) -> None:
@@ -187,48 +369,115 @@ class _MaildirReceiver:
             self._tail.addCallback(lambda _: self._maildir._in_thread(fn, *args))
         return self._tail
 
+    # -- in the thread -----------------------------------------------------------
+
+    def _open_blocking(self) -> Any:
+        # Unbuffered: a refused write leaves nothing behind for close() to
+        # flush (and fail on) again.
+        try:
+            return open(self._tmp_path, "xb", buffering=0)
+        except FileNotFoundError:
+            # Someone removed the Maildir (or its tmp/): make it again.
+            self._maildir.make_directories()
+            self._recreated = True
+            return open(self._tmp_path, "xb", buffering=0)
+
     def _write_blocking(self, data: bytes) -> None:
         if self._file is None:
-            self._file = open(self._tmp_path, "xb")
-        self._file.write(data)
+            self._file = self._open_blocking()
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view) :]
 
     def _commit_blocking(self, data: bytes) -> str:
         self._write_blocking(data)
         file = self._file
-        file.flush()
         if self._maildir.fsync:
             os.fsync(file.fileno())
-        file.close()
         self._file = None
-        os.rename(self._tmp_path, self._new_path)
+        file.close()
+        try:
+            os.rename(self._tmp_path, self._new_path)
+        except FileNotFoundError:
+            if not os.path.exists(self._tmp_path):
+                raise  # the Maildir went away with our file in it
+            self._maildir.make_directories()
+            self._recreated = True
+            os.rename(self._tmp_path, self._new_path)
+        # Committed: from here on the message is delivered (see the class).
         if self._maildir.fsync:
-            fd = os.open(os.path.dirname(self._new_path), os.O_RDONLY)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                fd = os.open(os.path.dirname(self._new_path), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as error:
+                self._directory_sync_error = error
         return self._name
 
     def _discard_blocking(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass  # the descriptor is released anyway; the unlink matters
         try:
             os.unlink(self._tmp_path)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             pass  # never written, or tmp/ itself is broken: nothing to undo
+
+    # -- in the reactor thread ---------------------------------------------------
 
     def finish(self) -> Deferred[str]:
         data = b"".join(self._chunks)
         self._chunks = []
         done = self._then(self._commit_blocking, data)
-        done.addErrback(self._failed)
+        done.addCallbacks(self._committed, self._failed)
         return done
 
-    def _failed(self, failure: Any) -> Any:
+    def _report_recreated(self) -> None:
+        if self._recreated:
+            self._recreated = False
+            _log.warn(
+                "smtpd: Maildir {path} was missing tmp/, new/ or cur/: created again",
+                path=self._maildir.path,
+            )
+
+    def _committed(self, name: str) -> str:
+        self._report_recreated()
+        error = self._directory_sync_error
+        if error is not None:
+            self._maildir._refusals.error(
+                "directory-fsync",
+                "smtpd: {name} is in {new} and answered 250, but the fsync of"
+                " new/ failed: {reason}; a crash of the machine may lose it",
+                name=name,
+                new=os.path.dirname(self._new_path),
+                reason=_describe(error),
+            )
+        return name
+
+    def _failed(self, failure: Failure) -> Deferred[Any]:
+        """Clean tmp/ up, then answer: a retry must not find our leftovers."""
+        self._report_recreated()
         self._tail = None
-        self._maildir._in_thread(self._discard_blocking).addErrback(_log_cleanup)
-        return failure
+        cleaned = self._maildir._in_thread(self._discard_blocking)
+        cleaned.addErrback(self._cleanup_failed)
+        cleaned.addCallback(lambda _: self._maildir._refused(failure))
+        return cleaned
+
+    def _cleanup_failed(self, failure: Failure) -> None:
+        if failure.check(OSError) and failure.value.errno in _UNDERSTOOD:
+            self._maildir._refusals.error(
+                "cleanup",
+                "smtpd: cannot remove {tmp}: {reason} (removed later by the sweep)",
+                tmp=self._tmp_path,
+                reason=_describe(failure.value),
+            )
+        else:
+            _log.failure("smtpd: Maildir clean-up failed", failure)
 
     def abort(self) -> None:
         self._chunks = []
@@ -236,8 +485,4 @@ class _MaildirReceiver:
             if self._file is None:
                 return
             self._tail = succeed(None)
-        self._then(self._discard_blocking, always=True).addErrback(_log_cleanup)
-
-
-def _log_cleanup(failure: Failure) -> None:
-    _log.failure("smtpd: Maildir clean-up failed", failure)
+        self._then(self._discard_blocking, always=True).addErrback(self._cleanup_failed)

@@ -141,6 +141,7 @@ R421_AUTH_FAILURES = Reply(
 )
 R451_LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error")
 R452_TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+R452_INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 R454_AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
 
 # Permanent failures ----------------------------------------------------------
