@@ -291,3 +291,31 @@ def test_unobserved_factory_has_no_events() -> None:
     factory = SMTPFactory(MemoryHandler(), hostname="mx.test", reactor=Clock())
     assert factory.events is None
     assert send_message(connect(factory))[0].startswith(b"250 ")
+
+
+def test_client_gone_while_the_handler_stores() -> None:
+    """A client lost during finish() aborts the receiver; one event, aborted."""
+    pending: Deferred = Deferred()
+    aborted = []
+
+    class Receiver:
+        def write(self, data):
+            pass
+
+        def finish(self):
+            return pending
+
+        def abort(self):
+            aborted.append(True)
+
+    class Streaming:
+        def open_message(self, envelope):
+            return Receiver()
+
+    factory, recorder, _ = make(Streaming())
+    client = connect(factory)
+    send_message(client)
+    client.protocol.connectionLost(None)
+    assert [True] == aborted
+    pending.callback("Q1")
+    assert [("aborted", 7)] == recorder.named("message_received")

@@ -838,9 +838,10 @@ class SMTPServerProtocol(_Wire):
             self.reply(fill(R250_CHUNK_OK, size=message.chunk_size))
 
     def _end_of_data(self, size: int, too_big: bool) -> None:
+        # The message stays in flight until finish() answers: a client gone
+        # meanwhile aborts it (a 250 it never sees would make it resend).
         message = self._message
         assert message is not None
-        self._message = None
         if message.producer is not None:
             message.detach()
             self._set_pauses(self._pauses & ~_RECEIVER)
@@ -882,8 +883,10 @@ class SMTPServerProtocol(_Wire):
             self._events.message_received("aborted", message.envelope.size)
 
     def _message_done(self, envelope: Envelope, logged: str, outcome: str) -> None:
+        aborted = self._message is None  # the connection was lost meanwhile
+        self._message = None
         self.session.message_done()
-        if self._events is not None:
+        if self._events is not None and not aborted:
             self._events.message_received(outcome, envelope.size)
         if self._phase is _DRAINING:
             self._close_if_draining()
