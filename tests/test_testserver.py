@@ -259,6 +259,31 @@ def test_delay_then_reply_rule(server, wire, clock):
     assert wire.replies() == [b"450 4.2.0 Busy"]
 
 
+def test_stop_answers_a_held_reply_without_logging_a_failure(server, wire, clock):
+    from twisted.logger import globalLogPublisher
+
+    failures: list = []
+
+    def observe(event: dict) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    server.delay("mail", 60)
+    wire.command(b"EHLO client.test")
+    assert wire.command(b"MAIL FROM:<a@x.test>") == []
+    globalLogPublisher.addObserver(observe)
+    try:
+        server._stop_in_reactor()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert wire.replies() == [b"421 4.3.2 Test server stopping"]
+    assert failures == []  # trial would fail a test on a logged failure
+    assert wire.transport.disconnected
+    assert all(
+        "fire" not in repr(call) for call in clock.getDelayedCalls()
+    )  # the delay's timer is gone
+
+
 def test_disconnect_drops_without_a_reply(server, wire):
     server.disconnect("rcpt", match="^b@")
     wire.envelope()

@@ -45,13 +45,12 @@ from typing import Any, Callable, Optional, Union
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IHandshakeListener,
     ISSLTransport,
 )
 from twisted.internet.protocol import connectionDone
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -683,7 +682,7 @@ class SMTPTestServer:
         self._counts: Counter[str] = Counter()
         self._greylist: Optional[tuple[SMTPError, set[tuple[str, str, str]]]] = None
         self._waiters: list[tuple[Deferred[list[ReceivedMessage]], int, Any]] = []
-        self._delays: set[Deferred[Any]] = set()
+        self._delays: dict[Deferred[Any], Any] = {}  # held replies, their timers
         #: bytes per second both ways, for new and open sessions; None: full speed
         self.throttle_rate: Optional[float] = None
         self._port: Any = None
@@ -727,8 +726,13 @@ class SMTPTestServer:
         return self._call(self._stop_in_reactor)
 
     def _stop_in_reactor(self) -> Deferred[Any]:
-        for delayed in list(self._delays):
-            delayed.cancel()
+        # A reply still held by a delay rule: answer it (the session is about
+        # to be closed) rather than cancel it, which the protocol would log as
+        # a handler failure (an error in trial).
+        delays, self._delays = self._delays, {}
+        for delayed, call in delays.items():
+            call.cancel()
+            delayed.errback(SMTPError(421, "4.3.2", "Test server stopping"))
         with self._lock:
             waiters, self._waiters = self._waiters, []
         for deferred, _count, (timer, _match) in waiters:
@@ -1002,14 +1006,14 @@ class SMTPTestServer:
 
         if delay <= 0:
             return act()
-        delayed = deferLater(self.reactor, delay, act)
-        self._delays.add(delayed)
-        delayed.addBoth(self._delay_done, delayed)
-        return delayed
+        delayed: Deferred[Any] = Deferred()
 
-    def _delay_done(self, result: Any, delayed: Deferred[Any]) -> Any:
-        self._delays.discard(delayed)
-        return result
+        def fire() -> None:
+            del self._delays[delayed]
+            maybeDeferred(act).chainDeferred(delayed)
+
+        self._delays[delayed] = self.reactor.callLater(delay, fire)
+        return delayed
 
     def _drop(self, peer: Any, why: str) -> None:
         key = (getattr(peer, "host", ""), getattr(peer, "port", 0))
