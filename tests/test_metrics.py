@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import smtplib
@@ -24,7 +25,12 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.test.requesthelper import DummyRequest
 
-from twisted_smtpd.metrics import MetricsResource, PrometheusEvents, metrics_site
+from twisted_smtpd.metrics import (
+    CertificateExpiry,
+    MetricsResource,
+    PrometheusEvents,
+    metrics_site,
+)
 from twisted_smtpd.tap import Options, SMTPService, makeService
 from twisted_smtpd.testing import connect
 
@@ -169,6 +175,59 @@ class TestPrometheusEvents:
         first, second = PrometheusEvents(), PrometheusEvents()
         first.reply_sent(250)
         assert 0 == value(scrape(second), "smtpd_replies_total", **{"class": "2xx"})
+
+
+def self_signed(directory: Path, expires: datetime.datetime) -> tuple[str, str]:
+    """A certificate for mx.test that expires at C{expires}; (cert, key) paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.test")])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc))
+        .not_valid_after(expires)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("mx.test")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def test_certificate_expiry_follows_reloads(tmp_path: Path) -> None:
+    """The expiry is the served certificate's: a reload shows, a bad file too."""
+    from twisted_smtpd.tls import ServerTLSContext
+
+    first = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
+    renewed = datetime.datetime(2030, 4, 1, tzinfo=datetime.timezone.utc)
+    cert, key = self_signed(tmp_path, first)
+    context = ServerTLSContext([(cert, key)])
+    events = PrometheusEvents()
+    events.add_collector(CertificateExpiry([context, context]))
+    name = "smtpd_tls_certificate_expiry_timestamp_seconds"
+    assert first.timestamp() == value(scrape(events), name, certificate=cert)
+    self_signed(tmp_path, renewed)
+    assert first.timestamp() == value(scrape(events), name, certificate=cert)
+    assert [] == context.reload_now()
+    assert renewed.timestamp() == value(scrape(events), name, certificate=cert)
+    Path(cert).write_text("half-written")
+    assert context.reload_now()  # kept the previous certificate
+    assert renewed.timestamp() == value(scrape(events), name, certificate=cert)
 
 
 @pytest.fixture
@@ -316,6 +375,21 @@ class TestOptions:
         assert site_listener._raiseSynchronously
         parent.privilegedStartService()
         assert [2525, 9464] == [port for port, *_ in memory_reactor.tcpServers]
+
+    def test_certificate_expiry_with_tls(
+        self, cwd: Path, memory_reactor: MemoryReactorClock, tmp_path: Path
+    ) -> None:
+        """With --tls-cert, /metrics tells when the certificate expires."""
+        expires = datetime.datetime(2031, 5, 6, tzinfo=datetime.timezone.utc)
+        cert, key = self_signed(tmp_path, expires)
+        parent = makeService(
+            parse(
+                *DISCARD, "--metrics", "tcp:9464", "--tls-cert", cert, "--tls-key", key
+            )
+        )
+        samples = scrape(parent.factory.events)
+        name = "smtpd_tls_certificate_expiry_timestamp_seconds"
+        assert expires.timestamp() == value(samples, name, certificate=cert)
 
     def test_bad_endpoint(self, cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):

@@ -21,9 +21,12 @@ import glob
 import ipaddress
 import os
 import re
-from typing import Callable, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable, Optional
 
+from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred
@@ -36,7 +39,13 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ._events import SessionEvents
 
-__all__ = ["PrometheusEvents", "MetricsResource", "metrics_site", "MULTIPROC_ENV"]
+__all__ = [
+    "PrometheusEvents",
+    "CertificateExpiry",
+    "MetricsResource",
+    "metrics_site",
+    "MULTIPROC_ENV",
+]
 
 _log = Logger()
 
@@ -182,6 +191,7 @@ class PrometheusEvents(SessionEvents):
             registry=reg,
             multiprocess_mode="livemax",
         )
+        self._collectors: list[Any] = []
         # Children looked up once: events come on every reply.
         self._ends = {how: self.sessions.labels(how) for how in SESSION_ENDS}
         self._refusals = {
@@ -237,6 +247,12 @@ class PrometheusEvents(SessionEvents):
         self._auth[bool(ok)].inc()
 
     # -- exposition -------------------------------------------------------------
+    def add_collector(self, collector: Any) -> None:
+        """Also expose C{collector} (computed at scrape time, in this process)."""
+        self._collectors.append(collector)
+        if self.registry is not None:
+            self.registry.register(collector)
+
     def set_draining(self, draining: bool) -> None:
         self.draining.set(1 if draining else 0)
 
@@ -249,7 +265,45 @@ class PrometheusEvents(SessionEvents):
         forget_dead_processes(self.multiprocess_dir or "")
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiprocess_dir)
+        for collector in self._collectors:
+            merged.register(collector)
         return merged
+
+
+class CertificateExpiry:
+    """When each certificate served now expires (after any SIGHUP reload).
+
+    Args:
+        contexts: the L{ServerTLSContext <twisted_smtpd.tls.ServerTLSContext>}s
+            of the server.
+    """
+
+    name = "smtpd_tls_certificate_expiry_timestamp_seconds"
+
+    def __init__(self, contexts: Iterable[Any]) -> None:
+        self.contexts = list(contexts)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            self.name,
+            "Expiry (Unix time) of the certificate served from each file.",
+            labels=["certificate"],
+        )
+        seen = set()
+        for context in self.contexts:
+            # The identities in service now, so a failed reload shows.
+            for identity in getattr(context, "_identities", ()):
+                if identity.cert_path in seen:
+                    continue  # an ssl: listener sharing a --tls-cert pair
+                seen.add(identity.cert_path)
+                leaf = SSL.Connection(identity.context, None).get_certificate()
+                if leaf is not None:
+                    expiry = leaf.to_cryptography().not_valid_after_utc
+                    family.add_metric([identity.cert_path], expiry.timestamp())
+        yield family
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []  # computed at scrape time: nothing to check on register
 
 
 def _result(ok: bool) -> str:

@@ -591,10 +591,17 @@ def _share_metrics_between_workers() -> None:
 
 
 def _add_metrics_site(config: Options, parent: SMTPService) -> None:
-    from .metrics import MetricsResource, PrometheusEvents, metrics_site
+    from .metrics import (
+        CertificateExpiry,
+        MetricsResource,
+        PrometheusEvents,
+        metrics_site,
+    )
 
     events = parent.factory.events
     assert isinstance(events, PrometheusEvents)  # build_factory made it
+    if config.get("tls_contexts"):
+        events.add_collector(CertificateExpiry(config["tls_contexts"]))
     resource = MetricsResource(events, ready=parent.ready, drain=parent.drain)
     listener = StreamServerEndpointService(
         config["metrics_endpoint"], metrics_site(resource)
@@ -641,7 +648,11 @@ def makeService(config: Options) -> service.IService:
         from .workers import WorkerPool
 
         pool = WorkerPool(
-            listeners, config["worker_count"] - 1, config["argv"], config["grace"]
+            listeners,
+            config["worker_count"] - 1,
+            config["argv"],
+            config["grace"],
+            command=WORKER_COMMAND,
         )
         pool.setServiceParent(parent)
         if reloader is not None:
@@ -649,3 +660,32 @@ def makeService(config: Options) -> service.IService:
     if config.get("metrics_endpoint"):
         _add_metrics_site(config, parent)
     return parent
+
+
+#: how L{WorkerPool} starts a worker: C{python -c ...} then its arguments
+WORKER_COMMAND = (
+    "-c",
+    "import sys; from twisted_smtpd.tap import run_worker; run_worker(sys.argv[1:])",
+)
+
+
+def run_worker(args: list[str]) -> None:
+    """Entry point of a C{--workers} process: the same options, adopted ports.
+
+    Args:
+        args: the shared sockets, the parent's pid, the worker's number,
+            then the C{smtpd} options (see L{WorkerPool}).
+    """
+    from twisted.internet import reactor
+
+    from .workers import serve_worker
+
+    options = Options()
+    options.parseOptions(args[3:])
+    if options.get("tls_contexts"):
+        # The parent relays SIGHUP: reload certificates here too.
+        reloader = TLSReloadService(options["tls_contexts"])
+        reactor.callWhenRunning(reloader.startService)
+    serve_worker(
+        build_factory(options), options["endpoints"], args[:3], options["grace"]
+    )

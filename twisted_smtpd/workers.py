@@ -8,7 +8,16 @@ N-1 worker processes that inherit the listening sockets and adopt them
 per turn of its reactor, so the least busy one takes the next.  On stop the
 parent asks every worker to shut down gracefully (SIGTERM), waits for them,
 and only then stops itself.  A worker whose parent disappears shuts itself
-down.
+down; a worker that dies while the parent runs is started again, after a
+delay that doubles while it keeps dying young.
+
+Workers log as JSON records to a pipe; the parent publishes each event to
+its own observers, so worker lines go wherever twistd was told to log
+(C{--logfile}, C{--syslog}, C{--logger}), tagged C{[worker N]}.
+
+This module imports nothing else of twisted_smtpd: L{tap} gives the pool the
+command that starts a worker (L{twisted_smtpd.tap.run_worker}), which builds
+the factory and calls L{serve_worker}.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
@@ -24,10 +34,17 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    eventFromJSON,
+    globalLogBeginner,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-__all__ = ["WorkerPool", "SHAREABLE_ENDPOINTS"]
+__all__ = ["WorkerPool", "SHAREABLE_ENDPOINTS", "serve_worker"]
 
 _log = Logger()
 
@@ -38,23 +55,60 @@ SHAREABLE_ENDPOINTS = (
     endpoints.SSL4ServerEndpoint,
 )
 
+#: a worker's log line longer than this is passed on in pieces
+_MAX_LOG_LINE = 1024 * 1024
+
 
 class _Worker(ProcessProtocol):
-    def __init__(self, number: int) -> None:
+    """One worker process: relays its log, tells the pool when it ends."""
+
+    def __init__(self, pool: WorkerPool, number: int) -> None:
+        self.pool = pool
         self.number = number
+        self.system = f"worker {number}"
+        self.started_at = pool.reactor.seconds()
         self.ended: Deferred[None] = Deferred()
+        self._partial: dict[int, bytes] = {}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        lines = (self._partial.pop(childFD, b"") + data).split(b"\n")
+        rest = lines.pop()
+        if len(rest) > _MAX_LOG_LINE:
+            lines.append(rest)
+        elif rest:
+            self._partial[childFD] = rest
+        for line in lines:
+            self._relay(childFD, line)
+
+    def _relay(self, childFD: int, line: bytes) -> None:
+        if childFD == 1 and line.startswith(b"\x1e"):
+            try:
+                event = eventFromJSON(line[1:].decode("utf-8", "replace"))
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                system = event.get("log_system")
+                event["log_system"] = (
+                    self.system if system in (None, "-") else f"{self.system} {system}"
+                )
+                event.pop("log_logger", None)  # not a Logger after the trip
+                globalLogPublisher(event)
+                return
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text:  # print() or a crash before logging began
+            level = LogLevel.error if childFD == 2 else LogLevel.info
+            _log.emit(level, "{text}", text=text, log_system=self.system)
 
     def processEnded(self, reason: Any) -> None:
-        _log.info(
-            "smtpd worker {number} ended: {reason}",
-            number=self.number,
-            reason=reason.value,
-        )
+        for childFD, rest in sorted(self._partial.items()):
+            self._relay(childFD, rest)
+        self._partial.clear()
         self.ended.callback(None)
+        self.pool._worker_ended(self, reason)
 
 
 class WorkerPool(service.Service):
-    """Starts and stops the worker processes of a twistd smtpd.
+    """Starts, restarts and stops the worker processes of a twistd smtpd.
 
     Args:
         listeners: the parent's L{StreamServerEndpointService}s, in C{--port}
@@ -62,81 +116,162 @@ class WorkerPool(service.Service):
         count: worker processes besides the parent.
         argv: the C{smtpd} options, for the workers to build the same policy.
         grace: seconds the workers get to drain on stop.
+        command: the interpreter arguments that start a worker; the shared
+            sockets, the parent's pid, the worker's number and C{argv}
+            follow.
+        reactor: default the global reactor.
+
+    C{restarts} counts the workers started again after dying.
     """
 
+    #: the first restart waits this long; each quick death doubles it
+    restart_delay = 0.5
+    #: the longest wait before a restart
+    max_restart_delay = 60.0
+    #: a worker that ran this long died of something new: the delay resets
+    stable_after = 30.0
+
     def __init__(
-        self, listeners: list[Any], count: int, argv: list[str], grace: float
+        self,
+        listeners: list[Any],
+        count: int,
+        argv: list[str],
+        grace: float,
+        command: Sequence[str] = (),
+        reactor: Any = None,
     ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
         self.listeners = listeners
         self.count = count
         self.argv = argv
         self.grace = grace
-        self.workers: list[tuple[Any, _Worker]] = []
+        self.command = list(command)
+        self.reactor = reactor
+        self.restarts = 0
+        #: worker number -> (process transport, protocol) of the live one
+        self._live: dict[int, tuple[Any, _Worker]] = {}
+        self._shared = ""
+        self._fds: list[int] = []
+        self._quick_deaths: dict[int, int] = {}
+        self._pending_restarts: dict[int, Any] = {}
+
+    @property
+    def workers(self) -> list[tuple[Any, _Worker]]:
+        """(process transport, protocol) of each live worker, by number."""
+        return [self._live[number] for number in sorted(self._live)]
 
     def startService(self) -> None:
         super().startService()
         waiting = [listener._waitingForPort for listener in self.listeners]
-        gatherResults(waiting).addCallback(self._spawn).addErrback(
+        gatherResults(waiting).addCallback(self._spawn_all).addErrback(
             lambda failure: _log.failure("smtpd: could not start workers", failure)
         )
 
-    def _spawn(self, ports: list[Any]) -> None:
-        from twisted.internet import reactor
-
+    def _spawn_all(self, ports: list[Any]) -> None:
         for port in ports:
             accept_one_at_a_time(port)
-        fds = [port.fileno() for port in ports]
+        self._fds = [port.fileno() for port in ports]
         families = [port.addressFamily for port in ports]
-        shared = ",".join(f"{fd}:{int(family)}" for fd, family in zip(fds, families))
+        self._shared = ",".join(
+            f"{fd}:{int(family)}" for fd, family in zip(self._fds, families)
+        )
         for number in range(1, self.count + 1):
-            worker = _Worker(number)
-            child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
-            child_fds.update({fd: fd for fd in fds})
-            process = reactor.spawnProcess(
-                worker,
-                sys.executable,
-                [
-                    sys.executable,
-                    "-m",
-                    "twisted_smtpd.workers",
-                    shared,
-                    str(os.getpid()),
-                    str(number),
-                    *self.argv,
-                ],
-                env=dict(os.environ),
-                childFDs=child_fds,
-            )
-            self.workers.append((process, worker))
+            self._spawn(number)
         _log.info("smtpd: started {count} worker processes", count=self.count)
+
+    def _spawn(self, number: int) -> None:
+        self._pending_restarts.pop(number, None)
+        if not self.running:
+            return
+        worker = _Worker(self, number)
+        # Their stdout and stderr come to us: see _Worker._relay.
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        child_fds.update({fd: fd for fd in self._fds})
+        process = self.reactor.spawnProcess(
+            worker,
+            sys.executable,
+            [
+                sys.executable,
+                *self.command,
+                self._shared,
+                str(os.getpid()),
+                str(number),
+                *self.argv,
+            ],
+            env=dict(os.environ),
+            childFDs=child_fds,
+        )
+        self._live[number] = (process, worker)
+
+    def _worker_ended(self, worker: _Worker, reason: Any) -> None:
+        if self._live.get(worker.number, (None, worker))[1] is worker:
+            del self._live[worker.number]
+        how = _how_it_ended(reason)
+        if not self.running:
+            _log.info(
+                "smtpd worker {number} ended: {how}", number=worker.number, how=how
+            )
+            return
+        lived = self.reactor.seconds() - worker.started_at
+        if lived >= self.stable_after:
+            self._quick_deaths[worker.number] = 0
+        deaths = self._quick_deaths.get(worker.number, 0)
+        self._quick_deaths[worker.number] = deaths + 1
+        delay = min(self.restart_delay * 2**deaths, self.max_restart_delay)
+        self.restarts += 1
+        _log.warn(
+            "smtpd worker {number} ended: {how}; starting it again in"
+            " {delay:.1f} s (restart {restarts})",
+            number=worker.number,
+            how=how,
+            delay=delay,
+            restarts=self.restarts,
+        )
+        self._pending_restarts[worker.number] = self.reactor.callLater(
+            delay, self._spawn, worker.number
+        )
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        from twisted.internet import reactor
-
+        for call in self._pending_restarts.values():
+            if call.active():
+                call.cancel()
+        self._pending_restarts.clear()
         waits = []
         for process, worker in self.workers:
-            if not worker.ended.called:
-                try:
-                    process.signalProcess("TERM")
-                except Exception:
-                    pass
-                waits.append(worker.ended)
+            try:
+                process.signalProcess("TERM")
+            except Exception:
+                pass  # it has just ended
+            waits.append(worker.ended)
         if not waits:
             return succeed(None)
 
         def kill_stragglers() -> None:
-            for process, worker in self.workers:
-                if not worker.ended.called:
-                    try:
-                        process.signalProcess("KILL")
-                    except Exception:
-                        pass
+            for process, _ in self.workers:
+                try:
+                    process.signalProcess("KILL")
+                except Exception:
+                    pass
 
-        killer = reactor.callLater(self.grace + 5, kill_stragglers)
+        killer = self.reactor.callLater(self.grace + 5, kill_stragglers)
         done = DeferredList(waits)
         done.addBoth(lambda _: killer.cancel() if killer.active() else None)
         return done
+
+
+def _how_it_ended(reason: Any) -> str:
+    """C{killed by SIGKILL}, C{exit code 1} or C{exit code 0}."""
+    number = getattr(reason.value, "signal", None)
+    if number:
+        try:
+            return f"killed by {signal.Signals(number).name}"
+        except ValueError:
+            return f"killed by signal {number}"
+    return f"exit code {getattr(reason.value, 'exitCode', None)}"
 
 
 def accept_one_at_a_time(port: Any) -> None:
@@ -156,23 +291,31 @@ def accept_one_at_a_time(port: Any) -> None:
     port.doRead = do_read
 
 
-def _worker_main(args: list[str]) -> None:
-    """Entry point of a worker: adopt the sockets, serve, drain on SIGTERM."""
-    shared, parent_pid, number, smtpd_argv = args[0], int(args[1]), args[2], args[3:]
+def serve_worker(
+    factory: Any,
+    server_endpoints: Sequence[Any],
+    args: Sequence[str],
+    grace: float,
+) -> None:
+    """Run one worker: adopt the sockets, serve, drain on SIGTERM.
+
+    Args:
+        factory: the worker's own factory, built from the same options.
+        server_endpoints: the parsed C{--port} endpoints, in order.
+        args: the shared sockets, the parent's pid and the worker's number,
+            as L{WorkerPool} passes them.
+        grace: seconds sessions get to finish on stop.
+    """
+    shared, parent_pid, number = args[0], int(args[1]), args[2]
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from .tap import Options, TLSReloadService, build_factory
-
+    # The parent relays these records to where twistd logs (see _Worker).
     globalLogBeginner.beginLoggingTo(
-        [textFileLogObserver(sys.stdout)], redirectStandardIO=False
+        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
     )
-    options = Options()
-    options.parseOptions(smtpd_argv)
-    factory = build_factory(options)
     ports = []
     for (fd_text, family_text), endpoint in zip(
-        (item.split(":") for item in shared.split(",")), options["endpoints"]
+        (item.split(":") for item in shared.split(",")), server_endpoints
     ):
         fd, family = int(fd_text), socket.AddressFamily(int(family_text))
         wrapped: Any = factory
@@ -189,7 +332,7 @@ def _worker_main(args: list[str]) -> None:
         if not stopping:
             for port in ports:
                 port.stopListening()
-            stopping.append(factory.shutdown(options["grace"]))
+            stopping.append(factory.shutdown(grace))
         return stopping[0]
 
     stop_requested = [False]
@@ -213,17 +356,13 @@ def _worker_main(args: list[str]) -> None:
             lambda *_: reactor.callFromThread(stop_once),  # type: ignore[attr-defined]
         )
         # A drain (the parent relays its SIGUSR1): stop accepting, keep running.
-        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(drain))  # type: ignore[attr-defined]
-        if options.get("tls_contexts"):
-            # The parent relays SIGHUP: reload certificates here too.
-            TLSReloadService(options["tls_contexts"]).startService()
+        signal.signal(
+            signal.SIGUSR1,
+            lambda *_: reactor.callFromThread(drain),  # type: ignore[attr-defined]
+        )
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)
     reactor.callWhenRunning(install_signals)
     LoopingCall(orphaned).start(1.0, now=False)
     _log.info("smtpd worker {number} serving", number=number)
     reactor.run()
-
-
-if __name__ == "__main__":
-    _worker_main(sys.argv[1:])
