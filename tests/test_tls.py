@@ -563,3 +563,13 @@ def test_ssl_port_with_missing_key(tmp_path, certificates) -> None:
         f"{certificates['cert']}': cannot read TLS key '{missing}':"
         " No such file or directory"
     ] == lines
+
+
+def test_ssl_port_without_any_certificate(tmp_path) -> None:
+    """ssl:PORT with no certificate anywhere says what it needs, in one line."""
+    status, lines = twistd_start_error(tmp_path, "--port", "ssl:0")
+    assert 0 != status
+    assert [
+        "twistd smtpd: error: bad --port 'ssl:0': ssl: needs privateKey= and"
+        " certKey=, or --tls-cert and --tls-key"
+    ] == lines

@@ -329,6 +329,28 @@ class TestEncryptedKeys:
             str(certificates["cert"]), str(certificates["key"]), passphrase="x"
         )
 
+    @pytest.mark.parametrize(
+        ("content", "error"),
+        [
+            (None, "cannot read TLS key passphrase file '{path}': No such file"),
+            (b"\n", "TLS key passphrase file '{path}' is empty"),
+        ],
+    )
+    def test_bad_passphrase_file(self, tmp_path, certificates, capsys, content, error):
+        """A missing or empty passphrase file is refused in one line."""
+        from twisted_smtpd.tap import Options
+
+        path = tmp_path / "pass"
+        if content is not None:
+            path.write_bytes(content)
+        argv = ["--tls-cert", str(certificates["cert"]), "--tls-key"]
+        argv += [str(certificates["key"]), "--tls-key-passphrase-file", str(path)]
+        with pytest.raises(SystemExit):
+            Options().parseOptions(argv)
+        lines = capsys.readouterr().err.splitlines()
+        assert 1 == len(lines)
+        assert lines[0].startswith("twistd smtpd: error: " + error.format(path=path))
+
     def test_twistd_passphrase_file(self, tmp_path, certificates) -> None:
         """--tls-key-passphrase-file opens keys for STARTTLS and ssl:; a wrong
         one stops start-up with one line."""
@@ -504,3 +526,33 @@ def test_twistd_workers_reload_on_sighup(tmp_path, certificates) -> None:
         proc.terminate()
         proc.wait(timeout=30)
         proc.stdout.close()
+
+
+def test_sighup_still_reloads_while_draining(tmp_path, certificates, monkeypatch):
+    """A drain (SIGUSR1) keeps the process up; SIGHUP must not become fatal."""
+    import twisted.internet
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_smtpd.tap import Options, TLSReloadService, makeService
+
+    monkeypatch.setattr(twisted.internet, "reactor", MemoryReactorClock())
+    options = Options()
+    options.parseOptions(
+        ["--handler", "twisted_smtpd.handlers.discard", "--port", "tcp:2525"]
+        + ["--tls-cert", str(certificates["cert"]), "--tls-key"]
+        + [str(certificates["key"])]
+    )
+    previous = signal.getsignal(signal.SIGHUP)
+    parent = makeService(options)
+    (reloader,) = [c for c in parent if isinstance(c, TLSReloadService)]
+    parent.privilegedStartService()
+    parent.startService()
+    try:
+        assert previous is not signal.getsignal(signal.SIGHUP)
+        parent.drain()
+        assert reloader.running
+        assert previous is not signal.getsignal(signal.SIGHUP)
+    finally:
+        parent.stopService()
+    assert not reloader.running
+    assert previous is signal.getsignal(signal.SIGHUP)
