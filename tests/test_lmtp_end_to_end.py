@@ -62,7 +62,7 @@ def lmtpd():
         yield sock, mail
     finally:
         proc.terminate()
-        proc.wait(20)
+        proc.communicate(timeout=20)  # and closes its output pipe
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_lmtp_over_tcp_with_twistd(tmp_path) -> None:
             replies = [client.data(b"Subject: tcp\r\n\r\nx\r\n"), client.getreply()]
     finally:
         proc.terminate()
-        proc.wait(20)
+        proc.communicate(timeout=20)  # and closes its output pipe
     assert [250, 250] == [code for code, _ in replies]
     assert [b"tcp"] == subjects(tmp_path / "one.example")
     assert [b"tcp"] == subjects(tmp_path / "two.example")

@@ -138,7 +138,10 @@ class TestTable:
 
     def test_gate_sets(self) -> None:
         """The TLS and AUTH exemptions are what RFC 3207 and 4954 call for."""
-        assert {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET"} == set(BEFORE_TLS)
+        # LHLO is LMTP's EHLO (RFC 2033 4.1).
+        assert {"NOOP", "EHLO", "HELO", "LHLO", "STARTTLS", "QUIT", "RSET"} == set(
+            BEFORE_TLS
+        )
         assert BEFORE_TLS | {"AUTH", "HELP"} == set(BEFORE_AUTH)
 
 

@@ -19,8 +19,9 @@ from twisted.logger import Logger
 from ._delivery import HandlerHooks
 from ._events import SessionEvents
 from ._session import Envelope, Limits, Session, received_header
-from .protocol import SMTPServerProtocol
+from .protocol import LMTPServerProtocol, SMTPServerProtocol
 from .replies import (
+    R220_LMTP_READY,
     R220_READY,
     R421_SHUTTING_DOWN,
     R421_TOO_MANY_CONNECTIONS,
@@ -53,6 +54,8 @@ class SMTPFactory(ServerFactory):
         reactor: the reactor for timeouts and threads; default the global one.
         events: a L{SessionEvents <twisted_smtpd._events.SessionEvents>} told
             of sessions, replies, messages, hooks, TLS and AUTH (metrics).
+        lmtp: serve LMTP (RFC 2033) with L{LMTPServerProtocol}: LHLO, and one
+            reply per recipient after the data.
     """
 
     protocol = SMTPServerProtocol
@@ -72,7 +75,17 @@ class SMTPFactory(ServerFactory):
         quiet: bool = False,
         reactor: Optional[IReactorTime] = None,
         events: Optional[SessionEvents] = None,
+        lmtp: bool = False,
     ) -> None:
+        self.lmtp = lmtp
+        if lmtp:
+            if self.protocol is SMTPServerProtocol:
+                self.protocol = LMTPServerProtocol
+            elif not issubclass(self.protocol, LMTPServerProtocol):
+                raise TypeError(
+                    f"lmtp=True needs a protocol derived from LMTPServerProtocol,"
+                    f" not {self.protocol.__name__}"
+                )
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -118,7 +131,11 @@ class SMTPFactory(ServerFactory):
         if self._greeting is None or self._greeting[0] != key:
             self._greeting = (
                 key,
-                fill(R220_READY, hostname=self.hostname, app=self.app_name),
+                fill(
+                    R220_LMTP_READY if self.lmtp else R220_READY,
+                    hostname=self.hostname,
+                    app=self.app_name,
+                ),
             )
         return self._greeting[1]
 
