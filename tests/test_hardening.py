@@ -102,20 +102,35 @@ class TestBrokenReceivers:
     def test_a_second_message_is_taken(self, clock: Clock) -> None:
         """After the 451 the next transaction works (a new receiver)."""
 
-        class FailsOnce(MemoryHandler):
-            failed = False
+        class Collect:
+            def __init__(self, kept: list[bytes]) -> None:
+                self.kept = kept
+
+            def write(self, data: bytes) -> None:
+                self.kept.append(data)
+
+            def finish(self) -> None:
+                return None
+
+            def abort(self) -> None:
+                pass
+
+        class FailsOnce:
+            def __init__(self) -> None:
+                self.opened = 0
+                self.kept: list[bytes] = []
 
             def open_message(self, envelope: Any) -> Any:
-                if not self.failed:
-                    self.failed = True
-                    return WriteRaises()
-                return super().open_message(envelope)
+                self.opened += 1
+                return WriteRaises() if self.opened == 1 else Collect(self.kept)
 
         handler = FailsOnce()
         client = greeted(handler, clock)
         assert LOCAL_ERROR == transaction(client)[-1]
-        assert transaction(client)[-1].startswith(b"250 2.0.0 OK: queued as ")
-        assert 1 == len(handler.messages)
+        assert transaction(client, b"second\r\n")[-1].startswith(
+            b"250 2.0.0 OK: queued as "
+        )
+        assert b"second\r\n" == b"".join(handler.kept)
 
     def test_open_message_returning_none_is_451(self, clock: Clock) -> None:
         """Before: an AttributeError on None dropped the connection."""
