@@ -188,6 +188,29 @@ class TestReplies:
         envelope(client, "a@example.net", "a@example.net")
         assert [b"250 2.0.0 <a@example.net> OK: queued as <id>"] * 2 == data(client)
 
+    def test_too_big_is_refused_for_each(self, clock: Clock) -> None:
+        """552 after the data is a reply per recipient too (RFC 2033 4.2)."""
+        from twisted_smtpd import Limits
+
+        client = lmtp_client(Outcomes(None), clock, limits=Limits(max_message_size=10))
+        envelope(client, "a@example.net", "b@example.net")
+        assert [
+            b"552 5.3.4 Message size exceeds fixed maximum message size"
+        ] * 2 == data(client, b"x" * 100 + b"\r\n")
+
+    def test_unsafe_outcomes_are_sanitised(self, clock: Clock) -> None:
+        """Per-recipient refusals and queue ids pass the same wire checks."""
+        result = {
+            "a@example.net": "id with\r\nspace",
+            "b@example.net": SMTPError(550, "5.1.1", "no\r\n250 smuggled"),
+        }
+        client = lmtp_client(Outcomes(result), clock)
+        envelope(client, "a@example.net", "b@example.net")
+        first, *rest = data(client)
+        assert first.startswith(b"250 2.0.0 <a@example.net> OK: queued as ")
+        assert b"\r" not in first and b" space" not in first
+        assert all(not line.startswith(b"250") for line in rest)
+
     def test_received_header_says_lmtp(self, clock: Clock) -> None:
         """RFC 3848: the protocol in the trace is LMTP."""
         handler = MemoryHandler()
