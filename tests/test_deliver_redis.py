@@ -18,8 +18,8 @@ from .test_deliver_amqp import queued_id, send
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = start_redis(tmp_path_factory.mktemp("redis"))
+def redis_server(tmp_path_factory, certificates):
+    server = start_redis(tmp_path_factory.mktemp("redis"), certificates)
     yield server
     server.stop()
 
@@ -60,6 +60,24 @@ def test_250_after_xadd_with_envelope_fields(redis_server, client, redis_smtp):
     assert b"client.example" == fields[b"helo"]
     assert fields[b"content"].startswith(b"Received: from client.example")
     assert fields[b"content"].endswith(b"Subject: r\r\n\r\nredis\r\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_rediss_verifies_the_server_with_deliver_ca(
+    redis_server, client, redis_smtp, certificates
+):
+    """rediss:// with --deliver-ca: 250; without it the test CA is not
+    trusted, so the handshake fails and the client gets 451."""
+    target = f"rediss://localhost:{redis_server.extra_ports['tls']}/3?stream=tls"
+    _, port = redis_smtp(target, ca_file=str(certificates["ca"]))
+    reply = yield threads.deferToThread(send, port, b"Subject: t\r\n\r\ntls\r\n")
+    message_id = queued_id(reply)
+    client.select(3)
+    assert [message_id.encode()] == [f[b"id"] for _, f in client.xrange("tls")]
+    _, port = redis_smtp(target)
+    code, text = yield threads.deferToThread(send, port, b"Subject: u\r\n\r\nu\r\n")
+    assert (451, True) == (code, text.startswith(b"4.4.1")), text
+    assert 1 == client.xlen("tls")
 
 
 @pytest_twisted.inlineCallbacks

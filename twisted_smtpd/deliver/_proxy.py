@@ -51,6 +51,7 @@ __all__ = [
 
 _log = Logger(namespace="twisted_smtpd.deliver")
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 #: bytes the client may send before the downstream's 354 before it is paused
 _MAX_EARLY_BODY = 256 * 1024
@@ -928,8 +929,8 @@ class _ProxyReceiver:
         self._error: Optional[Reply] = None
         self._early: Optional[list[bytes]] = []  # before the 354
         self._early_size = 0
-        self._last = b"\n"  # stuffing state: the byte before the next chunk
-        self._tail = b""  # last two bytes sent, to end with CRLF
+        self._tail = b"\r\n"  # the last two bytes sent (stuffing, final CRLF)
+        self._pending_cr = False  # a chunk ended in CR: is it CRLF?
         self._producer: Any = None
         self._proxy: Optional[_PausingProxy] = None
         self._early_paused = False
@@ -1033,12 +1034,27 @@ class _ProxyReceiver:
 
     # -- the body --
     def _send(self, data: bytes) -> None:
+        """Normalise line ends, dot-stuff, send.
+
+        A bare CR or LF becomes CRLF: a next hop that ends lines on a bare
+        LF must not see a line our DATA reader did not (SMTP smuggling),
+        and RFC 5321 allows no other line end anyway.
+        """
         if not data or self._connection is None:
             return
-        joined = self._last + data
-        stuffed = joined.replace(b"\n.", b"\n..")[len(self._last) :]
-        self._last = data[-1:]
-        self._tail = (self._tail + data)[-2:]
+        if self._pending_cr:
+            self._pending_cr = False
+            data = b"\r" + data
+        if data.endswith(b"\r"):
+            self._pending_cr = True
+            data = data[:-1]
+            if not data:
+                return
+        if b"\r" in data or b"\n" in data:
+            data = _LINE_END.sub(b"\r\n", data)
+        tail = self._tail
+        stuffed = (tail + data).replace(b"\r\n.", b"\r\n..")[len(tail) :]
+        self._tail = (tail + data)[-2:]
         self._connection.write(stuffed)
 
     def write(self, data: bytes) -> None:
@@ -1068,8 +1084,12 @@ class _ProxyReceiver:
         assert connection is not None
         self._done = True
         self._release_producer()
+        if self._pending_cr:
+            self._pending_cr = False
+            connection.write(b"\r\n")
+            self._tail = b"\r\n"
         # The data must end with CRLF before the dot (BDAT data may not).
-        ending = b".\r\n" if self._tail in (b"", b"\r\n") else b"\r\n.\r\n"
+        ending = b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n"
         waits = [connection.expect()]
         if self.handler.lmtp:
             waits += [connection.expect() for _ in self._recipients[1:]]
