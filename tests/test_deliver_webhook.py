@@ -197,3 +197,24 @@ def test_bad_webhook_targets(target, words):
     with pytest.raises(ValueError) as error:
         handler_from_target(target, DeliverOptions(), reactor)
     assert words in str(error.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_big_message_spools_and_retries_byte_for_byte(listen, web, hooks):
+    """Past the spool threshold the message waits in a temporary file; a
+    500 then 200 gets the same bytes twice, signed the same."""
+    from twisted_smtpd import Limits
+
+    receiver, url = web([500, 200])
+    handler = hooks(url, secret=b"k")
+    handler.spool_threshold = 64 * 1024
+    handler.max_in_flight = 256 * 1024
+    port = listen(handler, limits=Limits(max_message_size=64 * 1024 * 1024))
+    line = b"0123456789abcdef" * 6 + b"\r\n"
+    message = MESSAGE + line * (3 * 1024 * 1024 // len(line))
+    assert 250 == (yield in_thread(send, port, ("a@example.net",), message))[0]
+    (h1, b1), (h2, b2) = receiver.requests
+    assert b1 == b2 and b1.endswith(message) and len(b1) == int(h1["content-length"])
+    assert h1["x-smtpd-signature"] == h2["x-smtpd-signature"]
+    expected = hmac.new(b"k", b1, hashlib.sha256).hexdigest()
+    assert f"sha256={expected}" == h1["x-smtpd-signature"]

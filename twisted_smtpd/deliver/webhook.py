@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import tempfile
 from typing import Any, Optional
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -27,6 +29,7 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -144,6 +147,10 @@ class WebhookHandler:
         reactor: the reactor (default the global one).
     """
 
+    #: messages bigger than this wait for their POST in a temporary file
+    spool_threshold = 1024 * 1024
+    #: pause the client while this many bytes wait for the disk
+    max_in_flight = 4 * 1024 * 1024
     #: first retry delay; doubled per attempt up to L{max_backoff}
     backoff = 0.25
     max_backoff = 5.0
@@ -197,8 +204,10 @@ class WebhookHandler:
 
     # -- one delivery --
     async def deliver(
-        self, headers: dict[str, str], chunks: list[bytes], message_id: str
+        self, headers: dict[str, str], body: Any, message_id: str
     ) -> None:
+        """POST until a 2xx or the deadline; C{body()} makes each attempt's
+        body producer."""
         deadline = self.reactor.seconds() + self.timeout
         delay = self.backoff
         attempt = 0
@@ -206,7 +215,7 @@ class WebhookHandler:
             attempt += 1
             remaining = deadline - self.reactor.seconds()
             try:
-                await self._attempt(headers, chunks, remaining)
+                await self._attempt(headers, body(), remaining)
                 return
             except _Retry as retry:
                 wait = max(delay, retry.delay)
@@ -232,7 +241,7 @@ class WebhookHandler:
                 await task.deferLater(self.reactor, wait, lambda: None)
 
     async def _attempt(
-        self, headers: dict[str, str], chunks: list[bytes], remaining: float
+        self, headers: dict[str, str], producer: Any, remaining: float
     ) -> None:
         raw = Headers(
             {k.encode("ascii"): [v.encode("latin-1")] for k, v in headers.items()}
@@ -242,7 +251,7 @@ class WebhookHandler:
                 "POST",
                 self.url,
                 headers=raw,
-                data=_ChunksProducer(chunks),
+                data=producer,
                 timeout=max(remaining, 0.001),
             )
         except defer.CancelledError:
@@ -303,11 +312,74 @@ def _error_text(error: Exception) -> str:
     return text or name
 
 
+@implementer(IBodyProducer)
+class _FileProducer:
+    """A spooled message as a request body: read in a worker thread."""
+
+    chunk_size = 64 * 1024
+
+    def __init__(self, file: Any, length: int, reactor: Any) -> None:
+        self._file = file
+        self.length = length
+        self._reactor = reactor
+        self._paused: Optional[Deferred[None]] = None
+        self._stopped = False
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        Deferred.fromCoroutine(self._run(consumer, done)).addErrback(done.errback)
+        return done
+
+    async def _run(self, consumer: Any, done: Deferred[None]) -> None:
+        # pread at our own offset: a cancelled attempt's read still in a
+        # thread cannot move the next attempt's position.
+        fd = self._file.fileno()
+        offset = 0
+        while True:
+            if self._paused is not None:
+                await self._paused
+            if self._stopped:
+                return  # the Deferred must not fire after stopProducing
+            data = await _in_thread(
+                self._reactor, os.pread, fd, self.chunk_size, offset
+            )
+            offset += len(data)
+            if self._stopped:
+                return
+            if not data:
+                done.callback(None)
+                return
+            consumer.write(data)
+
+    def pauseProducing(self) -> None:
+        if self._paused is None:
+            self._paused = Deferred()
+
+    def resumeProducing(self) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused.callback(None)
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self.resumeProducing()
+
+
+def _in_thread(reactor: Any, fn: Any, *args: Any) -> Deferred[Any]:
+    return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+
+
 class _WebhookReceiver:
-    """Collects one message, then POSTs it (the same bytes on each retry)."""
+    """Collects one message, then POSTs it (the same bytes on each retry).
+
+    Past C{spool_threshold} bytes the message goes to an unlinked temporary
+    file, written and read in worker threads, so memory stays bounded; the
+    client is paused while more than C{max_in_flight} bytes wait for disk.
+    """
 
     def __init__(self, handler: WebhookHandler, envelope: Envelope) -> None:
         self._handler = handler
+        self._reactor = handler.reactor
         self._headers = envelope_headers(envelope)
         self._envelope_key = (envelope.mail_from, list(envelope.rcpt_tos))
         prefix = (
@@ -317,6 +389,7 @@ class _WebhookReceiver:
             + envelope.received_header
         )
         self._chunks: list[bytes] = [prefix]
+        self._size = len(prefix)
         self._content_hash = hashlib.sha256()
         self._signature = (
             hmac.new(handler._secret, prefix, hashlib.sha256)
@@ -324,14 +397,64 @@ class _WebhookReceiver:
             else None
         )
         self._message_id = envelope.message_id
+        self._file: Any = None
+        self._io: Optional[Deferred[Any]] = None  # the chain of disk writes
+        self._in_flight = 0
+        self._producer: Any = None
+        self._paused = False
+        self._closed = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._producer = producer
+
+    def unregisterProducer(self) -> None:
+        self._resume()
+        self._producer = None
 
     def write(self, data: bytes) -> None:
-        self._chunks.append(data)
         self._content_hash.update(data)
         if self._signature is not None:
             self._signature.update(data)
+        self._size += len(data)
+        self._chunks.append(data)
+        if self._io is None and self._size <= self._handler.spool_threshold:
+            return
+        chunks, self._chunks = self._chunks, []
+        pending = sum(len(c) for c in chunks)
+        self._in_flight += pending
+        if self._io is None:
+            self._io = _in_thread(self._reactor, self._spool_first, chunks)
+        else:
+            self._io.addCallback(
+                lambda _: _in_thread(self._reactor, self._spool_more, chunks)
+            )
+        self._io.addCallback(self._written, pending)
+        if self._in_flight > self._handler.max_in_flight and self._producer:
+            self._paused = True
+            self._producer.pauseProducing()
+
+    def _spool_first(self, chunks: list[bytes]) -> None:
+        self._file = tempfile.TemporaryFile(prefix="smtpd-webhook-")
+        self._spool_more(chunks)
+
+    def _spool_more(self, chunks: list[bytes]) -> None:
+        self._file.writelines(chunks)
+
+    def _written(self, result: Any, size: int) -> Any:
+        self._in_flight -= size
+        if self._in_flight <= self._handler.max_in_flight // 2:
+            self._resume()
+        return result
+
+    def _resume(self) -> None:
+        if self._paused and self._producer is not None:
+            self._paused = False
+            self._producer.resumeProducing()
 
     def finish(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._finish())
+
+    async def _finish(self) -> None:
         headers = dict(self._headers)
         headers["Content-Type"] = "message/rfc822"
         mail_from, recipients = self._envelope_key
@@ -340,13 +463,37 @@ class _WebhookReceiver:
         )
         if self._signature is not None:
             headers["X-Smtpd-Signature"] = "sha256=" + self._signature.hexdigest()
-        chunks, self._chunks = self._chunks, []
-        return Deferred.fromCoroutine(
-            self._handler.deliver(headers, chunks, self._message_id)
-        )
+        try:
+            if self._io is None:
+                chunks, self._chunks = self._chunks, []
+                body: Any = lambda: _ChunksProducer(chunks)  # noqa: E731
+            else:
+                rest, self._chunks = self._chunks, []
+                try:
+                    await self._io
+                    await _in_thread(self._reactor, self._spool_more, rest)
+                except Exception:
+                    _log.failure("webhook: spooling {id} failed", id=self._message_id)
+                    raise SMTPError(451, "4.3.0", "Could not spool the message")
+                spooled, size = self._file, self._size
+                body = lambda: _FileProducer(spooled, size, self._reactor)  # noqa: E731
+            await self._handler.deliver(headers, body, self._message_id)
+        finally:
+            self._close()
 
     def abort(self) -> None:
         self._chunks = []
+        self._resume()
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._io is not None:
+            # After the writes in flight; TemporaryFile deletes on close.
+            self._io.addBoth(lambda _: self._file and self._file.close())
+            self._io.addErrback(lambda _: None)
 
 
 def from_target(target: str, options: DeliverOptions, reactor: Any) -> WebhookHandler:
