@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import pytest_twisted
 from twisted.internet import threads
+from twisted.protocols.basic import LineReceiver
 
 from twisted_smtpd import Limits, SMTPError
 from twisted_smtpd.deliver._proxy import (
@@ -280,3 +281,109 @@ def test_next_hop_that_stops_reading_is_451(listen, relay):
     code, text = yield in_thread(client)
     assert 451 == code and b"stopped reading" in text, text
     assert 0 == stuck.stored
+
+
+@pytest_twisted.inlineCallbacks
+def test_transaction_reaped_before_data_is_451_not_a_hang(listen, relay):
+    """The borrowed connection was given back (idle client) before DATA:
+    DATA still ends in an answer, a 451, never a wait."""
+    memory = MemoryHandler()
+    handler = relay(listen(memory))
+    handler.idle_timeout = 0.2
+    port = listen(handler)
+
+    def client():
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+            smtp.ehlo("client.example")
+            smtp.mail("s@example.org")
+            smtp.rcpt("a@example.net")
+            time.sleep(0.6)
+            return smtp.data(b"late\r\n")
+
+    code, text = yield in_thread(client)
+    assert 451 == code and text.startswith(b"4.4.2"), text
+    assert [] == memory.messages
+    assert 1 == handler.pool.idle_count  # reset and kept for the next
+
+
+class StrictServer(LineReceiver):
+    """A minimal next hop like Postfix: a refused DATA keeps the transaction
+    open, so a second MAIL without RSET is a 503."""
+
+    delimiter = b"\r\n"
+
+    def connectionMade(self):
+        self.in_mail = False
+        self.in_data = False
+        self.sendLine(b"220 strict.test ESMTP")
+
+    def lineReceived(self, line):
+        if self.in_data:
+            if line == b".":
+                self.in_data = self.in_mail = False
+                self.factory.stored += 1
+                self.sendLine(b"250 2.0.0 stored")
+            return
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            self.sendLine(b"250-strict.test\r\n250 ENHANCEDSTATUSCODES")
+        elif verb == b"MAIL":
+            if self.in_mail:
+                self.sendLine(b"503 5.5.1 Error: nested MAIL command")
+            else:
+                self.in_mail = True
+                self.sendLine(b"250 2.1.0 Ok")
+        elif verb == b"RCPT":
+            self.sendLine(b"250 2.1.5 Ok")
+        elif verb == b"DATA":
+            if self.factory.refuse_data:
+                self.factory.refuse_data -= 1
+                self.sendLine(b"451 4.3.0 busy, try again")
+            else:
+                self.in_data = True
+                self.sendLine(b"354 go ahead")
+        elif verb == b"RSET":
+            self.in_mail = False
+            self.sendLine(b"250 2.0.0 Ok")
+        elif verb == b"QUIT":
+            self.sendLine(b"221 2.0.0 Bye")
+            self.transport.loseConnection()
+        else:
+            self.sendLine(b"502 5.5.2 no")
+
+
+@pytest_twisted.inlineCallbacks
+def test_refused_data_resets_before_reuse(relay):
+    """A DATA refused by the next hop leaves its transaction open there:
+    it is reset before the connection serves the next MAIL."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    from twisted_smtpd import SMTPFactory
+
+    strict = Factory.forProtocol(StrictServer)
+    strict.stored, strict.refuse_data = 0, 1
+    listener = reactor.listenTCP(0, strict, interface="127.0.0.1")
+    handler = relay(listener.getHost().port, pool_size=1)
+    front = reactor.listenTCP(
+        0, SMTPFactory(handler, hostname="mx.test"), interface="127.0.0.1"
+    )
+    try:
+        port = front.getHost().port
+        first = yield in_thread(send_one, port, b"one\r\n")
+        second = yield in_thread(send_one, port, b"two\r\n")
+    finally:
+        front.stopListening()
+        listener.stopListening()
+    assert (451, b"4.3.0 busy, try again") == first
+    assert 250 == second[0], second
+    assert 1 == strict.stored
+
+
+def send_one(port, data):
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        try:
+            smtp.sendmail("s@example.org", ["a@example.net"], data)
+        except smtplib.SMTPResponseException as error:
+            return error.smtp_code, error.smtp_error
+        return 250, b""

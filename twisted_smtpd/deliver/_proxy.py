@@ -662,20 +662,25 @@ class ProxyHandler:
         session_id = transaction.session_id
         self._resets[session_id] = done
 
+        def finished(_: Any) -> None:
+            if self._resets.get(session_id) is done:
+                del self._resets[session_id]
+            done.callback(None)
+
+        self.reset_and_release(connection).addBoth(finished)
+
+    def reset_and_release(self, connection: DownstreamProtocol) -> Deferred[None]:
+        """RSET, then back to the pool (or dropped if RSET fails)."""
+
         def reset(reply: DownstreamReply) -> None:
             if reply.ok:
                 self.pool.release(connection)
             else:
                 self.pool.discard(connection)
 
-        def finished(_: Any) -> None:
-            if self._resets.get(session_id) is done:
-                del self._resets[session_id]
-            done.callback(None)
-
-        connection.command("RSET").addCallbacks(
+        return connection.command("RSET").addCallbacks(
             reset, lambda _: self.pool.discard(connection)
-        ).addBoth(finished)
+        )
 
     def _touch(self, key: int, transaction: _Transaction) -> None:
         if transaction.idle_timer is not None and transaction.idle_timer.active():
@@ -940,7 +945,7 @@ class _ProxyReceiver:
             self._error = Reply(
                 451, "4.4.2", f"Connection to next hop {handler.name} was lost"
             )
-            self._go_ahead: Deferred[DownstreamReply] = Deferred()
+            self._go_ahead: Deferred[Any] = succeed(None)
             return
         connection.on_lost = self._connection_lost
         self._go_ahead = connection.command("DATA")
@@ -980,10 +985,12 @@ class _ProxyReceiver:
             return
         if reply.code != 354:
             self._error = reply.as_reply()
-            # Nothing of the body was sent: the connection is still usable.
+            # Nothing of the body was sent: the connection is still usable
+            # once its transaction is reset.
             connection, self._connection = self._connection, None
             if connection is not None:
-                self.handler.pool.release(connection)
+                connection.on_lost = None
+                self.handler.reset_and_release(connection)
             self._early = None
             self._release_producer()
             return
