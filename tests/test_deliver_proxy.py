@@ -387,3 +387,33 @@ def send_one(port, data):
         except smtplib.SMTPResponseException as error:
             return error.smtp_code, error.smtp_error
         return 250, b""
+
+
+@pytest_twisted.inlineCallbacks
+def test_smtputf8_to_a_next_hop_without_it_is_refused_at_mail(relay):
+    """SMTPUTF8 cannot be downgraded: 550 5.6.7 at MAIL, not a later bounce."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    from twisted_smtpd import SMTPFactory
+
+    strict = Factory.forProtocol(StrictServer)
+    strict.stored, strict.refuse_data = 0, 0
+    listener = reactor.listenTCP(0, strict, interface="127.0.0.1")
+    handler = relay(listener.getHost().port)
+    front = reactor.listenTCP(
+        0, SMTPFactory(handler, hostname="mx.test"), interface="127.0.0.1"
+    )
+
+    def client():
+        with smtplib.SMTP("127.0.0.1", front.getHost().port, timeout=20) as smtp:
+            smtp.ehlo("client.example")
+            return smtp.mail("s@example.org", ["SMTPUTF8"])
+
+    try:
+        code, text = yield in_thread(client)
+    finally:
+        front.stopListening()
+        listener.stopListening()
+    assert 550 == code and text.startswith(b"5.6.7"), text
+    assert 1 == handler.pool.idle_count  # the connection is fine for others

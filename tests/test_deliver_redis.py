@@ -110,6 +110,17 @@ def test_out_of_memory_is_451_not_250(redis_server, client, redis_smtp):
 
 
 @pytest_twisted.inlineCallbacks
+def test_too_few_replicas_is_451(redis_server, client, redis_smtp):
+    """replicas=1 and no replica answers WAIT in time: no 250 (the entry is
+    on the primary only, which replicas=1 says is not enough)."""
+    _, port = redis_smtp(
+        f"redis://127.0.0.1:{redis_server.port}/4?stream=safe&replicas=1", timeout=1
+    )
+    code, text = yield threads.deferToThread(send, port, b"Subject: x\r\n\r\nx\r\n")
+    assert (451, True) == (code, text.startswith(b"4.3.0")), text
+
+
+@pytest_twisted.inlineCallbacks
 def test_server_down_is_451(redis_smtp):
     _, port = redis_smtp(f"redis://127.0.0.1:{free_port()}/0?stream=s")
     code, text = yield threads.deferToThread(send, port, b"Subject: x\r\n\r\nx\r\n")

@@ -369,9 +369,11 @@ def serve_worker(
             signal.SIGUSR1,
             lambda *_: reactor.callFromThread(drain),  # type: ignore[attr-defined]
         )
+        # Only now: the reactor runs and SIGTERM/SIGUSR1 are ours (before,
+        # a SIGUSR1 relayed on seeing this line would kill the worker).
+        _log.info("smtpd worker {number} serving", number=number)
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)
     reactor.callWhenRunning(install_signals)
     LoopingCall(orphaned).start(1.0, now=False)
-    _log.info("smtpd worker {number} serving", number=number)
     reactor.run()

@@ -717,7 +717,7 @@ class ProxyHandler:
             self._forget(key)
             raise
         if transaction.ended:  # the client gave up meanwhile
-            self.pool.release(connection)
+            self.reset_and_release(connection)
             return
         transaction.connection = connection
         connection.on_lost = lambda: self._lost(key, connection)
