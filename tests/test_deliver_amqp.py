@@ -383,3 +383,41 @@ def send_raw(port: int, sent: threading.Event, replies: list) -> None:
         sent.set()
         replies.append(reply())
         replies.append(reply())
+
+
+def test_workers_each_publish_with_confirms(rabbit, tmp_path):
+    """--workers 2: each process connects its own confirm channel, and a
+    burst of separate connections all get 250 and are in the queue."""
+    rabbit_queue(rabbit.port, "workers")
+    smtp_port = free_port()
+    proc = start_twistd(
+        tmp_path,
+        "--port",
+        f"tcp:{smtp_port}:interface=127.0.0.1",
+        "--workers",
+        "2",
+        "--deliver",
+        f"amqp://{rabbit.url_host}/?routing_key=workers",
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for_port(smtp_port, proc)
+        for _ in range(200):
+            if sum("connected to amqp" in line for line in lines) >= 2:
+                break
+            time.sleep(0.1)
+        ids = [
+            queued_id(send(smtp_port, f"Subject: {i}\r\n\r\n{i}\r\n".encode()))
+            for i in range(10)
+        ]
+        got = rabbit_drain(rabbit.port, "workers", 10)
+        assert sorted(ids) == sorted(properties.message_id for properties, _ in got)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        reader.join(5)
+        proc.stdout.close()
+    assert 2 == sum("connected to amqp" in line for line in lines), lines
+    assert not any("Traceback" in line for line in lines), lines
