@@ -146,8 +146,9 @@ class _Wire(LineReceiver, TimeoutMixin):
         self._direct_write = False  # replies may go straight to the socket
         if not self.MAX_LENGTH:
             self.MAX_LENGTH = self.limits.max_line
+        cls = type(self)
         self._lines = LineMode(
-            self, self.lineReceived, self.lineLengthExceeded, self.MAX_LENGTH
+            self, cls.lineReceived, cls.lineLengthExceeded, self.MAX_LENGTH
         )
         self._mode: Any = self._lines
 
@@ -1013,9 +1014,10 @@ class SMTPServerProtocol(_Wire):
             return
         if isinstance(result, Reply):  # a challenge: the answer is a SASL line
             if self._mode is self._lines:
-                deliver = partial(self._sasl_line, exchange)
+                deliver = partial(_sasl_line, exchange)
                 limit = self.limits.max_auth_line - 2
-                self._set_mode(LineMode(self, deliver, self._sasl_too_long, limit))
+                too_long = type(self)._sasl_too_long
+                self._set_mode(LineMode(self, deliver, too_long, limit))
             self.reply(result)
             return
         self._set_mode(self._lines)
@@ -1031,11 +1033,6 @@ class SMTPServerProtocol(_Wire):
             errbackArgs=(self._auth_failed,),
         )
         login.addErrback(self._unexpected)
-
-    def _sasl_line(self, exchange: Any, line: bytes) -> None:
-        if self._debug:
-            _log.info("smtpd {session_id} <<< ****", session_id=self.session.session_id)
-        self._sasl_step(exchange, line.decode("ascii", "replace").strip())
 
     def _sasl_too_long(self, line: bytes) -> None:
         self._set_mode(self._lines)
@@ -1117,6 +1114,13 @@ def _verb_table(cls: type) -> dict[str, Callable[..., None]]:
 
 
 SMTPServerProtocol._COMMANDS = _verb_table(SMTPServerProtocol)
+
+
+def _sasl_line(exchange: Any, protocol: SMTPServerProtocol, line: bytes) -> None:
+    """A client's answer in an AUTH exchange (never logged)."""
+    if protocol._debug:
+        _log.info("smtpd {session_id} <<< ****", session_id=protocol.session.session_id)
+    protocol._sasl_step(exchange, line.decode("ascii", "replace").strip())
 
 
 def _bdat_argument(argument: str) -> tuple[int, bool]:
