@@ -140,6 +140,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "Serve /metrics, /healthz, /readyz (and POST /drain from loopback)"
             " on this endpoint, e.g. tcp:9464:interface=127.0.0.1.",
         ],
+        ["web", None, None, "Mail catcher UI + Mailpit API on ENDPOINT (loopback)."],
+        ["web-auth", None, None, "Password file (user:password) for the catcher."],
+        ["web-mailboxes", None, "recipient", "recipient, domain, auth or DOTTED.NAME."],
+        ["web-relay", None, None, "HOST:PORT the catcher releases messages to."],
     ]
     compData = usage.Completions(
         optActions={
@@ -231,6 +235,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                     )
         self["metrics_endpoint"] = self._metrics()
         self["handler_object"] = self._handler()
+        self["web_service"] = None
+        if self["web"]:
+            from .web import configure_web
+
+            self["handler_object"], self["web_service"] = configure_web(
+                self, self["handler_object"]
+            )
         self["auth_policy"] = self._auth()
 
     def _metrics(self) -> Any:
@@ -789,6 +800,10 @@ def makeService(config: Options) -> service.IService:
     factory = build_factory(config)
     parent = SMTPService(factory, config["grace"])
     parent.default_port = bool(config.get("default_port"))
+    if config.get("web_service") is not None:
+        # First: its index opens first; last: it indexes the messages drained.
+        config["web_service"].setServiceParent(parent)
+        parent.stop_after_drain.append(config["web_service"])
     listeners = []
     for endpoint in config["endpoints"]:
         listener = StreamServerEndpointService(endpoint, factory)
