@@ -274,7 +274,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 )
             if isinstance(handler, type):
                 handler = handler()
-            from .protocol import HandlerHooks
+            from ._delivery import HandlerHooks
 
             try:
                 HandlerHooks(handler)
