@@ -1,388 +1,347 @@
-"""Issue 11: clients that stall a handshake, never read, or loop on junk commands.
+"""Issue 12: handler faults and handler output, DSN, and honest session details.
 
-In-memory tests (StringTransport + Clock) for the rules, real sockets where
-the fault lives in the socket layer.
+Each test drives the real protocol through L{twisted_smtpd.testing.connect}.
 """
 
 from __future__ import annotations
 
-import socket
-import ssl
-import time
 from typing import Any
 
 import pytest
-from pytest_twisted import inlineCallbacks
-from twisted.internet import reactor, task, threads
-from twisted.internet.interfaces import ISSLTransport
+import pytest_twisted
+from twisted.internet.address import UNIXAddress
 from twisted.internet.task import Clock
-from zope.interface import alsoProvides
+from twisted.logger import formatEvent, globalLogPublisher
 
-from twisted_smtpd import Limits, SMTPFactory
-from twisted_smtpd.handlers import MemoryHandler
-from twisted_smtpd.protocol import CLOSE_GRACE
-from twisted_smtpd.testing import FakeClient, TLSStringTransport, connect
-from twisted_smtpd.tls import TLSPolicy
-
-from .test_events import Recorder
+from twisted_smtpd import SMTPError, SMTPFactory
+from twisted_smtpd.handlers import MaildirHandler, MemoryHandler
+from twisted_smtpd.testing import FakeClient, connect
 
 
-def make_factory(clock: Clock, **limits: Any) -> SMTPFactory:
-    return SMTPFactory(
-        MemoryHandler(), hostname="mx.test", reactor=clock, limits=Limits(**limits)
+@pytest.fixture
+def logged() -> Any:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def lines(events: list[dict[str, Any]], text: str) -> list[str]:
+    return [line for line in map(formatEvent, events) if text in line]
+
+
+def greeted(handler: Any, clock: Clock, peer: Any = None, **kwargs: Any) -> FakeClient:
+    client = connect(
+        SMTPFactory(handler, hostname="mx.test", reactor=clock, **kwargs), peer=peer
     )
-
-
-def _policy(certificates: Any) -> TLSPolicy:
-    return TLSPolicy.from_files(str(certificates["cert"]), str(certificates["key"]))
-
-
-def greeted(factory: SMTPFactory) -> FakeClient:
-    client = connect(factory)
     client.replies()
-    client.command(b"EHLO c.example")
+    client.command(b"EHLO client.example")
     return client
 
 
-class TestCloseAborts:
-    """Every close ends the connection, flushed or not (items 2 and 4)."""
-
-    def test_idle_timeout_aborts_when_the_421_is_not_taken(self) -> None:
-        clock = Clock()
-        client = greeted(make_factory(clock, timeout=10))
-        clock.advance(10)
-        assert [b"421 4.4.2 mx.test Timeout, closing connection"] == client.replies()
-        assert client.transport.disconnecting
-        assert not client.transport.disconnected  # the 421 gets its chance
-        clock.advance(CLOSE_GRACE)
-        assert client.transport.disconnected  # aborted
-
-    def test_a_connection_that_closes_in_time_is_not_aborted(self) -> None:
-        clock = Clock()
-        client = greeted(make_factory(clock))
-        client.command(b"QUIT")
-        client.protocol.connectionLost(None)
-        assert not client.transport.disconnected
-        assert [] == clock.getDelayedCalls()
-
-    def test_session_ended_timeout_is_reported(self) -> None:
-        clock = Clock()
-        recorder = Recorder()
-        factory = SMTPFactory(
-            MemoryHandler(),
-            hostname="mx.test",
-            reactor=clock,
-            limits=Limits(timeout=10),
-            events=recorder,
-        )
-        client = greeted(factory)
-        clock.advance(10 + CLOSE_GRACE)
-        client.protocol.connectionLost(None)
-        assert [("timeout", 10 + CLOSE_GRACE)] == recorder.named("session_ended")
+def transaction(client: FakeClient, body: bytes = b"Subject: x\r\n\r\nhi\r\n") -> list:
+    """MAIL, RCPT, DATA and a message: every reply line from MAIL on."""
+    replies = client.command(b"MAIL FROM:<a@example.org>")
+    replies += client.command(b"RCPT TO:<b@example.net>")
+    replies += client.command(b"DATA")
+    client.send(body + b".\r\n")
+    return replies + client.replies()
 
 
-class TestHandshakeTimeout:
-    """A TLS handshake that never finishes is aborted (item 2)."""
-
-    def test_starttls_handshake_times_out(self, certificates) -> None:
-        clock = Clock()
-        factory = SMTPFactory(
-            MemoryHandler(),
-            hostname="mx.test",
-            reactor=clock,
-            tls=_policy(certificates),
-            limits=Limits(tls_handshake_timeout=30),
-        )
-        client = greeted(factory)
-        assert client.command(b"STARTTLS")[0].startswith(b"220 ")
-        clock.advance(29)
-        assert not client.transport.disconnecting
-        clock.advance(1)
-        assert client.transport.disconnected  # aborted: no reply can reach it
-        assert [] == client.replies()
-
-    def test_a_finished_handshake_cancels_the_deadline(self, certificates) -> None:
-        clock = Clock()
-        factory = SMTPFactory(
-            MemoryHandler(),
-            hostname="mx.test",
-            reactor=clock,
-            tls=_policy(certificates),
-            limits=Limits(tls_handshake_timeout=30, timeout=100),
-        )
-        client = greeted(factory)
-        client.command(b"STARTTLS")
-        client.protocol.handshakeCompleted()
-        clock.advance(60)
-        assert not client.transport.disconnecting
-
-    def test_implicit_tls_handshake_times_out(self) -> None:
-        clock = Clock()
-        factory = make_factory(clock, tls_handshake_timeout=30)
-        transport = TLSStringTransport()
-        alsoProvides(transport, ISSLTransport)  # an ssl: listener
-        client = connect(factory, transport=transport)
-        clock.advance(30)
-        assert client.transport.disconnected
+LOCAL_ERROR = b"451 4.3.0 Requested action aborted: local error"
 
 
-class TestOutputBackPressure:
-    """Replies to a client that does not read stop the reading (item 3)."""
+# -- item 7: a receiver that breaks is a 451, and the session goes on ---------
 
-    def test_the_protocol_watches_the_transports_buffer(self) -> None:
-        client = connect(make_factory(Clock()))
-        assert client.transport.producer is not None
-        assert client.transport.streaming
 
-    def test_no_answers_while_the_output_is_full(self) -> None:
-        client = greeted(make_factory(Clock()))
-        client.transport.producer.pauseProducing()  # as a full transport does
-        client.send(b"NOOP\r\nHELP\r\n")
-        assert [] == client.replies()
-        client.transport.producer.resumeProducing()
+class WriteRaises:
+    def __init__(self) -> None:
+        self.aborted = 0
+
+    def open_message(self, envelope: Any) -> Any:
+        return self
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("the receiver broke")
+
+    def finish(self) -> None:
+        raise AssertionError("finish() after a failed write")
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+class OpensNothing:
+    def open_message(self, envelope: Any) -> Any:
+        return None
+
+
+class TestBrokenReceivers:
+    def test_write_raising_is_451_and_the_session_goes_on(
+        self, clock: Clock, logged: list[dict[str, Any]]
+    ) -> None:
+        """Before: the connection was dropped."""
+        handler = WriteRaises()
+        client = greeted(handler, clock)
+        replies = transaction(client)
+        assert LOCAL_ERROR == replies[-1]
+        assert not client.closed
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
+        assert 1 == handler.aborted
+        failures = [e["log_failure"] for e in logged if "log_failure" in e]
+        assert 1 == len(failures) and failures[0].check(RuntimeError)
+
+    def test_write_raising_with_bdat(self, clock: Clock) -> None:
+        client = greeted(WriteRaises(), clock)
+        client.command(b"MAIL FROM:<a@example.org>")
+        client.command(b"RCPT TO:<b@example.net>")
+        client.send(b"BDAT 4\r\nabcdBDAT 3 LAST\r\nxyz")
         replies = client.replies()
-        assert replies[0] == b"250 2.0.0 OK"
-        assert replies[-1].startswith(b"214 ")
+        assert LOCAL_ERROR in replies
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
 
-    def test_a_read_stops_when_the_output_fills(self) -> None:
-        """The replies of one big read are written in batches, so the
-        transport's back-pressure is felt within the read."""
-        client = greeted(make_factory(Clock()))
-        transport = client.transport
-        written = []
+    def test_a_second_message_is_taken(self, clock: Clock) -> None:
+        """After the 451 the next transaction works (a new receiver)."""
 
-        def write(data: bytes) -> None:
-            written.append(data)
-            if len(written) == 2:
-                transport.producer.pauseProducing()
+        class Collect:
+            def __init__(self, kept: list[bytes]) -> None:
+                self.kept = kept
 
-        transport.write = write
-        client.send(b"EHLO c.example\r\n" * 1000)
-        answered = b"".join(written).count(b"250 HELP")
-        assert 0 < answered < 1000
-        transport.producer.resumeProducing()
-        assert b"".join(written).count(b"250 HELP") == 1000
+            def write(self, data: bytes) -> None:
+                self.kept.append(data)
 
-    def test_held_input_pauses_the_socket(self) -> None:
-        client = greeted(make_factory(Clock()))
-        client.transport.producer.pauseProducing()
-        client.send(b"NOOP\r\n" * 50_000)  # 300 kB, more than the held-input bound
-        assert "paused" == client.transport.producerState
-        client.transport.producer.resumeProducing()
-        assert "producing" == client.transport.producerState
+            def finish(self) -> None:
+                return None
 
-    def test_the_idle_timer_runs_while_output_is_full(self) -> None:
-        clock = Clock()
-        client = greeted(make_factory(clock, timeout=10))
-        client.transport.producer.pauseProducing()
-        client.send(b"NOOP\r\n")
-        clock.advance(10)
-        assert client.transport.disconnecting
-        clock.advance(CLOSE_GRACE)
-        assert client.transport.disconnected
+            def abort(self) -> None:
+                pass
 
+        class FailsOnce:
+            def __init__(self) -> None:
+                self.opened = 0
+                self.kept: list[bytes] = []
 
-class TestJunkCommands:
-    """NOOP/RSET/VRFY/HELP/BDAT 0 loops end like other errors (item 5)."""
+            def open_message(self, envelope: Any) -> Any:
+                self.opened += 1
+                return WriteRaises() if self.opened == 1 else Collect(self.kept)
 
-    def test_junk_past_the_limit_counts_as_bad(self) -> None:
-        client = greeted(make_factory(Clock(), max_junk_commands=5, max_bad_commands=3))
-        for verb in (b"NOOP", b"RSET", b"VRFY x", b"HELP", b"NOOP"):
-            assert not client.command(verb)[-1].startswith(b"421")
-        assert client.command(b"NOOP") == [b"250 2.0.0 OK"]
-        assert client.command(b"NOOP") == [b"250 2.0.0 OK"]
-        assert client.command(b"NOOP") == [
-            b"250 2.0.0 OK",
-            b"421 4.7.0 mx.test Too many errors, closing connection",
-        ]
-        assert client.closed
-
-    def test_default_limit_is_postfix_like(self) -> None:
-        client = greeted(make_factory(Clock()))
-        for _ in range(109):
-            client.command(b"NOOP")
-        assert not client.closed
-        assert client.command(b"NOOP")[-1].startswith(b"421 4.7.0")
-
-    def test_a_delivered_message_forgives_junk(self) -> None:
-        client = greeted(make_factory(Clock(), max_junk_commands=5, max_bad_commands=2))
-        for _ in range(5):
-            client.command(b"NOOP")
-        client.command(b"MAIL FROM:<a@example.org>")
-        client.command(b"RCPT TO:<b@example.net>")
-        client.command(b"DATA")
-        client.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
-        assert client.replies()[0].startswith(b"250 2.0.0")
-        for _ in range(5):
-            client.command(b"NOOP")
-        assert not client.closed
-
-    def test_empty_bdat_chunks_are_junk(self) -> None:
-        client = greeted(make_factory(Clock(), max_junk_commands=3, max_bad_commands=2))
-        client.command(b"MAIL FROM:<a@example.org>")
-        client.command(b"RCPT TO:<b@example.net>")
-        for _ in range(4):
-            assert client.command(b"BDAT 0")[0].startswith(b"250 ")
-        assert client.command(b"BDAT 0")[-1].startswith(b"421 4.7.0")
-        assert client.closed
-
-
-class TestSessionTime:
-    """No loop holds a session past max_session_time (item 5)."""
-
-    def test_an_active_session_ends_at_its_lifetime(self) -> None:
-        clock = Clock()
-        client = greeted(make_factory(clock, max_session_time=1000, timeout=300))
-        for _ in range(9):
-            clock.advance(100)
-            client.command(b"EHLO c.example")
-        assert not client.closed
-        clock.advance(100)
-        assert [
-            b"421 4.4.2 mx.test Session time limit reached, closing connection"
-        ] == client.replies()
-        assert client.closed
-
-    def test_a_message_being_stored_is_answered_first(self) -> None:
-        from twisted.internet.defer import Deferred
-
-        pending: Deferred = Deferred()
-
-        class Slow:
-            def handle_message(self, envelope: Any) -> Deferred:
-                return pending
-
-        clock = Clock()
-        factory = SMTPFactory(
-            Slow(),
-            hostname="mx.test",
-            reactor=clock,
-            limits=Limits(max_session_time=100),
+        handler = FailsOnce()
+        client = greeted(handler, clock)
+        assert LOCAL_ERROR == transaction(client)[-1]
+        assert transaction(client, b"second\r\n")[-1].startswith(
+            b"250 2.0.0 OK: queued as "
         )
-        client = greeted(factory)
-        client.command(b"MAIL FROM:<a@example.org>")
-        client.command(b"RCPT TO:<b@example.net>")
-        client.command(b"DATA")
-        client.send(b"hi\r\n.\r\n")
-        clock.advance(100)
+        assert b"second\r\n" == b"".join(handler.kept)
+
+    def test_open_message_returning_none_is_451(self, clock: Clock) -> None:
+        """Before: an AttributeError on None dropped the connection."""
+        client = greeted(OpensNothing(), clock)
+        replies = transaction(client)
+        assert LOCAL_ERROR in replies
         assert not client.closed
-        pending.callback("Q1")
-        assert client.replies() == [
-            b"250 2.0.0 OK: queued as Q1",
-            b"421 4.4.2 mx.test Session time limit reached, closing connection",
-        ]
-        assert client.closed
-
-    def test_zero_means_no_lifetime_bound(self) -> None:
-        clock = Clock()
-        client = greeted(make_factory(clock, max_session_time=0))
-        assert client.protocol._session_call is None
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
 
 
-# -- real sockets ------------------------------------------------------------
+# -- item 8: handler output is made safe for the wire -------------------------
 
 
-def _server_connections(factory: SMTPFactory) -> list:
-    return list(factory.sessions)
+class Refuses(MemoryHandler):
+    def __init__(self, error: Any) -> None:
+        super().__init__()
+        self.error = error
+
+    def check_recipient(self, envelope: Any, address: str, options: Any) -> None:
+        raise self.error
 
 
-def _flood_without_reading(port: int, total: int) -> socket.socket:
-    """Connect with a tiny receive buffer, send EHLO lines, read nothing."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    sock.settimeout(2)
-    chunk = b"EHLO flood.example\r\n" * 512
-    sent = 0
-    try:
-        while sent < total:
-            sent += sock.send(chunk)
-    except OSError:  # the server stopped reading: the send buffer is full
-        pass
-    return sock
+class QueueId:
+    def __init__(self, queue_id: Any) -> None:
+        self.queue_id = queue_id
+
+    def handle_message(self, envelope: Any) -> Any:
+        return self.queue_id
 
 
-@inlineCallbacks
-def test_a_client_that_never_reads_holds_bounded_memory(listen):
-    """16 MB of pipelined EHLO used to pile up ~300 MB of replies."""
-    factory_kwargs = {"limits": Limits(timeout=60)}
-    port = listen(MemoryHandler(), **factory_kwargs)
-    sock = yield threads.deferToThread(_flood_without_reading, port, 4_000_000)
-    try:
-        yield task.deferLater(reactor, 0.2, lambda: None)
-        (protocol,) = _server_connections(listen.factories[-1])
-        transport = protocol.transport
-        unsent = len(transport.dataBuffer) + transport._tempDataLen
-        held = len(protocol._buffer)
-        # Old code: tens of MB of EHLO replies queued in the transport.
-        assert unsent < 1_000_000, unsent
-        assert held < 1_000_000, held
-    finally:
-        sock.close()
+class TestHandlerOutput:
+    def test_bare_cr_cannot_smuggle_a_reply(
+        self, clock: Clock, logged: list[dict[str, Any]]
+    ) -> None:
+        """Before: the client read two replies, a 550 and a 250."""
+        handler = Refuses(SMTPError(550, "5.7.1", "refused\r250 2.0.0 fake"))
+        client = greeted(handler, clock)
+        client.command(b"MAIL FROM:<a@example.org>")
+        client.send(b"RCPT TO:<b@example.net>\r\n")
+        output = client.output()
+        assert b"550 5.7.1 refused?250 2.0.0 fake\r\n" == output
+        (line,) = lines(logged, "handler reply changed")
+        assert "replaced" in line
+
+    def test_a_megabyte_of_text(self, clock: Clock) -> None:
+        client = greeted(Refuses(SMTPError(550, "5.7.1", "x" * 1_000_000)), clock)
+        client.command(b"MAIL FROM:<a@example.org>")
+        (reply,) = client.command(b"RCPT TO:<b@example.net>")
+        assert reply.startswith(b"550 5.7.1 xxx") and len(reply) + 2 <= 512
+
+    def test_a_success_code_cannot_pose_as_a_refusal(self, clock: Clock) -> None:
+        """SMTPError(250): the recipient was not taken, so not a 250."""
+        client = greeted(Refuses(SMTPError(250, "2.1.5", "fine")), clock)
+        client.command(b"MAIL FROM:<a@example.org>")
+        assert [LOCAL_ERROR] == client.command(b"RCPT TO:<b@example.net>")
+
+    def test_bytes_queue_id(self, clock: Clock, logged: list[dict[str, Any]]) -> None:
+        """Before: 250 2.0.0 OK: queued as b'abc'."""
+        client = greeted(QueueId(b"abc123"), clock)
+        assert b"250 2.0.0 OK: queued as abc123" == transaction(client)[-1]
+        (line,) = lines(logged, "queue id changed")
+        assert "bytes decoded" in line
+
+    def test_queue_id_with_crlf(self, clock: Clock) -> None:
+        client = greeted(QueueId("id\r\n250 2.0.0 fake"), clock)
+        output = transaction(client)
+        assert b"250 2.0.0 OK: queued as id??250?2.0.0?fake" == output[-1]
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
+
+    def test_long_queue_id(self, clock: Clock) -> None:
+        reply = transaction(greeted(QueueId("q" * 100_000), clock))[-1]
+        assert len(reply) + 2 <= 512
 
 
-@inlineCallbacks
-def test_idle_timeout_ends_a_client_that_never_reads(listen):
-    port = listen(MemoryHandler(), limits=Limits(timeout=1))
-    factory = listen.factories[-1]
-    sock = yield threads.deferToThread(_flood_without_reading, port, 2_000_000)
-    try:
-        for _ in range(200):  # idle timeout + CLOSE_GRACE, then the abort
-            if not factory.sessions:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        assert not factory.sessions
-    finally:
-        sock.close()
+# -- item 12: DSN only where the delivery honours it ---------------------------
 
 
-def _stall_starttls(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.recv(1024)
-    sock.sendall(b"EHLO stall.example\r\nSTARTTLS\r\n")
-    data = b""
-    while b"220 2.0.0" not in data:
-        data += sock.recv(4096)
-    return sock  # and never a ClientHello
+class HonoursDSN(MemoryHandler):
+    supports_dsn = True
 
 
-def _greeting(port: int, tls: bool = False) -> bytes:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    if tls:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        sock = context.wrap_socket(sock)
-    with sock:
-        return sock.recv(1024)
+class TestDSN:
+    def test_not_advertised_for_maildir(self, clock: Clock, tmp_path: Any) -> None:
+        """Before: DSN advertised, NOTIFY accepted and then dropped."""
+        handler = MaildirHandler(str(tmp_path / "M"), reactor=clock)
+        client = connect(SMTPFactory(handler, hostname="mx.test", reactor=clock))
+        client.replies()
+        assert b"250-DSN" not in client.command(b"EHLO client.example")
 
-
-@pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "ssl"])
-@inlineCallbacks
-def test_stalled_handshakes_free_their_slots(listen, certificates, implicit):
-    """Three stalled handshakes under --max-connections 3: the fourth is served."""
-    policy = TLSPolicy.from_files(str(certificates["cert"]), str(certificates["key"]))
-    limits = Limits(max_connections=3, timeout=300, tls_handshake_timeout=1)
-    if implicit:
-        port = listen(
-            MemoryHandler(), ssl_context=policy.context_factory, limits=limits
+    def test_parameters_refused_without_dsn(self, clock: Clock) -> None:
+        client = greeted(MemoryHandler(), clock)
+        assert [b"555 5.5.4 Parameter RET not recognized"] == client.command(
+            b"MAIL FROM:<a@example.org> RET=HDRS"
         )
-        stall = lambda: socket.create_connection(("127.0.0.1", port), timeout=10)  # noqa: E731
-    else:
-        port = listen(MemoryHandler(), tls=policy, limits=limits)
-        stall = lambda: _stall_starttls(port)  # noqa: E731
-    factory = listen.factories[-1]
-    stalled = []
-    for _ in range(3):
-        stalled.append((yield threads.deferToThread(stall)))
+        client.command(b"MAIL FROM:<a@example.org>")
+        assert [b"555 5.5.4 Parameter NOTIFY not recognized"] == client.command(
+            b"RCPT TO:<b@example.net> NOTIFY=SUCCESS"
+        )
+
+    def test_advertised_and_passed_on_where_honoured(self, clock: Clock) -> None:
+        handler = HonoursDSN()
+        client = connect(SMTPFactory(handler, hostname="mx.test", reactor=clock))
+        client.replies()
+        assert b"250-DSN" in client.command(b"EHLO client.example")
+        assert [b"250 2.1.0 Sender OK"] == client.command(
+            b"MAIL FROM:<a@example.org> RET=HDRS ENVID=abc"
+        )
+        assert [b"250 2.1.5 Recipient OK"] == client.command(
+            b"RCPT TO:<b@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.net"
+        )
+        client.command(b"DATA")
+        client.send(b"x\r\n.\r\n")
+        (envelope,) = handler.messages
+        assert "HDRS" == envelope.mail_options["RET"]
+        assert "SUCCESS,FAILURE" == envelope.rcpt_options[0]["NOTIFY"]
+
+
+# -- item 13: the Received header, HELP and the debug log ---------------------
+
+
+class TestSessionDetails:
+    def test_received_from_a_unix_socket(self, clock: Clock) -> None:
+        """Before: Received: from client.example ([UNIXAddress(None)])."""
+        handler = MemoryHandler()
+        client = greeted(handler, clock, peer=UNIXAddress(None))
+        transaction(client)
+        (envelope,) = handler.messages
+        first = envelope.received_header.split(b"\r\n")[0]
+        assert b"Received: from client.example (localhost)" == first
+
+    def test_help_lists_what_this_session_can_use(self, clock: Clock) -> None:
+        """No STARTTLS or AUTH without TLS or AUTH configured; BDAT is there."""
+        client = greeted(MemoryHandler(), clock)
+        (reply,) = client.command(b"HELP")
+        assert reply.startswith(b"214 2.0.0 ")
+        commands = reply.split(b": ", 1)[1].split()
+        assert b"BDAT" in commands and b"DATA" in commands
+        assert b"STARTTLS" not in commands and b"AUTH" not in commands
+
+    @pytest.mark.parametrize("space", [b"\t", b"  ", b" \t "])
+    def test_debug_masks_auth_whatever_the_whitespace(
+        self, clock: Clock, logged: list[dict[str, Any]], space: bytes
+    ) -> None:
+        """Before: a tab after AUTH PLAIN put the credentials in the log."""
+        client = greeted(MemoryHandler(), clock, debug=True)
+        secret = b"AGFsaWNlAHNlY3JldA=="
+        client.command(b"AUTH" + space + b"PLAIN" + space + secret)
+        text = "\n".join(map(formatEvent, logged))
+        assert secret.decode() not in text
+        assert "****" in text
+
+
+def test_help_follows_tls_and_auth(clock: Clock) -> None:
+    """Before STARTTLS: STARTTLS, no AUTH (it needs TLS); after: AUTH only."""
+    from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+
+    from twisted_smtpd.auth import AuthPolicy
+    from twisted_smtpd.tls import TLSPolicy
+
+    checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+    client = greeted(
+        MemoryHandler(),
+        clock,
+        tls=TLSPolicy(context_factory=object()),  # never used by the fake
+        auth=AuthPolicy.from_checkers([checker]),
+    )
+
+    def commands() -> list[bytes]:
+        (reply,) = client.command(b"HELP")
+        return reply.split(b": ", 1)[1].split()
+
+    before = commands()
+    assert b"STARTTLS" in before and b"AUTH" not in before
+    assert [b"220 2.0.0 Ready to start TLS"] == client.command(b"STARTTLS")
+    client.command(b"EHLO client.example")
+    after = commands()
+    assert b"STARTTLS" not in after and b"AUTH" in after
+
+
+@pytest_twisted.inlineCallbacks
+def test_received_over_a_real_unix_socket(tmp_path: Any) -> Any:
+    """A client on a real Unix socket: the trace says localhost, not repr()."""
+    import socket
+
+    from twisted.internet import reactor, threads
+
+    memory = MemoryHandler()
+    path = str(tmp_path / "smtpd.sock")
+    port = reactor.listenUNIX(path, SMTPFactory(memory, hostname="mx.test"))
+
+    def client() -> None:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(15)
+            sock.connect(path)
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(
+                b"HELO local.client\r\nMAIL FROM:<a@b.example>\r\n"
+                b"RCPT TO:<c@d.example>\r\nDATA\r\n"
+            )
+            for _ in range(4):
+                reader.readline()
+            sock.sendall(b"hi\r\n.\r\nQUIT\r\n")
+            assert reader.readline().startswith(b"250 ")
+
     try:
-        assert 3 == len(factory.sessions)
-        started = time.monotonic()
-        while factory.sessions and time.monotonic() - started < 10:
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        assert not factory.sessions
-        greeting = yield threads.deferToThread(_greeting, port, implicit)
-        assert greeting.startswith(b"220 mx.test ESMTP")
+        yield threads.deferToThread(client)
     finally:
-        for sock in stalled:
-            sock.close()
+        yield port.stopListening()
+    (envelope,) = memory.messages
+    assert envelope.received_header.startswith(
+        b"Received: from local.client (localhost)\r\n"
+    )

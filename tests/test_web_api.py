@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import email
 import hashlib
 import json
 import os
@@ -615,7 +616,12 @@ def test_release_to_a_real_smtp_server(catcher):
         [released] = downstream.messages
         assert released.rcpt_tos == ["real@example.org"]
         assert released.mail_from == "alice@example.org"
-        assert b"Subject: release me" in released.content
+        headers = email.message_from_bytes(released.content)
+        assert headers["Subject"] == "release me"
+        assert b"\r\r" not in released.content  # line endings intact
+        assert released.content.endswith(
+            b"\r\n\r\nHello Bob, this is the plain text.\r\n"
+        )
         # Our own Return-Path is not passed on; the next hop adds its own.
         assert not released.content.startswith(b"Return-Path:")
     finally:
@@ -639,3 +645,16 @@ def test_relay_and_endpoint_parsing():
         == "tcp:8025:interface=0.0.0.0"
     )
     assert loopback_by_default("unix:/run/c.sock") == "unix:/run/c.sock"
+
+
+def test_the_wrapper_keeps_the_delegates_other_attributes():
+    class DSNHandler(MemoryHandler):
+        supports_dsn = True
+
+    store = MessageStore(None)
+    wrapped = CatcherHandler(DSNHandler(), store)
+    assert SMTPFactory(wrapped, hostname="mx.test").dsn is True
+    assert (
+        SMTPFactory(CatcherHandler(MemoryHandler(), store), hostname="x").dsn is False
+    )
+    assert not hasattr(CatcherHandler(MemoryHandler(), store), "check_sender")

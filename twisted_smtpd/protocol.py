@@ -41,6 +41,7 @@ from ._data import DataReader
 from ._delivery import HandlerHooks, Message
 from ._fastwrite import can_write_directly, write_directly
 from ._input import DROP, ChunkMode, DataMode, LineMode, RawMode
+from ._sanitize import safe_queue_id, safe_reply
 from ._session import Envelope, Session, TLSInfo, received_header
 from .replies import (
     R214_HELP,
@@ -182,8 +183,9 @@ class _Wire(LineReceiver, TimeoutMixin):
         self._direct_write = False  # replies may go straight to the socket
         if not self.MAX_LENGTH:
             self.MAX_LENGTH = self.limits.max_line
+        cls = type(self)
         self._lines = LineMode(
-            self, self.lineReceived, self.lineLengthExceeded, self.MAX_LENGTH
+            self, cls.lineReceived, cls.lineLengthExceeded, self.MAX_LENGTH
         )
         self._mode: Any = self._lines
 
@@ -709,9 +711,20 @@ class _Wire(LineReceiver, TimeoutMixin):
             then(failure, *context)
 
     def _reply_failure(self, failure: Failure) -> None:
-        """The handler's SMTPError reply, or 451 with the traceback logged."""
+        """The handler's SMTPError reply, or 451 with the traceback logged.
+
+        The handler's reply is made safe for the wire first (no CR, LF
+        smuggling, bounded lines, a refusal code): see L{safe_reply}.
+        """
         if failure.check(SMTPError):
-            self.reply(failure.value.reply)
+            reply, changes = safe_reply(failure.value.reply)
+            if changes:
+                _log.warn(
+                    "smtpd {session_id}: handler reply changed: {changes}",
+                    session_id=self.session.session_id,
+                    changes="; ".join(changes),
+                )
+            self.reply(reply)
             return
         _log.failure(
             "smtpd {session_id}: handler failed",
@@ -877,7 +890,7 @@ class SMTPServerProtocol(_Wire):
         )
 
     def do_MAIL(self, argument: str) -> None:
-        sender, params = parse_mail(argument)
+        sender, params = parse_mail(argument, self.factory.dsn)
         if self.session.tls is not None:
             self.session.tls = self._current_tls()
         envelope = self.session.begin(sender, params)
@@ -896,7 +909,7 @@ class SMTPServerProtocol(_Wire):
     def do_RCPT(self, argument: str) -> None:
         envelope = self.session.envelope
         assert envelope is not None
-        address, params = parse_rcpt(argument, envelope.smtputf8)
+        address, params = parse_rcpt(argument, envelope.smtputf8, self.factory.dsn)
         self.session.check_recipient_count()
         self._run(
             "check_recipient",
@@ -917,7 +930,7 @@ class SMTPServerProtocol(_Wire):
         if message is None:
             return
         reader = DataReader(self.limits.max_message_size)
-        mode = DataMode(reader, message.receiver.write, self._data_done)
+        mode = DataMode(reader, _guarded_write(message), self._data_done)
         self._set_mode(mode, self.limits.data_timeout)
         self.reply(R354_START_INPUT)
 
@@ -932,7 +945,7 @@ class SMTPServerProtocol(_Wire):
             chunked, factory.reactor.seconds(), factory.received_header
         )
         try:
-            receiver = self._hooks.open_message(envelope)
+            message = Message(self._hooks.open_message(envelope), envelope, self)
         except Exception:
             failure = Failure()
             self._reply_failure(failure)
@@ -941,7 +954,7 @@ class SMTPServerProtocol(_Wire):
                 outcome = "refused" if failure.check(SMTPError) else "failed"
                 self._events.message_received(outcome, 0)
             return None
-        self._message = message = Message(receiver, envelope, self)
+        self._message = message
         return message
 
     def do_BDAT(self, argument: str) -> None:
@@ -959,7 +972,7 @@ class SMTPServerProtocol(_Wire):
             if not last:
                 self._junk()  # an empty chunk moves no mail
             return
-        write = None if message.too_big else message.receiver.write
+        write = None if message.too_big or message.failure else _guarded_write(message)
         self._set_mode(
             ChunkMode(size, write, self._chunk_done), self.limits.data_timeout
         )
@@ -983,7 +996,7 @@ class SMTPServerProtocol(_Wire):
         self._set_mode(self._lines)
         message = self._message
         assert message is not None
-        if message.too_big or message.last:
+        if message.too_big or message.last or message.failure is not None:
             self._end_of_data(message.envelope.size, message.too_big)
         else:
             self.reply(fill(R250_CHUNK_OK, size=message.chunk_size))
@@ -998,6 +1011,11 @@ class SMTPServerProtocol(_Wire):
             self._set_pauses(self._pauses & ~_RECEIVER)
         envelope = message.envelope
         envelope.size = size
+        if message.failure is not None:  # the receiver's write() raised
+            self._reply_failure(message.failure)
+            failed = "refused" if message.failure.check(SMTPError) else "failed"
+            self._message_done(envelope, "refused", failed)
+            return
         if too_big:
             _abort_receiver(message.receiver)
             self.reply(R552_TOO_BIG)
@@ -1013,7 +1031,8 @@ class SMTPServerProtocol(_Wire):
         )
 
     def _stored(self, queue_id: Any, envelope: Envelope) -> None:
-        self.reply(fill(R250_QUEUED, queue_id=queue_id or envelope.message_id))
+        queue_id = _queue_id(queue_id, envelope, self.session.session_id)
+        self.reply(fill(R250_QUEUED, queue_id=queue_id))
         self.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
         self._message_done(envelope, "accepted", "accepted")
 
@@ -1078,7 +1097,9 @@ class SMTPServerProtocol(_Wire):
         self._junk()
 
     def do_HELP(self, argument: str) -> None:
-        self.reply(R214_HELP)
+        """The commands this session can use now (no STARTTLS once TLS is on)."""
+        commands = _help_commands(self.factory.extensions(self.session), self._COMMANDS)
+        self.reply(fill(R214_HELP, commands=commands))
         self._junk()
 
     def do_EXPN(self, argument: str) -> None:
@@ -1121,9 +1142,10 @@ class SMTPServerProtocol(_Wire):
             return
         if isinstance(result, Reply):  # a challenge: the answer is a SASL line
             if self._mode is self._lines:
-                deliver = partial(self._sasl_line, exchange)
+                deliver = partial(_sasl_line, exchange)
                 limit = self.limits.max_auth_line - 2
-                self._set_mode(LineMode(self, deliver, self._sasl_too_long, limit))
+                too_long = type(self)._sasl_too_long
+                self._set_mode(LineMode(self, deliver, too_long, limit))
             self.reply(result)
             return
         self._set_mode(self._lines)
@@ -1139,11 +1161,6 @@ class SMTPServerProtocol(_Wire):
             errbackArgs=(self._auth_failed,),
         )
         login.addErrback(self._unexpected)
-
-    def _sasl_line(self, exchange: Any, line: bytes) -> None:
-        if self._debug:
-            _log.info("smtpd {session_id} <<< ****", session_id=self.session.session_id)
-        self._sasl_step(exchange, line.decode("ascii", "replace").strip())
 
     def _sasl_too_long(self, line: bytes) -> None:
         self._set_mode(self._lines)
@@ -1196,6 +1213,73 @@ class SMTPServerProtocol(_Wire):
             self._events.auth_attempt(ok)
 
 
+#: HELP lists the verbs in this order
+_HELP_ORDER = (
+    "HELO",
+    "EHLO",
+    "MAIL",
+    "RCPT",
+    "DATA",
+    "BDAT",
+    "RSET",
+    "NOOP",
+    "QUIT",
+    "VRFY",
+    "EXPN",
+    "HELP",
+    "STARTTLS",
+    "AUTH",
+)
+
+
+def _guarded_write(message: Message) -> Callable[[bytes], None]:
+    """C{message.receiver.write}, but a receiver that raises is a 451.
+
+    The failure is kept for the end of the data (or of the chunk), the
+    receiver aborted, and the rest of the message read and dropped; the
+    session goes on.
+    """
+    receiver_write = message.receiver.write
+
+    def write(data: bytes) -> None:
+        if message.failure is None:
+            try:
+                receiver_write(data)
+            except Exception:
+                message.failure = Failure()
+                _abort_receiver(message.receiver)
+
+    return write
+
+
+def _queue_id(queue_id: Any, envelope: Envelope, session_id: str) -> str:
+    """The handler's queue id made safe for the 250, or the message id."""
+    if not queue_id:
+        return envelope.message_id
+    queue_id, changes = safe_queue_id(queue_id)
+    if changes:
+        _log.warn(
+            "smtpd {session_id}: handler's queue id changed: {changes}",
+            session_id=session_id,
+            changes="; ".join(changes),
+        )
+    return queue_id
+
+
+def _help_commands(keywords: list[str], verbs: Any) -> str:
+    """The verbs HELP lists for a session with these EHLO C{keywords}."""
+    usable = {
+        "BDAT": "CHUNKING" in keywords,
+        "STARTTLS": "STARTTLS" in keywords,
+        "AUTH": any(keyword.startswith("AUTH ") for keyword in keywords),
+        "EXPN": False,  # always 502
+    }
+    commands = [verb for verb in _HELP_ORDER if usable.get(verb, True)]
+    # Verbs a subclass added come last.
+    commands += sorted(set(verbs) - set(_HELP_ORDER))
+    return " ".join(commands)
+
+
 def _verb_table(cls: type) -> dict[str, Callable[..., None]]:
     """Verb -> C{do_VERB} of C{cls}: overrides and new verbs of subclasses count."""
     return {
@@ -1206,6 +1290,13 @@ def _verb_table(cls: type) -> dict[str, Callable[..., None]]:
 
 
 SMTPServerProtocol._COMMANDS = _verb_table(SMTPServerProtocol)
+
+
+def _sasl_line(exchange: Any, protocol: SMTPServerProtocol, line: bytes) -> None:
+    """A client's answer in an AUTH exchange (never logged)."""
+    if protocol._debug:
+        _log.info("smtpd {session_id} <<< ****", session_id=protocol.session.session_id)
+    protocol._sasl_step(exchange, line.decode("ascii", "replace").strip())
 
 
 def _bdat_argument(argument: str) -> tuple[int, bool]:
@@ -1277,8 +1368,12 @@ def _tls_error_text(error: Exception) -> str:
 
 
 def _mask(line: bytes) -> bytes:
-    """AUTH payloads never reach a log."""
-    if line[:5].upper() == b"AUTH ":
-        parts = line.split(b" ", 2)
+    """AUTH payloads never reach a log, whatever whitespace separates them.
+
+    (A tab after C{AUTH PLAIN} is no command we parse, but the line is
+    logged all the same.)
+    """
+    if line[:4].upper() == b"AUTH" and line[4:5].isspace():
+        parts = line.split(None, 2)
         return b" ".join(parts[:2] + ([b"****"] if len(parts) > 2 else []))
     return line
