@@ -249,11 +249,19 @@ def test_no_deadline_left_behind(clock: Clock) -> None:
     client = client_for(Slow(), clock)
     greet(client)
     client.send(b"MAIL FROM:<s@example.org>\r\n")
-    assert 1 == len(clock.getDelayedCalls())  # the deadline (idle timer stopped)
+    assert [TIMEOUT] == deadlines(clock, pending)
     pending.callback(None)
     assert [b"250 2.1.0 Sender OK"] == client.replies()
-    calls = clock.getDelayedCalls()
-    assert [300.0] == [c.getTime() - clock.seconds() for c in calls]  # idle only
+    assert [] == deadlines(clock, pending)
+
+
+def deadlines(clock: Clock, hook: Deferred[Any]) -> list[float]:
+    """Seconds left on the timers that would cancel C{hook}."""
+    return [
+        call.getTime() - clock.seconds()
+        for call in clock.getDelayedCalls()
+        if call.func == hook.cancel
+    ]
 
 
 def test_zero_means_no_deadline(clock: Clock) -> None:
@@ -264,6 +272,6 @@ def test_zero_means_no_deadline(clock: Clock) -> None:
     client = connect(factory)
     greet(client)
     client.send(b"MAIL FROM:<s@example.org>\r\n")
-    assert [] == clock.getDelayedCalls()
+    assert [] == deadlines(clock, handler.pending["check_sender"])
     clock.advance(10_000)
     assert [] == client.replies()
