@@ -63,17 +63,33 @@ class Server:
             )
 
 
-def start_rabbitmq(directory: Path) -> Server:
-    """A private RabbitMQ node on a free loopback port (about 5 s to boot)."""
+def start_rabbitmq(directory: Path, certificates: Optional[dict] = None) -> Server:
+    """A private RabbitMQ node on a free loopback port (about 5 s to boot).
+
+    With C{certificates} (tests/certs.py) it also listens for AMQPS on
+    C{server.extra_ports["tls"]}.
+    """
     require_program("rabbitmq-server")
     port, dist_port, epmd_port = free_port(), free_port(), free_port()
     for sub in ("home", "mnesia", "log"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
-    (directory / "rabbitmq.conf").write_text(
+    config = (
         f"listeners.tcp.default = 127.0.0.1:{port}\n"
         "loopback_users = none\n"
         "disk_free_limit.absolute = 1MB\n"
     )
+    extra_ports = {"epmd": epmd_port}
+    if certificates is not None:
+        extra_ports["tls"] = free_port()
+        config += (
+            f"listeners.ssl.default = 127.0.0.1:{extra_ports['tls']}\n"
+            f"ssl_options.cacertfile = {certificates['ca']}\n"
+            f"ssl_options.certfile = {certificates['cert']}\n"
+            f"ssl_options.keyfile = {certificates['key']}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+        )
+    (directory / "rabbitmq.conf").write_text(config)
     (directory / "enabled_plugins").write_text("[].\n")
     env = dict(os.environ)
     env.update(
@@ -93,7 +109,7 @@ def start_rabbitmq(directory: Path) -> Server:
         proc = subprocess.Popen(
             [RABBITMQ_SERVER], env=env, stdout=out, stderr=subprocess.STDOUT
         )
-    server = Server("rabbitmq", port, proc, directory, {"epmd": epmd_port}, env)
+    server = Server("rabbitmq", port, proc, directory, extra_ports, env)
     try:
         _wait_listening(port, proc, "rabbitmq-server", log)
     except BaseException:
@@ -120,10 +136,30 @@ def rabbitmqctl(server: Server, *args: str) -> str:
     return done.stdout
 
 
-def start_redis(directory: Path) -> Server:
-    """A private redis-server with an fsync-always append-only file."""
+def start_redis(directory: Path, certificates: Optional[dict] = None) -> Server:
+    """A private redis-server with an fsync-always append-only file.
+
+    With C{certificates} it also listens for TLS on
+    C{server.extra_ports["tls"]}.
+    """
     require_program("redis-server")
     port = free_port()
+    extra_ports = {}
+    tls_args: list[str] = []
+    if certificates is not None:
+        extra_ports["tls"] = free_port()
+        tls_args = [
+            "--tls-port",
+            str(extra_ports["tls"]),
+            "--tls-cert-file",
+            str(certificates["cert"]),
+            "--tls-key-file",
+            str(certificates["key"]),
+            "--tls-ca-cert-file",
+            str(certificates["ca"]),
+            "--tls-auth-clients",
+            "no",
+        ]
     log = directory / "server.out"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -141,11 +177,12 @@ def start_redis(directory: Path) -> Server:
                 "yes",
                 "--appendfsync",
                 "always",
+                *tls_args,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    server = Server("redis", port, proc, directory)
+    server = Server("redis", port, proc, directory, extra_ports)
     try:
         _wait_listening(port, proc, "redis-server", log)
     except BaseException:

@@ -155,3 +155,154 @@ service lmtp {{
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+_POSTFIX_MASTER = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+tlsmgr    unix  - - n 1000? 1 tlsmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+smtp      unix  - - n - - smtp
+relay     unix  - - n - - smtp
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+virtual   unix  - n n - - virtual
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+class Postfix:
+    """A private Postfix (C{postfix -c DIR start}) accepting mail for
+    C{example.net} into one Maildir per user, relaying nothing.
+
+    With C{cert}/C{key} it offers STARTTLS with that certificate.
+    """
+
+    def __init__(
+        self, users: list[str], cert: Path | None = None, key: Path | None = None
+    ) -> None:
+        require_program("postfix")
+        self.root = Path(tempfile.mkdtemp(prefix="postfix-"))
+        self.root.chmod(0o755)
+        conf = self.root / "conf"
+        conf.mkdir()
+        (self.root / "queue").mkdir()
+        data = self.root / "data"
+        data.mkdir()
+        shutil.chown(data, "postfix")
+        self.mail = self.root / "mail"
+        self.mail.mkdir()
+        self.mail.chmod(0o777)
+        self.port = free_port()
+        self.conf = conf
+        (conf / "vmailbox").write_text(
+            "".join(f"{user}@example.net {user}/\n" for user in users)
+        )
+        tls = ""
+        if cert is not None and key is not None:
+            tls = (
+                f"smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {key}\n"
+                "smtpd_tls_security_level = may\nsmtpd_tls_received_header = yes\n"
+            )
+        (conf / "main.cf").write_text(
+            f"""\
+compatibility_level = 3.6
+queue_directory = {self.root}/queue
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = relay.test
+mydomain = test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_peername_lookup = no
+smtpd_relay_restrictions = reject_unauth_destination
+virtual_mailbox_domains = example.net
+virtual_mailbox_base = {self.mail}
+virtual_mailbox_maps = texthash:{conf}/vmailbox
+virtual_uid_maps = static:65534
+virtual_gid_maps = static:65534
+default_transport = error:this test relay sends nothing out
+local_transport = error:no local delivery
+alias_maps =
+alias_database =
+biff = no
+maillog_file_prefixes = {self.root}
+maillog_file = {self.root}/maillog
+{tls}"""
+        )
+        (conf / "master.cf").write_text(_POSTFIX_MASTER.format(port=self.port))
+        self._postfix("start")
+        try:
+            _wait_for(lambda: _port_open(self.port), "postfix")
+        except AssertionError:
+            self.stop()
+            raise
+
+    def _postfix(self, command: str) -> None:
+        proc = subprocess.run(
+            ["postfix", "-c", str(self.conf), command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if proc.returncode != 0 and command == "start":
+            raise AssertionError(f"postfix start failed: {proc.stderr}{self.log()}")
+
+    def maildir(self, user: str) -> Path:
+        return self.mail / user
+
+    def messages(self, user: str) -> list[bytes]:
+        return maildir_messages(self.maildir(user))
+
+    def wait_for_messages(self, user: str, count: int, seconds: float = 20) -> list:
+        """Postfix delivers after its 250 (from its queue): wait for it."""
+        _wait_for(
+            lambda: len(self.messages(user)) >= count, f"mail for {user}", seconds
+        )
+        return self.messages(user)
+
+    def log(self) -> str:
+        path = self.root / "maillog"
+        return path.read_text() if path.exists() else ""
+
+    def kill_smtpd_processes(self) -> int:
+        """SIGKILL Postfix's smtpd processes (the master stays)."""
+        out = subprocess.run(
+            ["pgrep", "-f", f"smtpd -n 127.0.0.1:{self.port}"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        for pid in out:
+            os.kill(int(pid), signal.SIGKILL)
+        return len(out)
+
+    def stop(self) -> None:
+        pid_file = self.root / "queue" / "pid" / "master.pid"
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = 0
+        self._postfix("stop")
+        deadline = time.monotonic() + 10
+        while pid and time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            time.sleep(0.05)
+        shutil.rmtree(self.root, ignore_errors=True)

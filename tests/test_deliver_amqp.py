@@ -26,8 +26,8 @@ QUEUED = re.compile(rb"queued as ([0-9A-Z]{26})")
 
 
 @pytest.fixture(scope="module")
-def rabbit(tmp_path_factory):
-    server = start_rabbitmq(tmp_path_factory.mktemp("rabbitmq"))
+def rabbit(tmp_path_factory, certificates):
+    server = start_rabbitmq(tmp_path_factory.mktemp("rabbitmq"), certificates)
     yield server
     server.stop()
 
@@ -98,6 +98,45 @@ def test_250_after_confirm_with_envelope_and_id(rabbit, amqp_server):
     assert message_id == headers["id"]
     assert body.startswith(b"Received: from client.example")
     assert body.endswith(b"Subject: hi\r\n\r\nbody\r\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_amqps_verifies_the_broker_with_deliver_ca(rabbit, amqp_server, certificates):
+    """amqps:// with --deliver-ca: 250; without it the test CA is not trusted
+    (the system store is), so the handshake fails and the client gets 451."""
+    rabbit_queue(rabbit.port, "secure")
+    target = f"amqps://localhost:{rabbit.extra_ports['tls']}/?routing_key=secure"
+    handler, port = amqp_server(target, ca_file=str(certificates["ca"]))
+    yield handler.publisher.when_ready()
+    reply = yield threads.deferToThread(send, port, b"Subject: t\r\n\r\ntls\r\n")
+    message_id = queued_id(reply)
+    got = yield threads.deferToThread(rabbit_drain, rabbit.port, "secure", 1)
+    assert [message_id] == [properties.message_id for properties, _ in got]
+
+    untrusting, port = amqp_server(target)
+    code, text = yield threads.deferToThread(send, port, b"Subject: u\r\n\r\nu\r\n")
+    assert (451, True) == (code, text.startswith(b"4.4.1")), text
+    assert not untrusting.publisher.connected
+
+
+@pytest_twisted.inlineCallbacks
+def test_exchange_and_routing_key(rabbit, amqp_server):
+    """exchange=E&routing_key=K publishes through the operator's exchange."""
+    import pika
+
+    params = pika.ConnectionParameters("127.0.0.1", rabbit.port)
+    with pika.BlockingConnection(params) as connection:
+        channel = connection.channel()
+        channel.exchange_declare("mail", "direct", durable=True)
+        channel.queue_declare("routed", durable=True)
+        channel.queue_bind("routed", "mail", routing_key="inbound")
+    handler, port = amqp_server(
+        f"amqp://{rabbit.url_host}/%2F?exchange=mail&routing_key=inbound"
+    )
+    yield handler.publisher.when_ready()
+    reply = yield threads.deferToThread(send, port, b"Subject: e\r\n\r\ne\r\n")
+    got = yield threads.deferToThread(rabbit_drain, rabbit.port, "routed", 1)
+    assert [queued_id(reply)] == [properties.message_id for properties, _ in got]
 
 
 @pytest_twisted.inlineCallbacks
@@ -344,3 +383,41 @@ def send_raw(port: int, sent: threading.Event, replies: list) -> None:
         sent.set()
         replies.append(reply())
         replies.append(reply())
+
+
+def test_workers_each_publish_with_confirms(rabbit, tmp_path):
+    """--workers 2: each process connects its own confirm channel, and a
+    burst of separate connections all get 250 and are in the queue."""
+    rabbit_queue(rabbit.port, "workers")
+    smtp_port = free_port()
+    proc = start_twistd(
+        tmp_path,
+        "--port",
+        f"tcp:{smtp_port}:interface=127.0.0.1",
+        "--workers",
+        "2",
+        "--deliver",
+        f"amqp://{rabbit.url_host}/?routing_key=workers",
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for_port(smtp_port, proc)
+        for _ in range(200):
+            if sum("connected to amqp" in line for line in lines) >= 2:
+                break
+            time.sleep(0.1)
+        ids = [
+            queued_id(send(smtp_port, f"Subject: {i}\r\n\r\n{i}\r\n".encode()))
+            for i in range(10)
+        ]
+        got = rabbit_drain(rabbit.port, "workers", 10)
+        assert sorted(ids) == sorted(properties.message_id for properties, _ in got)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        reader.join(5)
+        proc.stdout.close()
+    assert 2 == sum("connected to amqp" in line for line in lines), lines
+    assert not any("Traceback" in line for line in lines), lines

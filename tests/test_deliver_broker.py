@@ -221,6 +221,31 @@ def test_spool_keeps_order_new_mail_waits_behind_the_backlog(spool_with):
 
 
 @pytest_twisted.inlineCallbacks
+def test_spool_forwards_in_batches_and_retries_what_was_refused(spool_with):
+    """At most C{batch} publishes wait for acks at once; a refused message is
+    sent again (same id) while the acknowledged ones are not."""
+    publisher = FakePublisher()
+    publisher.up = False
+    handler, spool = spool_with(publisher)
+    spool.batch = 2
+    ids = []
+    for i in range(3):
+        ids.append((yield handler.handle_message(envelope(b"%d\r\n" % i))))
+    first, second = Deferred(), Deferred()
+    publisher.answers += [first, second, fail(EngineRefused("nack"))]
+    publisher.up = True
+    spool._delay = 0.01  # the first retry (the engine was down) is short
+    yield wait_until(lambda: len(publisher.published) == 2)
+    assert ids[:2] == [m.message_id for m in publisher.published]
+    first.callback(None)
+    second.callback(None)
+    yield wait_until(lambda: spool.pending == 0)
+    # the third was refused once, then sent again
+    assert ids + [ids[2]] == [m.message_id for m in publisher.published]
+    assert 3 == spool.forwarded and [] == spooled(spool)
+
+
+@pytest_twisted.inlineCallbacks
 def test_spool_after_restart_forwards_what_was_left_and_drops_tmp(tmp_path):
     publisher = FakePublisher()
     publisher.up = False

@@ -107,6 +107,32 @@ def test_no_stream_for_the_subject_is_451(nats_server, nats_smtp):
 
 
 @pytest_twisted.inlineCallbacks
+def test_stream_limit_refusal_is_451(nats_server, nats_smtp):
+    """A full stream that discards new messages refuses the publish: 451."""
+    import nats
+    from nats.js.api import DiscardPolicy
+
+    async def make_stream() -> None:
+        client = await nats.connect(f"nats://127.0.0.1:{nats_server.port}")
+        try:
+            await client.jetstream().add_stream(
+                name="FULL", subjects=["full.in"], max_msgs=1, discard=DiscardPolicy.NEW
+            )
+        finally:
+            await client.close()
+
+    yield threads.deferToThread(asyncio.run, make_stream())
+    handler, port = nats_smtp(f"nats://127.0.0.1:{nats_server.port}?subject=full.in")
+    yield handler.publisher.when_ready()
+    first = yield threads.deferToThread(send, port, b"Subject: 1\r\n\r\n1\r\n")
+    queued_id(first)
+    code, text = yield threads.deferToThread(send, port, b"Subject: 2\r\n\r\n2\r\n")
+    assert (451, True) == (code, text.startswith(b"4.3.0")), text
+    got = yield threads.deferToThread(stream_messages, nats_server.port, "FULL")
+    assert 1 == len(got)
+
+
+@pytest_twisted.inlineCallbacks
 def test_over_max_payload_is_552(nats_server, nats_smtp):
     """The server's 1 MiB max_payload: SIZE= and the message itself get 552."""
     handler, port = nats_smtp(

@@ -18,8 +18,8 @@ from .test_deliver_amqp import queued_id, send
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = start_redis(tmp_path_factory.mktemp("redis"))
+def redis_server(tmp_path_factory, certificates):
+    server = start_redis(tmp_path_factory.mktemp("redis"), certificates)
     yield server
     server.stop()
 
@@ -63,6 +63,24 @@ def test_250_after_xadd_with_envelope_fields(redis_server, client, redis_smtp):
 
 
 @pytest_twisted.inlineCallbacks
+def test_rediss_verifies_the_server_with_deliver_ca(
+    redis_server, client, redis_smtp, certificates
+):
+    """rediss:// with --deliver-ca: 250; without it the test CA is not
+    trusted, so the handshake fails and the client gets 451."""
+    target = f"rediss://localhost:{redis_server.extra_ports['tls']}/3?stream=tls"
+    _, port = redis_smtp(target, ca_file=str(certificates["ca"]))
+    reply = yield threads.deferToThread(send, port, b"Subject: t\r\n\r\ntls\r\n")
+    message_id = queued_id(reply)
+    client.select(3)
+    assert [message_id.encode()] == [f[b"id"] for _, f in client.xrange("tls")]
+    _, port = redis_smtp(target)
+    code, text = yield threads.deferToThread(send, port, b"Subject: u\r\n\r\nu\r\n")
+    assert (451, True) == (code, text.startswith(b"4.4.1")), text
+    assert 1 == client.xlen("tls")
+
+
+@pytest_twisted.inlineCallbacks
 def test_maxlen_trims_the_stream(redis_server, client, redis_smtp):
     _, port = redis_smtp(
         f"redis://127.0.0.1:{redis_server.port}/1?stream=short&maxlen=2"
@@ -89,6 +107,17 @@ def test_out_of_memory_is_451_not_250(redis_server, client, redis_smtp):
         client.config_set("maxmemory", "0")
     assert (451, True) == (code, text.startswith(b"4.3.0")), text
     assert 0 == client.xlen("oom")
+
+
+@pytest_twisted.inlineCallbacks
+def test_too_few_replicas_is_451(redis_server, client, redis_smtp):
+    """replicas=1 and no replica answers WAIT in time: no 250 (the entry is
+    on the primary only, which replicas=1 says is not enough)."""
+    _, port = redis_smtp(
+        f"redis://127.0.0.1:{redis_server.port}/4?stream=safe&replicas=1", timeout=1
+    )
+    code, text = yield threads.deferToThread(send, port, b"Subject: x\r\n\r\nx\r\n")
+    assert (451, True) == (code, text.startswith(b"4.3.0")), text
 
 
 @pytest_twisted.inlineCallbacks

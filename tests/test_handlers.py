@@ -1172,3 +1172,51 @@ class TestMaildirThroughProtocol:
         threads.run_all()
         assert "_discard_blocking" == threads.ran[-1]
         assert empty() == listing(maildir)
+
+
+class HangingRecipientCheck(MemoryHandler):
+    """check_recipient waits on an outside service that never answers."""
+
+    def __init__(self, clock: Clock, timeout: Any = None) -> None:
+        super().__init__()
+        self.clock = clock
+        self.timeout = timeout
+        self.pending: list[Deferred[None]] = []
+
+    def check_recipient(self, envelope: Any, address: str, options: Any) -> Any:
+        lookup: Deferred[None] = Deferred()
+        self.pending.append(lookup)
+        if self.timeout is not None:
+            lookup.addTimeout(self.timeout, self.clock)
+        return lookup
+
+
+class TestHungHooks:
+    """docs/handlers.rst, "Testing your handler": what a hook that hangs does."""
+
+    def test_a_hook_that_never_fires_gets_no_reply(self, clock: Clock) -> None:
+        """No deadline on hooks (yet) and the idle timer waits: no reply, open.
+
+        When the hook deadline (--handler-timeout) lands, this and the note in
+        the docs change together.
+        """
+        handler = HangingRecipientCheck(clock)
+        client = connect(SMTPFactory(handler, hostname="mx.test", reactor=clock))
+        client.replies()
+        client.command(b"EHLO client.example")
+        client.command(b"MAIL FROM:<a@example.org>")
+        assert [] == client.command(b"RCPT TO:<b@example.net>")
+        clock.advance(client.protocol.factory.limits.timeout * 2)
+        assert ([], False) == (client.replies(), client.closed)
+
+    def test_a_hook_with_its_own_timeout_gets_451(self, clock: Clock) -> None:
+        """The documented remedy: addTimeout -> 451 4.3.0, the session goes on."""
+        handler = HangingRecipientCheck(clock, timeout=30)
+        client = connect(SMTPFactory(handler, hostname="mx.test", reactor=clock))
+        client.replies()
+        client.command(b"EHLO client.example")
+        client.command(b"MAIL FROM:<a@example.org>")
+        assert [] == client.command(b"RCPT TO:<b@example.net>")
+        clock.advance(30)
+        assert [b"451 4.3.0 Requested action aborted: local error"] == client.replies()
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")

@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 
 from twisted_smtpd import Limits, SMTPError, SMTPFactory
 from twisted_smtpd.handlers import MemoryHandler
-from twisted_smtpd.testing import FakeClient, connect
+from twisted_smtpd.testing import FakeClient, TLSStringTransport, connect
 
 
 def transaction(client: FakeClient, body: bytes = b"Subject: t\r\n\r\nhi\r\n") -> list:
@@ -811,3 +811,144 @@ class TestReceivedHeader:
         )
         assert b"with UTF8SMTP id" in header
         assert "for <jos\u00e9@b.example>".encode() in header
+
+
+class CountingTransport(TLSStringTransport):
+    """Counts the writes, to check how many syscalls replies would cost."""
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+class Keeper:
+    """A streaming receiver that keeps its producer and finishes when told."""
+
+    def __init__(self) -> None:
+        self.producer = None
+        self.finished: list[Deferred] = []
+        self.data: list[bytes] = []
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        pass  # deliberately keeps the reference
+
+    def write(self, data):
+        self.data.append(data)
+
+    def finish(self):
+        d: Deferred = Deferred()
+        self.finished.append(d)
+        return d
+
+    def abort(self):
+        pass
+
+
+class TestIssue10Regressions:
+    """Defects of the protocol before the redesign (issue 10), fixed by it."""
+
+    def _streaming(self, clock: Clock, receiver: Keeper) -> FakeClient:
+        class Streaming:
+            def open_message(self, envelope):
+                return receiver
+
+        client = connect(SMTPFactory(Streaming(), hostname="mx.test", reactor=clock))
+        client.replies()
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        client.command(b"RCPT TO:<c@d.example>")
+        client.command(b"DATA")
+        return client
+
+    def test_receiver_resume_does_not_unpause_held_input(self, clock: Clock) -> None:
+        """A receiver's resume can't undo the pause for input held past the bound.
+
+        Defect 1: the transport's pause had two owners; a receiver that resumed
+        while pipelined input was held left the socket read without limit.
+        """
+        receiver = Keeper()
+        client = self._streaming(clock, receiver)
+        client.send(b"body\r\n.\r\n")
+        assert 1 == len(receiver.finished)
+        client.send(b"NOOP\r\n" * 50_000)  # 300 KB held behind finish()
+        assert "paused" == client.transport.producerState
+        receiver.producer.pauseProducing()
+        receiver.producer.resumeProducing()  # e.g. a spool write completed
+        assert "paused" == client.transport.producerState
+        receiver.finished[0].callback("Q1")
+        assert "producing" == client.transport.producerState
+        replies = client.replies()
+        assert b"250 2.0.0 OK: queued as Q1" == replies[0]
+        assert 50_001 == len(replies)
+
+    def test_producer_is_revoked_after_the_message(self, clock: Clock) -> None:
+        """A receiver that keeps its producer can't pause the next message."""
+        receiver = Keeper()
+        client = self._streaming(clock, receiver)
+        client.send(b"body\r\n.\r\n")
+        receiver.finished[0].callback("Q1")
+        assert [b"250 2.0.0 OK: queued as Q1"] == client.replies()
+        receiver.producer.pauseProducing()
+        assert "producing" == client.transport.producerState
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
+
+    def test_receiver_pause_is_released_when_the_message_ends(
+        self, clock: Clock
+    ) -> None:
+        """A receiver that paused and never resumed does not stall the session."""
+        receiver = Keeper()
+        client = self._streaming(clock, receiver)
+        client.send(b"body\r\n")
+        receiver.producer.pauseProducing()
+        assert "paused" == client.transport.producerState
+        client.send(b".\r\n")
+        receiver.finished[0].callback("Q1")
+        assert "producing" == client.transport.producerState
+        assert [b"250 2.0.0 OK: queued as Q1"] == client.replies()
+
+    def test_auth_failure_delay_ends_with_the_connection(self, clock: Clock) -> None:
+        """Defect 2: no 535 is written after the connection is gone."""
+        from base64 import b64encode
+
+        from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+
+        from twisted_smtpd.auth import AuthPolicy
+
+        users = InMemoryUsernamePasswordDatabaseDontUse()
+        users.addUser(b"alice", b"secret")
+        auth = AuthPolicy.from_checkers([users], allow_without_tls=True)
+        factory = SMTPFactory(
+            lambda e: None, hostname="mx.test", reactor=clock, auth=auth
+        )
+        client = connect(factory)
+        client.command(b"EHLO c.example")
+        assert [] == client.command(b"AUTH PLAIN " + b64encode(b"\0alice\0wrong"))
+        client.protocol.connectionLost(None)
+        before = client.transport.value()
+        clock.advance(10)
+        assert before == client.transport.value()
+        assert [] == clock.getDelayedCalls()
+
+    def test_slow_hook_answers_in_one_write(self, clock: Clock) -> None:
+        """Defect 4: a hook's reply and the held replies behind it leave together."""
+        hooks = Hooks()
+        transport = CountingTransport()
+        client = connect(
+            SMTPFactory(hooks, hostname="mx.test", reactor=clock), transport=transport
+        )
+        client.command(b"EHLO c.example")
+        client.send(b"MAIL FROM:<a@b.example>\r\nNOOP\r\nNOOP\r\n")
+        assert [] == client.replies()
+        before = transport.writes
+        hooks.pending[0].callback(None)
+        assert 1 == transport.writes - before
+        assert [
+            b"250 2.1.0 Sender OK",
+            b"250 2.0.0 OK",
+            b"250 2.0.0 OK",
+        ] == client.replies()

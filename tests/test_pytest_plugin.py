@@ -129,6 +129,53 @@ def test_thread_mode_without_pytest_twisted(run, pytester):
     )
 
 
+FRAMEWORK_TESTS = """
+import pytest
+
+@pytest.mark.smtpd(auth="any")
+def test_django_smtp_backend(smtpd):
+    from django.conf import settings
+    settings.configure(
+        EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend",
+        EMAIL_HOST=smtpd.host, EMAIL_PORT=smtpd.port,
+        EMAIL_HOST_USER="app", EMAIL_HOST_PASSWORD="secret",
+    )
+    from django.core import mail
+    smtpd.fail("rcpt", 550, "5.1.1", "No such user", match="^gone@")
+    sent = mail.send_mass_mail([
+        ("Welcome", "Hello Ann", "app@example.org", ["ann@example.org"]),
+        ("Welcome", "Hello?", "app@example.org", ["gone@example.org"]),
+    ], fail_silently=True)
+    assert sent == 1
+    [message] = smtpd.wait_for(1)
+    assert message["Subject"] == "Welcome"
+    assert message.envelope.rcpt_tos == ["ann@example.org"]
+    assert message.envelope.auth == "app"  # Django logged in
+
+def test_flask_mail(smtpd):
+    from flask import Flask
+    from flask_mail import Mail, Message
+    app = Flask(__name__)
+    app.config.update(MAIL_SERVER=smtpd.host, MAIL_PORT=smtpd.port,
+                      MAIL_DEFAULT_SENDER="app@example.org")
+    mail = Mail(app)
+    with app.app_context():
+        mail.send(Message("Contact form", recipients=["ann@example.org"],
+                          body="hello"))
+    [message] = smtpd.wait_for(1)
+    assert message["Subject"] == "Contact form"
+    assert message.get_content().strip() == "hello"
+"""
+
+
+def test_django_and_flask_mail(run, pytester):
+    """Their SMTP backends, unchanged, against the fixture (thread mode)."""
+    pytest.importorskip("django")
+    pytest.importorskip("flask_mail")
+    pytester.makepyfile(test_frameworks=FRAMEWORK_TESTS)
+    passed(run("-p", "no:twisted"), "test_django_smtp_backend", "test_flask_mail")
+
+
 TWISTED_TESTS = """
 import smtplib
 

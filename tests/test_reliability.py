@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import smtplib
 import socket
 import threading
 import time
+from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import threads
 
@@ -136,3 +139,78 @@ def test_five_thousand_idle_sessions(listen):
     greeted = yield threads.deferToThread(client)
     assert count == greeted
     assert [b"still served\r\n"] == [e.content for e in memory.messages]
+
+
+def worker_pids(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_sigkill_of_a_worker_mid_load(tmp_path) -> None:
+    """A worker killed under load: nothing acknowledged is lost, it comes back.
+
+    Senders reconnect when their session dies; every 250 they got is a whole
+    file in new/, and the pool is back to its size with a new process.
+    """
+    port = free_port()
+    proc = start_maildir_server(tmp_path, port, "--workers", "3", "--quiet")
+    acknowledged: list[tuple[int, int]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def sender(worker: int) -> None:
+        seq = 0
+        while not stop.is_set():
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                    while not stop.is_set():
+                        smtp.sendmail(
+                            "a@b.example", ["c@d.example"], body_for(worker, seq)
+                        )
+                        with lock:
+                            acknowledged.append((worker, seq))
+                        seq += 1
+            except (smtplib.SMTPException, OSError):
+                # The process under us was killed: that message may or may
+                # not be stored (it got no 250); reconnect.
+                seq += 1
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(worker_pids(proc.pid)) < 2:
+        time.sleep(0.1)
+    before = worker_pids(proc.pid)
+    assert 2 == len(before)
+    threads_ = [threading.Thread(target=sender, args=(w,)) for w in range(6)]
+    for thread in threads_:
+        thread.start()
+    try:
+        time.sleep(1.5)
+        os.kill(before[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = worker_pids(proc.pid)
+            if len(now) == 2 and before[0] not in now:
+                break
+            time.sleep(0.1)
+        after = worker_pids(proc.pid)
+        time.sleep(1.0)  # the load goes on over the new worker too
+    finally:
+        stop.set()
+        for thread in threads_:
+            thread.join(30)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    assert 2 == len(after) and before[0] not in after, output
+    assert "ended: killed by SIGKILL; starting it again" in output
+    assert len(acknowledged) > 20, "the load never got going"
+    stored = {}
+    for path in (tmp_path / "Maildir" / "new").iterdir():
+        data = path.read_bytes()
+        tag = data.split(b"X-Seq: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        stored[tag] = data
+    for worker, seq in acknowledged:
+        data = stored.get(f"{worker}-{seq}")
+        assert data is not None, f"acknowledged message {worker}-{seq} is missing"
+        assert data.endswith(body_for(worker, seq)), f"{worker}-{seq} is incomplete"
+    assert "Traceback" not in output

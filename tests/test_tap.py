@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import smtplib
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 import twisted.internet
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker, MultiService, Service
@@ -17,8 +22,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin, getPlugins
+from twisted.python import usage
 
-from twisted_smtpd import Limits, tap
+from twisted_smtpd import Limits, SMTPFactory, tap
 from twisted_smtpd.auth import AuthPolicy, IAuthenticatedSender
 from twisted_smtpd.handlers import MaildirHandler, MemoryHandler, discard
 from twisted_smtpd.tap import (
@@ -31,6 +37,8 @@ from twisted_smtpd.tap import (
 from twisted_smtpd.testing import connect
 from twisted_smtpd.tls import ServerTLSContext, TLSPolicy
 from twisted_smtpd.workers import WorkerPool
+
+from .helpers import twistd_command, twistd_env, twistd_start_error, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DISCARD = ("--handler", "twisted_smtpd.handlers.discard")
@@ -72,10 +80,11 @@ class TestDefaults:
     def test_defaults(self, cwd: Path) -> None:
         """Without options: tcp:2525, ./Maildir, default limits, no TLS, no AUTH."""
         options = parse()
-        assert ["tcp:2525"] == options["ports"]
+        assert ["tcp:2525:interface=127.0.0.1"] == options["ports"]
         (endpoint,) = options["endpoints"]
         assert isinstance(endpoint, endpoints.TCP4ServerEndpoint)
-        assert 2525 == endpoint._port
+        assert (2525, "127.0.0.1") == (endpoint._port, endpoint._interface)
+        assert True is options["default_port"]
         assert Limits() == options["limits"]
         assert (30, 1) == (options["grace"], options["worker_count"])
         assert (None, None) == (options["tls_policy"], options["auth_policy"])
@@ -676,3 +685,229 @@ def test_deliver_unknown_scheme_stops_startup(tmp_path):
     status, lines = twistd_start_error(tmp_path, "--deliver", "gopher://x")
     assert status != 0
     assert any("unknown --deliver scheme 'gopher'" in line for line in lines), lines
+
+
+@pytest.fixture
+def logged() -> Any:
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def log_lines(events: list[dict[str, Any]], text: str) -> list[str]:
+    from twisted.logger import formatEvent
+
+    return [line for line in map(formatEvent, events) if text in line]
+
+
+class TestSafeDefaults:
+    def test_default_listens_on_loopback_and_says_so(
+        self,
+        cwd: Path,
+        memory_reactor: MemoryReactorClock,
+        logged: list[dict[str, Any]],
+    ) -> None:
+        """No --port: 127.0.0.1:2525 only, and a warning says how to open it.
+
+        Before: tcp:2525 on every interface, with a handler that accepts
+        every recipient.
+        """
+        parent = makeService(parse(*DISCARD))
+        parent.privilegedStartService()
+        parent.startService()
+        assert [(2525, "127.0.0.1")] == [
+            (port, interface) for port, _, _, interface in memory_reactor.tcpServers
+        ]
+        (line,) = log_lines(logged, "listening on")
+        # (A MemoryReactor's port says 0.0.0.0; twistd runs show the address.)
+        assert line.startswith("smtpd: listening on ") and " only (the default)" in line
+        assert "--port tcp:2525 (every interface)" in line
+        parent.stopService()
+
+    def test_a_given_port_is_reported(
+        self,
+        cwd: Path,
+        memory_reactor: MemoryReactorClock,
+        logged: list[dict[str, Any]],
+    ) -> None:
+        parent = makeService(parse(*DISCARD, "-p", "tcp:2526", "-p", "tcp6:2527"))
+        parent.privilegedStartService()
+        assert [
+            "smtpd: listening on 0.0.0.0:2526",
+            "smtpd: listening on [::]:2527",
+        ] == log_lines(logged, "listening on")
+        parent.stopService()
+
+    def test_unix_socket_mode_defaults_to_0660(self, cwd: Path) -> None:
+        """unix: without mode= gets 0660; an explicit mode= is kept."""
+        plain, explicit = parse(
+            *DISCARD,
+            "-p",
+            f"unix:{cwd / 'a.sock'}",
+            "-p",
+            f"unix:{cwd / 'b.sock'}:mode=600",
+        )["endpoints"]
+        assert (0o660, 0o600) == (plain._mode, explicit._mode)
+
+    @pytest_twisted.inlineCallbacks
+    def test_unix_socket_file_is_0660(self, tmp_path: Path) -> Any:
+        """The socket file itself: group members may connect, others may not.
+
+        Before: Twisted's default, 0666 (every local user).
+        """
+        import stat
+
+        path = tmp_path / "smtpd.sock"
+        options = Options()
+        options.parseOptions([*DISCARD, "-p", f"unix:{path}"])
+        (endpoint,) = options["endpoints"]
+        port = yield endpoint.listen(SMTPFactory(discard, hostname="mx.test"))
+        try:
+            assert 0o660 == stat.S_IMODE(os.stat(path).st_mode)
+        finally:
+            yield port.stopListening()
+
+
+class TestSystemd:
+    def passed(self, count: int = 0, names: str = "") -> Any:
+        """Twisted's record of the sockets systemd passed (descriptors 3...)."""
+        from twisted.python.systemd import ListenFDs
+
+        return ListenFDs(
+            list(range(3, 3 + count)), tuple(names.split(":")) if names else ()
+        )
+
+    def endpoint(self, description: str, passed: Any) -> Any:
+        from twisted_smtpd.tap import systemd_endpoint
+
+        args, kwargs = endpoints._parse(description)
+        return systemd_endpoint(None, description, kwargs, passed)
+
+    def error(self, description: str, passed: Any) -> str:
+        with pytest.raises(usage.UsageError) as raised:
+            self.endpoint(description, passed)
+        message = str(raised.value)
+        assert "\n" not in message
+        return message
+
+    def test_index(self) -> None:
+        endpoint = self.endpoint("systemd:domain=INET:index=1", self.passed(2, "a:b"))
+        assert isinstance(endpoint, endpoints.AdoptedStreamServerEndpoint)
+        assert (4, socket.AF_INET) == (endpoint.fileno, endpoint.addressFamily)
+
+    def test_named_socket(self) -> None:
+        endpoint = self.endpoint(
+            "systemd:domain=INET6:name=smtp", self.passed(2, "metrics:smtp")
+        )
+        assert (4, socket.AF_INET6) == (endpoint.fileno, endpoint.addressFamily)
+
+    def test_nothing_passed(self) -> None:
+        """No socket (and descriptor 3+N is not one): one line saying so.
+
+        Before: "list index out of range".
+        """
+        message = self.error("systemd:domain=INET:index=40", self.passed())
+        assert message.startswith("systemd passed no socket to this process")
+        assert "descriptor 43 is not a listening INET socket" in message
+
+    def test_index_out_of_range(self) -> None:
+        message = self.error("systemd:domain=INET:index=2", self.passed(2, "a:b"))
+        assert "systemd passed 2 socket(s); index=2 is out of range" == message
+
+    def test_name_without_fdnames(self) -> None:
+        message = self.error("systemd:domain=INET:name=smtp", self.passed())
+        assert message.startswith("name= needs LISTEN_FDNAMES")
+
+    def test_unknown_name(self) -> None:
+        message = self.error("systemd:domain=INET:name=smtp", self.passed(1, "other"))
+        assert "systemd passed no socket named 'smtp' (LISTEN_FDNAMES=other)" == message
+
+    def test_bad_domain(self) -> None:
+        message = self.error("systemd:domain=IPX:index=0", self.passed(1, "a"))
+        assert "domain= must be INET, INET6 or UNIX" == message
+
+    def test_one_line_from_twistd(self, tmp_path: Path) -> None:
+        """twistd itself stops with one line, not "list index out of range"."""
+        status, lines = twistd_start_error(
+            tmp_path, *DISCARD, "--port", "systemd:domain=INET:index=0"
+        )
+        assert 0 != status
+        assert 1 == len(lines), lines
+        assert lines[0].startswith(
+            "twistd smtpd: error: bad --port 'systemd:domain=INET:index=0':"
+            " systemd passed no socket to this process"
+        )
+
+    def test_socket_activation_end_to_end(self, tmp_path: Path) -> None:
+        """A socket passed as systemd does (fd 3, LISTEN_FDS=1, no names) serves.
+
+        Before: "list index out of range" (Twisted keeps no socket when
+        LISTEN_FDNAMES is missing).
+        """
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        launcher = (
+            "import os, sys\n"
+            "os.dup2(int(sys.argv[1]), 3)\n"
+            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+            "os.environ.pop('LISTEN_FDNAMES', None)\n"
+            "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+        )
+        command = twistd_command(
+            "smtpd", *DISCARD, "--port", "systemd:domain=INET:index=0"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", launcher, str(listener.fileno()), *command[1:]],
+            cwd=tmp_path,
+            env=twistd_env(),
+            pass_fds=(listener.fileno(),),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        listener.close()
+        try:
+            wait_for_port(port, proc)
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                code, _ = smtp.noop()
+        finally:
+            proc.terminate()
+            output, _ = proc.communicate(timeout=30)
+        assert 250 == code, output
+        assert f"smtpd: listening on 127.0.0.1:{port}" in output
+
+
+class TestAuthFile:
+    def test_missing_password_file_stops_start_up(
+        self, cwd: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--auth file:/nonexistent is one line, not a warning and dead logins.
+
+        Before: a warning, then every AUTH refused.
+        """
+        assert (
+            "twistd smtpd: error: --auth file:/nonexistent: no such file"
+            " (a password file of user:password lines)\n"
+            == parse_error(capsys, *DISCARD, "--auth", "file:/nonexistent")
+        )
+
+    def test_existing_file_is_used(self, cwd: Path) -> None:
+        passwords = cwd / "passwords"
+        passwords.write_text("alice:secret\n")
+        options = parse(*DISCARD, "--auth", f"file:{passwords}", "--auth-without-tls")
+        assert options["auth_policy"] is not None
+
+    def test_from_twistd(self, tmp_path: Path) -> None:
+        status, lines = twistd_start_error(
+            tmp_path, *DISCARD, "--auth", "file:/nonexistent"
+        )
+        assert 0 != status
+        assert [
+            "twistd smtpd: error: --auth file:/nonexistent: no such file"
+            " (a password file of user:password lines)"
+        ] == lines

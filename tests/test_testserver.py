@@ -259,6 +259,62 @@ def test_delay_then_reply_rule(server, wire, clock):
     assert wire.replies() == [b"450 4.2.0 Busy"]
 
 
+def test_stop_answers_a_held_reply_without_logging_a_failure(server, wire, clock):
+    from twisted.logger import globalLogPublisher
+
+    failures: list = []
+
+    def observe(event: dict) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    server.delay("mail", 60)
+    wire.command(b"EHLO client.test")
+    assert wire.command(b"MAIL FROM:<a@x.test>") == []
+    globalLogPublisher.addObserver(observe)
+    try:
+        server._stop_in_reactor()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert wire.replies() == [b"421 4.3.2 Test server stopping"]
+    assert failures == []  # trial would fail a test on a logged failure
+    assert wire.transport.disconnected
+    assert all(
+        "fire" not in repr(call) for call in clock.getDelayedCalls()
+    )  # the delay's timer is gone
+
+
+def test_hold_until_release(server, wire):
+    server.hold("data")
+    seen: list = []
+    server.wait_held(1).addCallback(seen.append)
+    wire.envelope(b"b@x.test")
+    assert wire.data() == []
+    assert server.held == 1 and seen == [1]
+    assert server.messages == []
+    assert server.release() == 1
+    assert wire.replies()[-1].startswith(b"250 2.0.0")
+    assert len(server.messages) == 1 and server.held == 0
+
+
+def test_hold_then_reply_rule_answers_the_error_on_release(server, wire):
+    server.hold("rcpt", match="^b@")
+    server.fail("rcpt", 550, "5.1.1", "No such user", match="^b@")
+    wire.envelope()
+    assert wire.command(b"RCPT TO:<b@x.test>") == []
+    server.release()
+    assert wire.replies() == [b"550 5.1.1 No such user"]
+
+
+def test_stop_answers_held_replies(server, wire):
+    server.hold("mail")
+    wire.command(b"EHLO client.test")
+    wire.command(b"MAIL FROM:<a@x.test>")
+    server._stop_in_reactor()
+    assert wire.replies() == [b"421 4.3.2 Test server stopping"]
+    assert server.held == 0
+
+
 def test_disconnect_drops_without_a_reply(server, wire):
     server.disconnect("rcpt", match="^b@")
     wire.envelope()
@@ -445,6 +501,30 @@ def test_wait_for_blocks_until_the_message_arrives(threaded):
         assert len(server.wait_for(1, timeout=10)) == 1
     finally:
         sender.join(10)
+
+
+def test_hold_in_thread_mode(threaded):
+    import threading
+
+    server = threaded()
+    server.hold("rcpt")
+    refused: list = []
+
+    def send():
+        with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+            refused.append(client.sendmail("a@x.test", ["b@x.test"], MESSAGE))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        assert server.wait_held(1, timeout=10) == 1  # the client now waits
+        assert server.messages == [] and sender.is_alive()
+        server.clear_faults()  # later RCPTs are not held; this one still is
+        assert server.release() == 1
+        assert len(server.wait_for(1, timeout=10)) == 1
+    finally:
+        sender.join(10)
+    assert refused == [{}]
 
 
 @pytest_twisted.inlineCallbacks

@@ -453,6 +453,15 @@ class TestRestarts:
         assert 2 == len(clock.spawned)
         assert stopped.called and [] == clock.getDelayedCalls()
 
+    def test_no_restart_once_the_ports_are_closed(self, pool: WorkerPool) -> None:
+        """Draining closed the listening sockets: nothing to hand a new worker."""
+        clock = pool.reactor
+        pool._ports[0].connected = False
+        pool._live[1][1].processEnded(killed())
+        clock.advance(120)
+        assert 2 == len(clock.spawned)
+        assert [2] == sorted(pool._live)
+
 
 class TestLogRelay:
     @pytest.fixture

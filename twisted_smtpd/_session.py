@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any, Callable, Optional
 
 from .replies import (
@@ -31,7 +32,15 @@ from .replies import (
     fill,
 )
 
-__all__ = ["State", "ALLOWED", "Limits", "Envelope", "TLSInfo", "Session"]
+__all__ = [
+    "State",
+    "ALLOWED",
+    "Limits",
+    "Envelope",
+    "TLSInfo",
+    "Session",
+    "received_header",
+]
 
 
 class State(enum.Enum):
@@ -133,7 +142,7 @@ class Limits:
             "AUTH": self.max_auth_line,
         }
 
-    @property
+    @functools.cached_property
     def max_line(self) -> int:
         """The longest line the reader must buffer before giving up on it."""
         return max(self.max_command_line, self.max_parameter_line, self.max_auth_line)
@@ -246,10 +255,17 @@ class Session:
 
     # -- gates -----------------------------------------------------------------
     def check(self, verb: str) -> Optional[Reply]:
-        """The refusal for C{verb} now, or None if it may run."""
+        """The refusal for C{verb} now, or None if it may run.
+
+        A verb a protocol subclass adds (not in L{KNOWN_VERBS}) may run in
+        any state but inside a BDAT message, behind the same TLS and AUTH
+        gates as MAIL.
+        """
         if self.tls_required and self.tls is None and verb not in BEFORE_TLS:
             return R530_TLS_REQUIRED
-        if verb not in ALLOWED[self.state]:
+        if verb not in ALLOWED[self.state] and (
+            verb in KNOWN_VERBS or self.state is State.CHUNKING
+        ):
             return _refusal(self.state, verb)
         if self.auth_required and self.auth is None and verb not in BEFORE_AUTH:
             return R530_AUTH_REQUIRED
@@ -305,6 +321,17 @@ class Session:
             auth=self.auth,
         )
 
+    def begin(self, sender: str, params: dict[str, Optional[str]]) -> Envelope:
+        """MAIL: the envelope to show the C{check_sender} hook (not yet open).
+
+        Raises L{SMTPError} (552) if the declared SIZE is over the limit.
+        """
+        self.check_size(params)
+        envelope = self.new_envelope()
+        envelope.mail_from = sender
+        envelope.mail_options = params
+        return envelope
+
     def mail(self, envelope: Envelope) -> None:
         """MAIL accepted: C{envelope} is the open transaction."""
         self.envelope = envelope
@@ -321,10 +348,56 @@ class Session:
         self.envelope.rcpt_options.append(params)
         self.state = State.RCPT
 
-    def start_data(self, chunked: bool = False) -> Envelope:
-        """DATA (or the first BDAT): the message begins."""
-        assert self.envelope is not None
+    def start_data(
+        self,
+        chunked: bool = False,
+        received_at: float = 0.0,
+        trace: Optional[Callable[[Envelope], bytes]] = None,
+    ) -> Envelope:
+        """DATA (or the first BDAT): the message begins.
+
+        Args:
+            chunked: BDAT rather than DATA.
+            received_at: now, in reactor seconds (the Received: date).
+            trace: builds the Received: header when a handler asks for it.
+        """
+        envelope = self.envelope
+        assert envelope is not None
         self.state = State.CHUNKING if chunked else State.DATA
         self.messages += 1
-        self.envelope.message_id = f"{self.session_id}-{self.messages}"
-        return self.envelope
+        envelope.message_id = f"{self.session_id}-{self.messages}"
+        envelope.received_at = received_at
+        envelope._trace_builder = trace
+        return envelope
+
+    def message_done(self) -> None:
+        """The message ended (stored, refused, too big or aborted)."""
+        self.envelope = None
+        self.state = State.GREETED
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(seconds: int) -> str:
+    """The date for Received: headers; formatted once per second, not per message."""
+    return formatdate(seconds, localtime=True)
+
+
+def received_header(
+    envelope: Envelope, hostname: str, app_name: str, when: float
+) -> bytes:
+    """The C{Received:} trace field for a message (RFC 5321 4.4)."""
+    peer = envelope.peer
+    ip = getattr(peer, "host", None) or str(peer)
+    literal = f"IPv6:{ip}" if ":" in ip else ip
+    tls = envelope.tls
+    lines = [f"Received: from {envelope.helo or 'unknown'} ([{literal}])"]
+    if tls is not None and tls.protocol:
+        lines.append(f"\t(using {tls.protocol} with cipher {tls.cipher})")
+    lines.append(
+        f"\tby {hostname} ({app_name}) with {envelope.protocol_name}"
+        f" id {envelope.message_id}"
+    )
+    if len(envelope.rcpt_tos) == 1:
+        lines.append(f"\tfor <{envelope.rcpt_tos[0]}>")
+    lines[-1] += f"; {_rfc5322_date(int(when))}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")

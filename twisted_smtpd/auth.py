@@ -2,9 +2,10 @@
 """
 SMTP AUTH (RFC 4954): SASL PLAIN, LOGIN and CRAM-MD5 over C{twisted.cred}.
 
-The protocol hands AUTH lines and the client's continuation lines here; a
-mechanism turns them into C{twisted.cred} credentials, the portal checks them,
-and the avatar becomes C{envelope.auth}.
+A mechanism is a generator that turns the AUTH line and the client's
+continuation lines into C{twisted.cred} credentials; the portal checks them,
+and the avatar becomes C{envelope.auth}.  The protocol runs the exchange as
+an input mode and owns the delay before each C{535}.
 """
 
 from __future__ import annotations
@@ -29,16 +30,13 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from .replies import (
-    R235_AUTH_OK,
     R334_CHALLENGE,
-    R421_AUTH_FAILURES,
     R454_AUTH_TEMPORARY,
     R501_AUTH_BASE64,
     R501_AUTH_CANCELLED,
     R501_SYNTAX_AUTH,
     R503_ALREADY_AUTH,
     R504_UNKNOWN_MECHANISM,
-    R535_AUTH_FAILED,
     R538_AUTH_NEEDS_TLS,
     Reply,
     SMTPError,
@@ -47,7 +45,6 @@ from .replies import (
 
 if TYPE_CHECKING:
     from ._session import Session
-    from .protocol import SMTPServerProtocol
 
 __all__ = ["AuthPolicy", "IAuthenticatedSender", "MECHANISMS"]
 
@@ -204,9 +201,17 @@ class AuthPolicy:
         return self.mechanisms if self.available(session) else []
 
     # -- the exchange ------------------------------------------------------------
-    def begin(self, protocol: SMTPServerProtocol, argument: str) -> None:
-        """Handle C{AUTH mechanism [initial-response]}."""
-        session = protocol.session
+    # The protocol runs the exchange (it owns the input mode and the failure
+    # delay); the policy only starts it and judges the credentials.
+    def start(self, session: Session, argument: str, hostname: str) -> Any:
+        """C{AUTH mechanism [initial-response]}: the exchange to run.
+
+        The exchange is a generator: L{step} it with C{None} first, then with
+        each line the client answers a challenge with.
+
+        Raises:
+            SMTPError: the AUTH command itself is refused.
+        """
         if session.auth is not None:
             raise SMTPError(R503_ALREADY_AUTH)
         name, _, initial = argument.partition(" ")
@@ -217,84 +222,38 @@ class AuthPolicy:
             raise SMTPError(R504_UNKNOWN_MECHANISM)
         if not self.available(session):
             raise SMTPError(R538_AUTH_NEEDS_TLS)
-        # A mechanism is a generator: it yields challenges, is sent the
-        # client's answers, and finally yields credentials (or None).
-        exchange = MECHANISMS[name][0](
-            initial.strip() or None, hostname=protocol.factory.hostname
-        )
-        self._step(protocol, exchange, None)
+        return MECHANISMS[name][0](initial.strip() or None, hostname=hostname)
 
-    def _step(
-        self, protocol: SMTPServerProtocol, exchange: Any, answer: Optional[str]
-    ) -> None:
+    @staticmethod
+    def step(exchange: Any, answer: Optional[str]) -> Any:
+        """Advance C{exchange}: a challenge L{Reply}, credentials, or None.
+
+        None means the answer can't be valid credentials (a failed attempt).
+
+        Raises:
+            SMTPError: the exchange ends with this reply (cancelled, bad
+                base64, malformed response).
+        """
         try:
-            result = next(exchange) if answer is None else exchange.send(answer)
+            return next(exchange) if answer is None else exchange.send(answer)
         except _Cancelled:
-            protocol.sasl_done()
-            protocol.reply(R501_AUTH_CANCELLED)
-            return
-        except SMTPError as error:
-            protocol.sasl_done()
-            protocol.reply(error.reply)
-            return
-        if isinstance(result, Reply):
-            protocol.sasl_continue(lambda line: self._step(protocol, exchange, line))
-            protocol.reply(result)
-            return
-        protocol.sasl_done()
-        if result is None:
-            self._failed(None, protocol)
-            return
-        protocol.hold_input()
-        login: Deferred[Any] = self.portal.login(result, None, IAuthenticatedSender)
-        login.addCallbacks(
-            self._succeeded,
-            self._failed,
-            callbackArgs=(protocol,),
-            errbackArgs=(protocol,),
+            raise SMTPError(R501_AUTH_CANCELLED) from None
+
+    def login(self, credentials: Any) -> Deferred[Any]:
+        """Check C{credentials}: fires with the avatar (C{envelope.auth})."""
+        login: Deferred[Any] = self.portal.login(
+            credentials, None, IAuthenticatedSender
         )
+        return login.addCallback(lambda result: result[1])
 
-    def _succeeded(self, login_result: Any, protocol: SMTPServerProtocol) -> None:
-        _interface, avatar, _logout = login_result
-        protocol.session.authenticated(avatar)
-        _log.info(
-            "smtpd session {session_id} authenticated as {identity}",
-            session_id=protocol.session.session_id,
-            identity=avatar,
+    @staticmethod
+    def error_reply(failure: Failure, session_id: str) -> Optional[Reply]:
+        """None for wrong credentials; the 454 (logged) for a checker fault."""
+        if failure.check(UnauthorizedLogin, LoginFailed):
+            return None
+        _log.failure(
+            "smtpd session {session_id}: credentials check failed",
+            failure,
+            session_id=session_id,
         )
-        protocol.reply(R235_AUTH_OK)
-        protocol.release_input()
-
-    def _failed(self, failure: Optional[Failure], protocol: SMTPServerProtocol) -> None:
-        protocol.hold_input()
-        if failure is not None and not failure.check(UnauthorizedLogin, LoginFailed):
-            _log.failure(
-                "smtpd session {session_id}: credentials check failed",
-                failure,
-                session_id=protocol.session.session_id,
-            )
-            protocol.reply(R454_AUTH_TEMPORARY)
-            protocol.release_input()
-            return
-        session = protocol.session
-        session.auth_failures += 1
-        _log.info(
-            "smtpd session {session_id}: authentication failed ({count})",
-            session_id=session.session_id,
-            count=session.auth_failures,
-        )
-        delay = self.failure_delay * session.auth_failures
-
-        def answer() -> None:
-            protocol.reply(R535_AUTH_FAILED)
-            if session.auth_failures >= self.max_failures:
-                protocol.close_with(
-                    fill(R421_AUTH_FAILURES, hostname=protocol.factory.hostname)
-                )
-            else:
-                protocol.release_input()
-
-        if delay > 0:
-            protocol.factory.reactor.callLater(delay, answer)
-        else:
-            answer()
+        return R454_AUTH_TEMPORARY

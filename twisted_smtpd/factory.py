@@ -16,9 +16,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from ._delivery import HandlerHooks
 from ._events import SessionEvents
-from ._session import Envelope, Limits, Session
-from .protocol import HandlerHooks, SMTPServerProtocol, received_header
+from ._session import Envelope, Limits, Session, received_header
+from .protocol import SMTPServerProtocol
 from .replies import (
     R220_READY,
     R421_SHUTTING_DOWN,
@@ -171,17 +172,22 @@ class SMTPFactory(ServerFactory):
         ip = _client_address(protocol)
         limits = self.limits
         if self.shutting_down:
-            return fill(R421_SHUTTING_DOWN, hostname=self.hostname)
+            return self._refuse("shutting_down", R421_SHUTTING_DOWN)
+        if limits.max_connections and len(self.sessions) >= limits.max_connections:
+            return self._refuse("max_connections", R421_TOO_MANY_CONNECTIONS)
         if (
-            limits.max_connections and len(self.sessions) >= limits.max_connections
-        ) or (
             limits.max_connections_per_ip
             and self._per_ip[ip] >= limits.max_connections_per_ip
         ):
-            return fill(R421_TOO_MANY_CONNECTIONS, hostname=self.hostname)
+            return self._refuse("max_connections_per_ip", R421_TOO_MANY_CONNECTIONS)
         self.sessions.add(protocol)
         self._per_ip[ip] += 1
         return None
+
+    def _refuse(self, reason: str, reply: Reply) -> Reply:
+        if self.events is not None:
+            self.events.connection_refused(reason)
+        return fill(reply, hostname=self.hostname)
 
     def release(self, protocol: SMTPServerProtocol) -> None:
         if protocol in self.sessions:

@@ -180,8 +180,12 @@ class MaildirHandler:
         self._refusals = _RateLimitedLog(reactor, self.log_interval)
         self._sweeper: Optional[LoopingCall] = None
         # Not now: twistd may still daemonise (a new pid, maybe a new
-        # working directory) before the reactor runs.
-        reactor.callWhenRunning(self.start_sweeping)
+        # working directory) before the reactor runs.  A test's stand-in
+        # reactor may have no callWhenRunning: then start_sweeping() is the
+        # caller's to call.
+        when_running = getattr(reactor, "callWhenRunning", None)
+        if when_running is not None:
+            when_running(self.start_sweeping)
 
     def make_directories(self) -> None:
         """Create tmp/, new/ and cur/ (and the Maildir) where missing."""

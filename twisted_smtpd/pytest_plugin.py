@@ -122,7 +122,7 @@ def smtpd(request: pytest.FixtureRequest, smtpd_factory: Callable[..., Any]) -> 
 
     C{.host}, C{.port}, C{.messages}, C{.wait_for(count, timeout)},
     C{.clear()}, C{.transcript}, C{.ssl_context}, fault rules
-    (C{.fail}, C{.delay}, C{.disconnect}, C{.throttle}, C{.greylist}).
+    (C{.fail}, C{.delay}, C{.hold}, C{.disconnect}, C{.throttle}, C{.greylist}).
     Options come from C{@pytest.mark.smtpd(...)}.
     """
     marker = request.node.get_closest_marker("smtpd")

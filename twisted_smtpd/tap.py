@@ -37,7 +37,11 @@ from .tls import (
 
 __all__ = ["Options", "makeService"]
 
-DEFAULT_PORT = "tcp:2525"
+#: loopback only: the default handler accepts every recipient, so listening
+#: on other interfaces is a choice to make (--port tcp:2525)
+DEFAULT_PORT = "tcp:2525:interface=127.0.0.1"
+#: unix sockets without mode=: owner and group only (Twisted's is 0666)
+DEFAULT_UNIX_MODE = "660"
 
 #: listen(2) backlog of a --port that gives no backlog= (Twisted's is 50:
 #: a burst of clients beyond it waits for SYN retries, seconds each).
@@ -136,6 +140,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "Serve /metrics, /healthz, /readyz (and POST /drain from loopback)"
             " on this endpoint, e.g. tcp:9464:interface=127.0.0.1.",
         ],
+        ["web", None, None, "Mail catcher UI + Mailpit API on ENDPOINT (loopback)."],
+        ["web-auth", None, None, "Password file (user:password) for the catcher."],
+        ["web-mailboxes", None, "recipient", "recipient, domain, auth or DOTTED.NAME."],
+        ["web-relay", None, None, "HOST:PORT the catcher releases messages to."],
     ]
     compData = usage.Completions(
         optActions={
@@ -161,6 +169,21 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         """PEM private key of the --tls-cert in the same position."""
         self["tls-keys"].append(path)
 
+    def opt_auth(self, description: str) -> None:
+        """A twisted.cred checker: memory:USER:PASS, file:PATH, unix
+        (repeatable; --help-auth lists them)."""
+        kind, _, argument = description.partition(":")
+        if kind == "file":
+            # strcred only warns and then refuses every login.
+            if not os.path.isfile(argument):
+                raise usage.UsageError(
+                    f"--auth {description}: no such file (a password file of"
+                    " user:password lines)"
+                )
+            if not os.access(argument, os.R_OK):
+                raise usage.UsageError(f"--auth {description}: cannot read the file")
+        super().opt_auth(description)
+
     def opt_port(self, description: str) -> None:
         """Endpoint to listen on, repeatable [default: tcp:2525].
         Implicit TLS: ssl:465:privateKey=key.pem:certKey=cert.pem"""
@@ -181,6 +204,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
+        self["default_port"] = not self["ports"]
         if not self["ports"]:
             self["ports"] = [DEFAULT_PORT]
         self["tls_policy"] = self._tls()
@@ -211,6 +235,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                     )
         self["metrics_endpoint"] = self._metrics()
         self["handler_object"] = self._handler()
+        self["web_service"] = None
+        if self["web"]:
+            from .web import configure_web
+
+            self["handler_object"], self["web_service"] = configure_web(
+                self, self["handler_object"]
+            )
         self["auth_policy"] = self._auth()
 
     def _metrics(self) -> Any:
@@ -243,7 +274,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 )
             if isinstance(handler, type):
                 handler = handler()
-            from .protocol import HandlerHooks
+            from ._delivery import HandlerHooks
 
             try:
                 HandlerHooks(handler)
@@ -323,10 +354,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             args, kwargs = endpoints._parse(description)
         except Exception:
             args, kwargs = [], {}
+        if args[:1] == ["unix"] and "mode" not in kwargs:
+            description += f":mode={DEFAULT_UNIX_MODE}"
         try:
             endpoint = None
             if args[:1] == ["ssl"]:
                 endpoint = self._ssl_endpoint(reactor, args, kwargs)
+            elif args[:1] == ["systemd"]:
+                endpoint = systemd_endpoint(reactor, description, kwargs)
             if endpoint is None:
                 endpoint = endpoints.serverFromString(reactor, description)
         except Exception as error:
@@ -390,6 +425,90 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             required=bool(self["require-auth"]),
             allow_without_tls=bool(self["auth-without-tls"]),
         )
+
+
+def systemd_endpoint(
+    reactor: Any,
+    description: str,
+    kwargs: dict[str, str],
+    passed: Any = None,
+) -> Any:
+    """The socket systemd passed for C{systemd:domain=D:index=N|name=X}.
+
+    Twisted reads (and removes) LISTEN_PID and LISTEN_FDS when its endpoints
+    module is imported, and keeps no socket at all when LISTEN_FDNAMES is
+    missing (systemd before 227, or a launcher that names none); its parser
+    then fails with "list index out of range".  An C{index=} needs no names
+    (sd_listen_fds(3)): then descriptor 3 + N is used if it is a listening
+    socket of that family.  Everything else that is missing is said in one
+    line.
+
+    Args:
+        passed: Twisted's L{ListenFDs} of this process (tests give theirs).
+
+    Raises:
+        usage.UsageError: what systemd did not pass.
+    """
+    if passed is None:
+        passed = endpoints._SystemdParser._sddaemon
+    descriptors = list(passed.inheritedDescriptors())
+    named = dict(passed.inheritedNamedDescriptors())
+    domain = kwargs.get("domain", "")
+    family = getattr(socket, f"AF_{domain}", None)
+    if domain not in ("INET", "INET6", "UNIX") or family is None:
+        raise usage.UsageError("domain= must be INET, INET6 or UNIX")
+    if ("index" in kwargs) == ("name" in kwargs):
+        raise usage.UsageError("give index=N or name=NAME")
+    if "name" in kwargs:
+        name = kwargs["name"]
+        if name in named:
+            return endpoints.AdoptedStreamServerEndpoint(reactor, named[name], family)
+        if not named:
+            raise usage.UsageError(
+                "name= needs LISTEN_FDNAMES, which systemd did not set"
+                " (FileDescriptorName= in the .socket unit, systemd 227+);"
+                " or use index=N"
+            )
+        raise usage.UsageError(
+            f"systemd passed no socket named {name!r}"
+            f" (LISTEN_FDNAMES={':'.join(named)})"
+        )
+    try:
+        index = int(kwargs["index"])
+    except ValueError:
+        raise usage.UsageError("index= is not a number")
+    if descriptors:
+        if not 0 <= index < len(descriptors):
+            raise usage.UsageError(
+                f"systemd passed {len(descriptors)} socket(s); index={index} is"
+                " out of range"
+            )
+        return endpoints.AdoptedStreamServerEndpoint(
+            reactor, descriptors[index], family
+        )
+    # SD_LISTEN_FDS_START: the passed sockets start at descriptor 3.
+    fileno = 3 + index
+    if index >= 0 and _is_listening_socket(fileno, family):
+        return endpoints.AdoptedStreamServerEndpoint(reactor, fileno, family)
+    raise usage.UsageError(
+        f"systemd passed no socket to this process (no LISTEN_FDS and LISTEN_PID"
+        f" for it, and descriptor {fileno} is not a listening {domain} socket):"
+        " start twistd from a .socket unit, or listen with tcp: or unix:"
+    )
+
+
+def _is_listening_socket(fileno: int, family: int) -> bool:
+    try:
+        probe = socket.socket(fileno=os.dup(fileno))
+    except OSError:
+        return False
+    try:
+        accepting = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        return bool(accepting) and probe.family == family
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 class SMTPService(service.MultiService):
@@ -478,6 +597,26 @@ class SMTPService(service.MultiService):
                 f" {error.interface or '*'}:{error.port}: {reason}\n"
             )
             raise SystemExit(1)
+        for child in self:
+            waiting = getattr(child, "_waitingForPort", None)
+            if waiting is not None and getattr(child, "factory", None) is self.factory:
+                waiting.addCallback(self._listening)
+
+    #: set by makeService when no --port was given
+    default_port = False
+
+    def _listening(self, port: Any) -> Any:
+        where = listening_address(port)
+        if self.default_port:
+            _log.warn(
+                "smtpd: listening on {where} only (the default): to take mail from"
+                " other machines give --port tcp:2525 (every interface) or"
+                " --port tcp:25:interface=ADDRESS",
+                where=where,
+            )
+        else:
+            _log.info("smtpd: listening on {where}", where=where)
+        return port
 
     def stopService(self) -> Deferred[None]:
         """Stop accepting, then drain; workers drain at the same time."""
@@ -623,6 +762,23 @@ def _add_metrics_site(config: Options, parent: SMTPService) -> None:
     parent.stop_after_drain.append(listener)
 
 
+def listening_address(port: Any) -> str:
+    """C{127.0.0.1:2525}, C{[::1]:2525} or C{unix socket /run/smtpd.sock}."""
+    try:
+        host = port.getHost()
+    except Exception:
+        return repr(port)
+    if hasattr(host, "port"):
+        address = f"[{host.host}]" if ":" in host.host else host.host
+        return f"{address}:{host.port}"
+    name = getattr(host, "name", None)
+    if name is not None:
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "surrogateescape")
+        return f"unix socket {name}"
+    return str(host)
+
+
 def build_factory(config: Options) -> SMTPFactory:
     """The L{SMTPFactory} the parsed options describe."""
     return SMTPFactory(
@@ -643,6 +799,11 @@ def makeService(config: Options) -> service.IService:
         _share_metrics_between_workers()
     factory = build_factory(config)
     parent = SMTPService(factory, config["grace"])
+    parent.default_port = bool(config.get("default_port"))
+    if config.get("web_service") is not None:
+        # First: its index opens first; last: it indexes the messages drained.
+        config["web_service"].setServiceParent(parent)
+        parent.stop_after_drain.append(config["web_service"])
     listeners = []
     for endpoint in config["endpoints"]:
         listener = StreamServerEndpointService(endpoint, factory)

@@ -45,13 +45,12 @@ from typing import Any, Callable, Optional, Union
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IHandshakeListener,
     ISSLTransport,
 )
 from twisted.internet.protocol import connectionDone
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -319,7 +318,7 @@ Matcher = Union[str, "re.Pattern[str]", Callable[[str], bool], None]
 @dataclass
 class _Rule:
     phase: str
-    action: str  # reply | delay | disconnect
+    action: str  # reply | delay | disconnect | hold
     match: Matcher = None
     nth: Optional[int] = None
     times: Optional[int] = None
@@ -682,13 +681,22 @@ class SMTPTestServer:
         self._rules: list[_Rule] = []
         self._counts: Counter[str] = Counter()
         self._greylist: Optional[tuple[SMTPError, set[tuple[str, str, str]]]] = None
-        self._waiters: list[tuple[Deferred[list[ReceivedMessage]], int, Any]] = []
-        self._delays: set[Deferred[Any]] = set()
+        # reactor mode: (Deferred, ready(), timeout call) per wait_for/wait_held
+        self._waiters: list[tuple[Deferred[Any], Callable[[], Any], Any]] = []
+        self._held: list[Deferred[None]] = []  # replies hold() rules hold
+        self._delays: dict[Deferred[Any], Any] = {}  # held replies, their timers
         #: bytes per second both ways, for new and open sessions; None: full speed
         self.throttle_rate: Optional[float] = None
         self._port: Any = None
         self.host = "127.0.0.1"
         self.port = 0
+
+    def __repr__(self) -> str:
+        mode = "thread" if self.threaded else "reactor"
+        return (
+            f"<SMTPTestServer {self.host}:{self.port} {mode} mode,"
+            f" {len(self._messages)} message(s), {len(self._sessions)} session(s)>"
+        )
 
     # -- running -----------------------------------------------------------------
     def _listen(self) -> None:
@@ -727,11 +735,20 @@ class SMTPTestServer:
         return self._call(self._stop_in_reactor)
 
     def _stop_in_reactor(self) -> Deferred[Any]:
-        for delayed in list(self._delays):
-            delayed.cancel()
+        # A reply still held by a delay rule: answer it (the session is about
+        # to be closed) rather than cancel it, which the protocol would log as
+        # a handler failure (an error in trial).
+        delays, self._delays = self._delays, {}
+        for delayed, call in delays.items():
+            call.cancel()
+            delayed.errback(SMTPError(421, "4.3.2", "Test server stopping"))
+        with self._lock:
+            held, self._held = self._held, []
+        for deferred in held:
+            deferred.errback(SMTPError(421, "4.3.2", "Test server stopping"))
         with self._lock:
             waiters, self._waiters = self._waiters, []
-        for deferred, _count, (timer, _match) in waiters:
+        for deferred, _ready, timer in waiters:
             if timer.active():
                 timer.cancel()
             deferred.errback(RuntimeError("the SMTP test server stopped"))
@@ -793,49 +810,90 @@ class SMTPTestServer:
         C{timeout} seconds.  Reactor mode: a Deferred that fires with the
         list or fails with C{TimeoutError}.
         """
-        if self._thread is None:
-            return self._wait_deferred(count, timeout, match)
-        deadline = time.monotonic() + timeout
+
+        def ready() -> Optional[list[ReceivedMessage]]:
+            found = self._matching(match)
+            return found if len(found) >= count else None
+
+        def failed() -> str:
+            return (
+                f"waited {timeout} s for {count} message(s) on"
+                f" {self.host}:{self.port}, got {len(self._matching(match))}"
+                f" ({len(self._messages)} in all, {len(self._sessions)} session(s))"
+            )
+
+        return self._wait(ready, timeout, failed)
+
+    def wait_held(self, count: int = 1, timeout: float = 5.0) -> Any:
+        """Wait until C{count} replies are held by C{hold()} rules.
+
+        Returns the number held; blocks (thread mode) or is a Deferred
+        (reactor mode), like C{wait_for}.
+        """
+
+        def ready() -> Optional[int]:
+            return len(self._held) if len(self._held) >= count else None
+
+        def failed() -> str:
+            return f"waited {timeout} s for {count} held replies, got {len(self._held)}"
+
+        return self._wait(ready, timeout, failed)
+
+    @property
+    def held(self) -> int:
+        """How many replies C{hold()} rules hold now."""
         with self._lock:
-            while True:
-                found = self._matching(match)
-                if len(found) >= count:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(self._timeout_text(count, timeout, found))
-                self._lock.wait(left)
+            return len(self._held)
 
     def _matching(self, match: Any) -> list[ReceivedMessage]:
         if match is None:
             return list(self._messages)
         return [m for m in self._messages if match(m)]
 
-    def _timeout_text(self, count: int, timeout: float, found: list[Any]) -> str:
-        return (
-            f"waited {timeout} s for {count} message(s) on {self.host}:{self.port},"
-            f" got {len(found)} ({len(self._messages)} in all,"
-            f" {len(self._sessions)} session(s))"
-        )
+    def _wait(
+        self,
+        ready: Callable[[], Any],
+        timeout: float,
+        failed: Callable[[], str],
+    ) -> Any:
+        """C{ready()}'s first result that is not None (checked on each change)."""
+        if self._thread is None:
+            result = ready()
+            if result is not None:
+                return succeed(result)
+            deferred: Deferred[Any] = Deferred()
+            entry: Any = None
 
-    def _wait_deferred(
-        self, count: int, timeout: float, match: Any
-    ) -> Deferred[list[ReceivedMessage]]:
-        found = self._matching(match)
-        if len(found) >= count:
-            return succeed(found)
-        deferred: Deferred[list[ReceivedMessage]] = Deferred()
-        entry: Any = None
+            def expired() -> None:
+                self._waiters.remove(entry)
+                deferred.errback(TimeoutError(failed()))
 
-        def expired() -> None:
-            self._waiters.remove(entry)
-            found = self._matching(match)
-            deferred.errback(TimeoutError(self._timeout_text(count, timeout, found)))
+            entry = (deferred, ready, self.reactor.callLater(timeout, expired))
+            self._waiters.append(entry)
+            return deferred
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                result = ready()
+                if result is not None:
+                    return result
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(failed())
+                self._lock.wait(left)
 
-        timer = self.reactor.callLater(timeout, expired)
-        entry = (deferred, count, (timer, match))
-        self._waiters.append(entry)
-        return deferred
+    def _changed(self) -> None:
+        """Something a waiter may wait for happened (in the reactor)."""
+        with self._lock:
+            self._lock.notify_all()
+            waiters = list(self._waiters)
+        for entry in waiters:
+            deferred, ready, timer = entry
+            result = ready()
+            if result is not None:
+                self._waiters.remove(entry)
+                timer.cancel()
+                deferred.callback(result)
 
     def clear(self) -> None:
         """Forget messages, transcripts and phase counts (fault rules stay)."""
@@ -914,6 +972,32 @@ class SMTPTestServer:
         """
         self._add(_Rule(phase, "disconnect", match, nth, times))
 
+    def hold(
+        self,
+        phase: str,
+        *,
+        match: Matcher = None,
+        nth: Optional[int] = None,
+        times: Optional[int] = None,
+    ) -> None:
+        """Hold the reply at C{phase} until C{release()} (no timer involved).
+
+        C{wait_held(n)} waits until n replies are held: the client is then
+        known to be waiting, and the test can look at it before releasing.
+        """
+        self._add(_Rule(phase, "hold", match, nth, times))
+
+    def release(self) -> int:
+        """Let every held reply go on (as the other rules say); how many."""
+        return int(self._call(self._release_in_reactor))
+
+    def _release_in_reactor(self) -> int:
+        with self._lock:
+            held, self._held = self._held, []
+        for deferred in held:
+            deferred.callback(None)
+        return len(held)
+
     def throttle(self, bytes_per_second: Optional[float]) -> None:
         """Move at most this many bytes per second each way (None: no limit)."""
         if bytes_per_second is not None and bytes_per_second <= 0:
@@ -971,6 +1055,7 @@ class SMTPTestServer:
     ) -> Any:
         """The rules for this phase: a delay, then a reply/drop or C{then()}."""
         delay = 0.0
+        hold = False
         final: Optional[_Rule] = None
         with self._lock:
             self._counts[phase] += 1
@@ -978,7 +1063,8 @@ class SMTPTestServer:
             for rule in self._rules:
                 if rule.phase != phase:
                     continue
-                if rule.action != "delay" and final is not None:
+                stacking = rule.action in ("delay", "hold")
+                if not stacking and final is not None:
                     continue
                 if not rule.applies(value, count):
                     continue
@@ -986,6 +1072,8 @@ class SMTPTestServer:
                     rule.times -= 1
                 if rule.action == "delay":
                     delay += rule.seconds
+                elif rule.action == "hold":
+                    hold = True
                 else:
                     final = rule
 
@@ -1000,16 +1088,25 @@ class SMTPTestServer:
                 raise SMTPError(final.error.reply)
             return then() if then is not None else None
 
-        if delay <= 0:
-            return act()
-        delayed = deferLater(self.reactor, delay, act)
-        self._delays.add(delayed)
-        delayed.addBoth(self._delay_done, delayed)
-        return delayed
+        def after_hold(_: Any = None) -> Any:
+            if delay <= 0:
+                return act()
+            delayed: Deferred[Any] = Deferred()
 
-    def _delay_done(self, result: Any, delayed: Deferred[Any]) -> Any:
-        self._delays.discard(delayed)
-        return result
+            def fire() -> None:
+                del self._delays[delayed]
+                maybeDeferred(act).chainDeferred(delayed)
+
+            self._delays[delayed] = self.reactor.callLater(delay, fire)
+            return delayed
+
+        if not hold:
+            return after_hold()
+        held: Deferred[None] = Deferred()
+        with self._lock:
+            self._held.append(held)
+        self._changed()
+        return held.addCallback(after_hold)
 
     def _drop(self, peer: Any, why: str) -> None:
         key = (getattr(peer, "host", ""), getattr(peer, "port", 0))
@@ -1041,15 +1138,7 @@ class SMTPTestServer:
         message.envelope = envelope
         with self._lock:
             self._messages.append(message)
-            self._lock.notify_all()
-            waiters = list(self._waiters)
-        for entry in waiters:
-            deferred, count, (timer, match) = entry
-            found = self._matching(match)
-            if len(found) >= count:
-                self._waiters.remove(entry)
-                timer.cancel()
-                deferred.callback(found)
+        self._changed()
 
 
 def _as_deferred(value: Any) -> Deferred[Any]:

@@ -154,6 +154,7 @@ class WorkerPool(service.Service):
         #: worker number -> (process transport, protocol) of the live one
         self._live: dict[int, tuple[Any, _Worker]] = {}
         self._shared = ""
+        self._ports: list[Any] = []
         self._fds: list[int] = []
         self._quick_deaths: dict[int, int] = {}
         self._pending_restarts: dict[int, Any] = {}
@@ -173,6 +174,7 @@ class WorkerPool(service.Service):
     def _spawn_all(self, ports: list[Any]) -> None:
         for port in ports:
             accept_one_at_a_time(port)
+        self._ports = list(ports)
         self._fds = [port.fileno() for port in ports]
         families = [port.addressFamily for port in ports]
         self._shared = ",".join(
@@ -185,6 +187,13 @@ class WorkerPool(service.Service):
     def _spawn(self, number: int) -> None:
         self._pending_restarts.pop(number, None)
         if not self.running:
+            return
+        if not all(getattr(port, "connected", True) for port in self._ports):
+            # Draining: our listening sockets are closed, nothing to adopt.
+            _log.info(
+                "smtpd worker {number} not started again: the ports are closed",
+                number=number,
+            )
             return
         worker = _Worker(self, number)
         # Their stdout and stderr come to us: see _Worker._relay.
@@ -360,9 +369,11 @@ def serve_worker(
             signal.SIGUSR1,
             lambda *_: reactor.callFromThread(drain),  # type: ignore[attr-defined]
         )
+        # Only now: the reactor runs and SIGTERM/SIGUSR1 are ours (before,
+        # a SIGUSR1 relayed on seeing this line would kill the worker).
+        _log.info("smtpd worker {number} serving", number=number)
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)
     reactor.callWhenRunning(install_signals)
     LoopingCall(orphaned).start(1.0, now=False)
-    _log.info("smtpd worker {number} serving", number=number)
     reactor.run()

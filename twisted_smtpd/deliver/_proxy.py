@@ -51,6 +51,7 @@ __all__ = [
 
 _log = Logger(namespace="twisted_smtpd.deliver")
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 #: bytes the client may send before the downstream's 354 before it is paused
 _MAX_EARLY_BODY = 256 * 1024
@@ -661,20 +662,25 @@ class ProxyHandler:
         session_id = transaction.session_id
         self._resets[session_id] = done
 
+        def finished(_: Any) -> None:
+            if self._resets.get(session_id) is done:
+                del self._resets[session_id]
+            done.callback(None)
+
+        self.reset_and_release(connection).addBoth(finished)
+
+    def reset_and_release(self, connection: DownstreamProtocol) -> Deferred[None]:
+        """RSET, then back to the pool (or dropped if RSET fails)."""
+
         def reset(reply: DownstreamReply) -> None:
             if reply.ok:
                 self.pool.release(connection)
             else:
                 self.pool.discard(connection)
 
-        def finished(_: Any) -> None:
-            if self._resets.get(session_id) is done:
-                del self._resets[session_id]
-            done.callback(None)
-
-        connection.command("RSET").addCallbacks(
+        return connection.command("RSET").addCallbacks(
             reset, lambda _: self.pool.discard(connection)
-        ).addBoth(finished)
+        )
 
     def _touch(self, key: int, transaction: _Transaction) -> None:
         if transaction.idle_timer is not None and transaction.idle_timer.active():
@@ -711,7 +717,7 @@ class ProxyHandler:
             self._forget(key)
             raise
         if transaction.ended:  # the client gave up meanwhile
-            self.pool.release(connection)
+            self.reset_and_release(connection)
             return
         transaction.connection = connection
         connection.on_lost = lambda: self._lost(key, connection)
@@ -928,8 +934,8 @@ class _ProxyReceiver:
         self._error: Optional[Reply] = None
         self._early: Optional[list[bytes]] = []  # before the 354
         self._early_size = 0
-        self._last = b"\n"  # stuffing state: the byte before the next chunk
-        self._tail = b""  # last two bytes sent, to end with CRLF
+        self._tail = b"\r\n"  # the last two bytes sent (stuffing, final CRLF)
+        self._pending_cr = False  # a chunk ended in CR: is it CRLF?
         self._producer: Any = None
         self._proxy: Optional[_PausingProxy] = None
         self._early_paused = False
@@ -939,7 +945,7 @@ class _ProxyReceiver:
             self._error = Reply(
                 451, "4.4.2", f"Connection to next hop {handler.name} was lost"
             )
-            self._go_ahead: Deferred[DownstreamReply] = Deferred()
+            self._go_ahead: Deferred[Any] = succeed(None)
             return
         connection.on_lost = self._connection_lost
         self._go_ahead = connection.command("DATA")
@@ -979,10 +985,12 @@ class _ProxyReceiver:
             return
         if reply.code != 354:
             self._error = reply.as_reply()
-            # Nothing of the body was sent: the connection is still usable.
+            # Nothing of the body was sent: the connection is still usable
+            # once its transaction is reset.
             connection, self._connection = self._connection, None
             if connection is not None:
-                self.handler.pool.release(connection)
+                connection.on_lost = None
+                self.handler.reset_and_release(connection)
             self._early = None
             self._release_producer()
             return
@@ -1033,12 +1041,27 @@ class _ProxyReceiver:
 
     # -- the body --
     def _send(self, data: bytes) -> None:
+        """Normalise line ends, dot-stuff, send.
+
+        A bare CR or LF becomes CRLF: a next hop that ends lines on a bare
+        LF must not see a line our DATA reader did not (SMTP smuggling),
+        and RFC 5321 allows no other line end anyway.
+        """
         if not data or self._connection is None:
             return
-        joined = self._last + data
-        stuffed = joined.replace(b"\n.", b"\n..")[len(self._last) :]
-        self._last = data[-1:]
-        self._tail = (self._tail + data)[-2:]
+        if self._pending_cr:
+            self._pending_cr = False
+            data = b"\r" + data
+        if data.endswith(b"\r"):
+            self._pending_cr = True
+            data = data[:-1]
+            if not data:
+                return
+        if b"\r" in data or b"\n" in data:
+            data = _LINE_END.sub(b"\r\n", data)
+        tail = self._tail
+        stuffed = (tail + data).replace(b"\r\n.", b"\r\n..")[len(tail) :]
+        self._tail = (tail + data)[-2:]
         self._connection.write(stuffed)
 
     def write(self, data: bytes) -> None:
@@ -1068,8 +1091,12 @@ class _ProxyReceiver:
         assert connection is not None
         self._done = True
         self._release_producer()
+        if self._pending_cr:
+            self._pending_cr = False
+            connection.write(b"\r\n")
+            self._tail = b"\r\n"
         # The data must end with CRLF before the dot (BDAT data may not).
-        ending = b".\r\n" if self._tail in (b"", b"\r\n") else b"\r\n.\r\n"
+        ending = b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n"
         waits = [connection.expect()]
         if self.handler.lmtp:
             waits += [connection.expect() for _ in self._recipients[1:]]

@@ -7,9 +7,10 @@ Each message becomes one stream entry whose fields are the envelope (C{id},
 C{mail_from}, C{rcpt_to} as a JSON array, C{peer}, C{helo}, C{session},
 C{received_at}, C{size}, and C{tls}/C{auth} when present) plus C{content},
 the message with our C{Received:} header first.  The client's 250 waits for
-the C{XADD} reply (and, with C{replicas=R}, for C{WAIT R} to report that
-many replicas have it).  C{maxlen=N} trims the stream to N entries
-(C{maxlen=~N}: approximately, which is cheaper).
+the C{XADD} reply (and, with C{replicas=R}, for C{WAIT R} to report within
+half of C{--deliver-timeout} that many replicas have it).  C{maxlen=N}
+trims the stream to N entries (C{maxlen=~N}: approximately, which is
+cheaper).
 
 How durable that reply is depends on the server: with C{appendonly yes}
 and C{appendfsync always} Redis fsyncs the entry before replying; with
@@ -197,7 +198,9 @@ class RedisPublisher:
                 approximate=self.approximate,
             )
             if self.replicas:
-                copies = self.client.wait(self.replicas, int(self._timeout * 1000))
+                # Half the timeout: the answer must beat the socket timeout.
+                wait_ms = max(int(self._timeout * 500), 1)
+                copies = self.client.wait(self.replicas, wait_ms)
                 if copies < self.replicas:
                     raise EngineRefused(
                         f"{self.name}: {copies} of {self.replicas} replicas have it"

@@ -5,11 +5,14 @@ C{--spool DIR}: keep mail flowing while the broker is down.
 With a spool, a message the engine does not take (down, refusing, too
 slow) is written to C{DIR/tmp}, fsynced, renamed into C{DIR/queue} and the
 directory fsynced; only then does the client get its 250.  A forwarder
-publishes the queue oldest first, one message at a time, deleting each file
-once the engine has acknowledged it, and backs off (0.5 s doubling to 30 s)
-while the engine keeps failing.  While anything waits in the queue, new
-messages join its end instead of overtaking it, so the engine sees them in
-the order they were accepted.
+publishes the queue oldest first, in batches of up to 64 published in order
+(one at a time would cost an ack round trip each), deleting each file once
+the engine has acknowledged it, and backs off (0.5 s doubling to 30 s) while
+the engine keeps failing.  While anything waits in the queue, new messages
+join its end instead of overtaking it, so the engine sees them in the order
+they were accepted.  The one exception: when the engine refuses a message
+but takes later ones of the same batch, the refused one follows them on the
+retry.
 
 A file is deleted only after the engine's ack, so a crash (SIGKILL, power)
 between ack and delete publishes that message again after the restart: at
@@ -28,7 +31,7 @@ import fcntl
 import os
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,6 +55,9 @@ def _fsync_directory(path: str) -> None:
 class Spool:
     """An fsynced directory queue in front of a broker.
 
+    The forwarder publishes up to C{batch} messages at a time, in order, and
+    waits for all their acks before the next batch.
+
     Args:
         path: the spool directory (created, with C{tmp/} and C{queue/}).
         reactor: for the thread pool and the retry timer.
@@ -60,6 +66,9 @@ class Spool:
     Raises:
         ValueError: the directory cannot be used or another process holds it.
     """
+
+    #: messages published together while the spool drains
+    batch = 64
 
     def __init__(
         self,
@@ -210,46 +219,60 @@ class Spool:
             and self._retry_call is None
         ):
             self._forwarding = True
-            self._forward(self._pending[0])
+            names = self._pending[: self.batch]
+            paths = [os.path.join(self._queue_dir, name) for name in names]
+            bad_dir = os.path.join(self.path, "bad")
+            read = self._in_thread(_read_messages, paths, bad_dir)
+            read.addCallback(self._publish_batch, names)
+            read.addErrback(self._batch_failed)
 
-    def _forward(self, name: str) -> None:
-        path = os.path.join(self._queue_dir, name)
-        assert self._publish is not None
+    def _publish_batch(self, messages: list[Any], names: list[str]) -> Deferred[Any]:
         publish = self._publish
-        read = self._in_thread(_read_message, path)
-        read.addCallback(publish)
-        read.addCallback(lambda _: self._in_thread(os.unlink, path))
-        read.addCallbacks(
-            self._forwarded,
-            self._forward_failed,
-            callbackArgs=(name,),
-            errbackArgs=(name,),
+        assert publish is not None
+        sent: list[str] = []
+        acks: list[Deferred[Any]] = []
+        for name, message in zip(names, messages):
+            if message is None:
+                self._pending.remove(name)
+                _log.error(
+                    "smtpd: spool file {name} is unreadable; moved to {bad}",
+                    name=name,
+                    bad=os.path.join(self.path, "bad"),
+                )
+                continue
+            # Published in order; the engine sees them in this order.
+            sent.append(name)
+            acks.append(publish(message))
+        return DeferredList(acks, consumeErrors=True).addCallback(
+            self._batch_done, sent
         )
 
-    def _forwarded(self, _: Any, name: str) -> None:
-        self._pending.remove(name)
-        self.forwarded += 1
-        self._delay = self.retry_initial
-        self._forwarding = False
-        if not self._pending:
-            _log.info("smtpd: spool {path} is empty again", path=self.path)
-        self._kick()
+    def _batch_done(self, outcomes: list[tuple[bool, Any]], names: list[str]) -> Any:
+        done = [name for name, (ok, _) in zip(names, outcomes) if ok]
+        failures = [value for ok, value in outcomes if not ok]
+        paths = [os.path.join(self._queue_dir, name) for name in done]
 
-    def _forward_failed(self, failure: Failure, name: str) -> None:
-        self._forwarding = False
-        if failure.check(_Unreadable):
-            # Not one of ours (or truncated by hand): keep it, out of the way.
-            bad_dir = os.path.join(self.path, "bad")
-            os.makedirs(bad_dir, exist_ok=True)
-            os.rename(os.path.join(self._queue_dir, name), os.path.join(bad_dir, name))
-            self._pending.remove(name)
-            _log.error(
-                "smtpd: spool file {name} is unreadable; moved to {bad}",
-                name=name,
-                bad=bad_dir,
-            )
+        def deleted(_: Any) -> None:
+            for name in done:
+                self._pending.remove(name)
+            self.forwarded += len(done)
+            self._forwarding = False
+            if failures:
+                self._back_off(failures[0])
+                return
+            self._delay = self.retry_initial
+            if not self._pending:
+                _log.info("smtpd: spool {path} is empty again", path=self.path)
             self._kick()
-            return
+
+        return self._in_thread(_unlink_all, paths).addCallback(deleted)
+
+    def _batch_failed(self, failure: Failure) -> None:
+        # Reading or deleting failed: what is left is sent again later.
+        self._forwarding = False
+        self._back_off(failure)
+
+    def _back_off(self, failure: Failure) -> None:
         if not self._running:
             return
         delay = self._delay
@@ -273,14 +296,22 @@ class Spool:
         return deferToThreadPool(self._reactor, pool, fn, *args)
 
 
-class _Unreadable(Exception):
-    """A spool file that does not parse."""
+def _read_messages(paths: list[str], bad_dir: str) -> list[Optional[OutboundMessage]]:
+    """The messages in C{paths}; C{None} for a file that does not parse,
+    which is moved to C{bad_dir} (not one of ours, or truncated by hand)."""
+    messages: list[Optional[OutboundMessage]] = []
+    for path in paths:
+        with open(path, "rb") as file:
+            data = file.read()
+        try:
+            messages.append(OutboundMessage.from_bytes(data))
+        except (ValueError, KeyError, TypeError):
+            os.makedirs(bad_dir, exist_ok=True)
+            os.rename(path, os.path.join(bad_dir, os.path.basename(path)))
+            messages.append(None)
+    return messages
 
 
-def _read_message(path: str) -> OutboundMessage:
-    with open(path, "rb") as file:
-        data = file.read()
-    try:
-        return OutboundMessage.from_bytes(data)
-    except (ValueError, KeyError, TypeError) as error:
-        raise _Unreadable(str(error)) from error
+def _unlink_all(paths: list[str]) -> None:
+    for path in paths:
+        os.unlink(path)
