@@ -61,8 +61,8 @@ class NginxMailProxy:
         (self.prefix / "logs").mkdir()
         self.process = subprocess.Popen(
             ["nginx", "-p", str(self.prefix), "-c", str(conf)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self._wait_listening()
 

@@ -66,3 +66,117 @@ def test_parse_limit_rejects(text: str) -> None:
 
 def test_parse_limit() -> None:
     assert (10, 600.0) == parse_limit("10/600")
+
+
+# -- across connections, in the protocol --------------------------------------
+
+from base64 import b64encode  # noqa: E402
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse  # noqa: E402
+from twisted.internet.address import IPv4Address  # noqa: E402
+from twisted.logger import formatEvent, globalLogPublisher  # noqa: E402
+
+from twisted_smtpd import SMTPFactory  # noqa: E402
+from twisted_smtpd._events import SessionEvents  # noqa: E402
+from twisted_smtpd.auth import AuthPolicy  # noqa: E402
+from twisted_smtpd.handlers import MemoryHandler  # noqa: E402
+from twisted_smtpd.testing import connect  # noqa: E402
+
+WRONG = b"AUTH PLAIN " + b64encode(b"\0alice\0wrong")
+RIGHT = b"AUTH PLAIN " + b64encode(b"\0alice\0secret")
+LIMITED = b"454 4.7.0 Too many failed authentications from your address, try later"
+
+
+class Refusals(SessionEvents):
+    def __init__(self) -> None:
+        self.refused: list[str] = []
+
+    def connection_refused(self, reason: str) -> None:
+        self.refused.append(reason)
+
+
+def auth_factory(required: bool = False, limit=(3, 600)):
+    db = InMemoryUsernamePasswordDatabaseDontUse()
+    db.addUser(b"alice", b"secret")
+    auth = AuthPolicy.from_checkers(
+        [db], allow_without_tls=True, failure_delay=0, required=required
+    )
+    clock = Clock()
+    events = Refusals()
+    factory = SMTPFactory(
+        MemoryHandler(),
+        hostname="mx.test",
+        reactor=clock,
+        auth=auth,
+        auth_failure_limit=limit,
+        events=events,
+    )
+    return factory, clock, events
+
+
+def session(factory, host: str = "192.0.2.1"):
+    client = connect(factory, peer=IPv4Address("TCP", host, 40000))
+    client.replies()
+    client.command(b"EHLO c.example")
+    return client
+
+
+def test_failures_across_connections_then_454_until_the_window_passes() -> None:
+    factory, clock, _ = auth_factory()
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        for _ in range(3):  # one failure per connection: reconnecting is no escape
+            client = session(factory)
+            assert [b"535 5.7.8 Authentication credentials invalid"] == client.command(
+                WRONG
+            )
+            client.protocol.connectionLost(None)
+        client = session(factory)
+        assert [LIMITED] == client.command(RIGHT)  # even the right password
+        assert [LIMITED] == client.command(WRONG)
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")  # the session goes on
+        other = session(factory, "192.0.2.2")
+        assert other.command(RIGHT)[0].startswith(b"235 ")
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    lines = [formatEvent(e) for e in logged if "AUTH failure limit" in formatEvent(e)]
+    assert [
+        "smtpd: 192.0.2.1 reached the AUTH failure limit (3/600): AUTH"
+        " refused for 600 s"
+    ] == lines
+    clock.advance(600)
+    assert session(factory).command(RIGHT)[0].startswith(b"235 ")
+
+
+def test_successes_do_not_count() -> None:
+    factory, _, _ = auth_factory()
+    for _ in range(5):
+        client = session(factory)
+        assert client.command(RIGHT)[0].startswith(b"235 ")
+        client.protocol.connectionLost(None)
+    client = session(factory)
+    client.command(WRONG)
+    assert client.command(WRONG)[0].startswith(b"535 ")
+
+
+def test_auth_required_refuses_the_connection_421() -> None:
+    factory, _, events = auth_factory(required=True)
+    client = session(factory)
+    for _ in range(3):
+        client.command(WRONG)
+    late = connect(factory, peer=IPv4Address("TCP", "192.0.2.1", 40001))
+    assert [
+        b"421 mx.test Too many failed authentications from your address, try later"
+    ] == late.replies()
+    assert late.closed
+    assert ["auth_rate_limit"] == events.refused
+
+
+def test_off() -> None:
+    factory, _, _ = auth_factory(limit=None)
+    for _ in range(4):
+        client = session(factory)
+        client.command(WRONG)
+        client.protocol.connectionLost(None)
+    assert session(factory).command(RIGHT)[0].startswith(b"235 ")

@@ -155,3 +155,143 @@ class TestCacheAndTimeout:
     def test_not_an_address(self) -> None:
         assert UNKNOWN == self.result("/tmp/socket")
         assert [] == self.resolver.asked
+
+
+# -- in the protocol ----------------------------------------------------------
+
+from twisted.internet import threads  # noqa: E402
+
+from twisted_smtpd import SMTPFactory  # noqa: E402
+from twisted_smtpd.handlers import MemoryHandler  # noqa: E402
+from twisted_smtpd.testing import connect  # noqa: E402
+
+
+class Lookups:
+    """A stand-in ReverseDNS whose answers the test gives."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, defer.Deferred] = {}
+
+    def lookup(self, host: str) -> defer.Deferred:
+        self.pending[host] = d = defer.Deferred()
+        return d
+
+
+def session(rdns):
+    memory = MemoryHandler()
+    factory = SMTPFactory(memory, hostname="mx.test", reactor=Clock(), reverse_dns=rdns)
+    return memory, connect(factory)
+
+
+def test_greeting_not_delayed_and_data_waits_for_the_name() -> None:
+    lookups = Lookups()
+    memory, client = session(lookups)
+    assert [b"220 mx.test ESMTP twisted_smtpd ready"] == client.replies()
+    assert ["192.0.2.1"] == list(lookups.pending)
+    client.command(b"EHLO c.example")
+    client.command(b"MAIL FROM:<a@b.example>")
+    client.command(b"RCPT TO:<c@d.example>")
+    # DATA (and what is pipelined behind it) waits for the name.
+    assert [] == client.command(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.")
+    lookups.pending["192.0.2.1"].callback("host.example.test")
+    assert [b"354 End data with <CR><LF>.<CR><LF>"] == client.replies()[:1]
+    envelope = memory.messages[0]
+    assert "host.example.test" == envelope.peer_name
+    assert envelope.received_header.startswith(
+        b"Received: from c.example (host.example.test [192.0.2.1])"
+    )
+
+
+def test_bdat_waits_too() -> None:
+    lookups = Lookups()
+    memory, client = session(lookups)
+    client.command(b"EHLO c.example")
+    client.command(b"MAIL FROM:<a@b.example>")
+    client.command(b"RCPT TO:<c@d.example>")
+    client.send(b"BDAT 10 LAST\r\nSubject:\r\n")
+    assert [] == client.replies()
+    lookups.pending["192.0.2.1"].callback("unknown")
+    assert [b"250 2.0.0 OK: queued as "] == [r[:24] for r in client.replies()]
+    assert b"Subject:\r\n" == memory.messages[0].content
+    assert b"(unknown [192.0.2.1])" in memory.messages[0].received_header
+
+
+def test_name_known_before_data_no_wait() -> None:
+    lookups = Lookups()
+    memory, client = session(lookups)
+    lookups.pending["192.0.2.1"].callback("host.example.test")
+    client.command(b"EHLO c.example")
+    client.command(b"MAIL FROM:<a@b.example>")
+    client.command(b"RCPT TO:<c@d.example>")
+    assert [b"354 End data with <CR><LF>.<CR><LF>"] == client.command(b"DATA")
+
+
+def test_connection_lost_while_waiting_opens_no_message() -> None:
+    lookups = Lookups()
+    memory, client = session(lookups)
+    client.command(b"EHLO c.example")
+    client.command(b"MAIL FROM:<a@b.example>")
+    client.command(b"RCPT TO:<c@d.example>")
+    client.command(b"DATA")
+    client.protocol.connectionLost(None)
+    lookups.pending["192.0.2.1"].callback("host.example.test")
+    assert b"354" not in client.output()
+
+
+def test_off_by_default_in_the_api() -> None:
+    memory, client = session(None)
+    client.command(b"EHLO c.example")
+    client.command(b"MAIL FROM:<a@b.example>")
+    client.command(b"RCPT TO:<c@d.example>")
+    client.command(b"DATA")
+    client.command(b"x\r\n.")
+    assert None is memory.messages[0].peer_name
+    assert memory.messages[0].received_header.startswith(
+        b"Received: from c.example ([192.0.2.1])"
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_end_to_end_smtplib(listen, dns_server):
+    """A real socket, a real DNS server: the Received: header names the client."""
+    import smtplib
+
+    from twisted.internet import reactor
+
+    _, port = dns_server
+    memory = MemoryHandler()
+    rdns = ReverseDNS(resolver_for(reactor, port), reactor=reactor, timeout=5)
+    smtp_port = listen(memory, reverse_dns=rdns)
+
+    def send():
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=20) as smtp:
+            smtp.sendmail("a@b.example", ["c@d.example"], b"Subject: x\r\n\r\nhi\r\n")
+
+    yield threads.deferToThread(send)
+    envelope = memory.messages[0]
+    assert "mail.example.test" == envelope.peer_name
+    assert b"(mail.example.test [127.0.0.1])" in envelope.received_header
+
+
+@pytest_twisted.inlineCallbacks
+def test_end_to_end_dns_never_answers(listen):
+    """A DNS server that never answers delays only DATA, by --dns-timeout at most."""
+    import smtplib
+
+    from twisted.internet import reactor
+
+    silent = reactor.listenUDP(0, Silent(), interface="127.0.0.1")
+    memory = MemoryHandler()
+    resolver = resolver_for(reactor, silent.getHost().port)
+    smtp_port = listen(memory, reverse_dns=ReverseDNS(resolver, timeout=0.5))
+
+    def send():
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=20) as smtp:
+            smtp.sendmail("a@b.example", ["c@d.example"], b"Subject: x\r\n\r\nhi\r\n")
+
+    try:
+        yield threads.deferToThread(send)
+    finally:
+        yield silent.stopListening()
+    assert "unknown" == memory.messages[0].peer_name
+    assert b"(unknown [127.0.0.1])" in memory.messages[0].received_header

@@ -112,3 +112,272 @@ class TestAddressList:
     def test_bad_entries(self, bad: str) -> None:
         with pytest.raises(ValueError, match="bad network"):
             AddressList([bad])
+
+
+# -- the protocol, in memory -------------------------------------------------
+
+from twisted.internet.address import IPv4Address, IPv6Address  # noqa: E402
+from twisted.internet.task import Clock  # noqa: E402
+
+from twisted_smtpd import SMTPFactory  # noqa: E402
+from twisted_smtpd.handlers import MemoryHandler  # noqa: E402
+from twisted_smtpd.testing import connect  # noqa: E402
+
+PROXY = IPv4Address("TCP", "10.0.0.5", 50000)
+KEYWORD = b"250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT"
+
+
+class Checked(MemoryHandler):
+    """Records the peers check_client saw; refuses 203.0.113.66."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clients: list[object] = []
+
+    def check_client(self, peer):
+        self.clients.append(peer)
+        if peer.host == "203.0.113.66":
+            raise SMTPError(554, "5.7.1", "Not you")
+
+
+def proxied(handler=None, peer=PROXY, **kwargs):
+    handler = handler if handler is not None else MemoryHandler()
+    kwargs.setdefault("xclient_hosts", ["10.0.0.0/24"])
+    factory = SMTPFactory(handler, hostname="mx.test", reactor=Clock(), **kwargs)
+    client = connect(factory, peer=peer)
+    client.replies()
+    return factory, handler, client
+
+
+def send_message(client) -> list[bytes]:
+    client.command(b"MAIL FROM:<a@b.example>")
+    client.command(b"RCPT TO:<c@d.example>")
+    client.command(b"DATA")
+    return client.command(b"Subject: hi\r\n\r\nbody\r\n.")
+
+
+class TestProtocol:
+    def test_advertised_only_to_allowed_clients(self) -> None:
+        _, _, client = proxied()
+        assert KEYWORD in client.command(b"EHLO proxy.example")
+        _, _, stranger = proxied(peer=IPv4Address("TCP", "192.0.2.9", 1))
+        assert not any(b"XCLIENT" in line for line in stranger.command(b"EHLO x"))
+
+    def test_unauthorized_550(self) -> None:
+        _, handler, client = proxied(peer=IPv4Address("TCP", "192.0.2.9", 1))
+        client.command(b"EHLO x.example")
+        assert [b"550 5.7.0 XCLIENT: insufficient authorization"] == client.command(
+            b"XCLIENT ADDR=198.51.100.7"
+        )
+        send_message(client)
+        assert "192.0.2.9" == handler.messages[0].peer.host
+
+    def test_forwarded_client_everywhere(self) -> None:
+        handler = Checked()
+        factory, _, client = proxied(handler)
+        client.command(b"EHLO proxy.example")
+        assert [b"220 mx.test ESMTP twisted_smtpd ready"] == client.command(
+            b"XCLIENT NAME=spike.example.org ADDR=198.51.100.7 PORT=4711"
+        )
+        assert [PROXY, IPv4Address("TCP", "198.51.100.7", 4711)] == handler.clients
+        # A fresh session: greet again; XCLIENT is no longer offered.
+        assert [b"503 Send HELO/EHLO first"] == client.command(
+            b"MAIL FROM:<a@b.example>"
+        )
+        assert KEYWORD not in client.command(b"EHLO spike.example.org")
+        assert send_message(client)[-1].startswith(b"250 2.0.0 OK: queued as ")
+        envelope = handler.messages[0]
+        assert ("198.51.100.7", 4711) == (envelope.peer.host, envelope.peer.port)
+        assert "spike.example.org" == envelope.peer_name
+        assert envelope.received_header.startswith(
+            b"Received: from spike.example.org (spike.example.org [198.51.100.7])"
+        )
+        # The per-address count moved to the forwarded client.
+        assert {"198.51.100.7": 1} == dict(factory._per_ip)
+        # Postfix: once ADDR is outside the list, no more XCLIENT.
+        assert [b"550 5.7.0 XCLIENT: insufficient authorization"] == client.command(
+            b"XCLIENT ADDR=198.51.100.8"
+        )
+
+    def test_helo_proto_login_kept(self) -> None:
+        _, handler, client = proxied()
+        client.command(b"EHLO proxy.example")
+        client.command(b"XCLIENT HELO=client.example PROTO=ESMTP LOGIN=wietse")
+        client.command(b"XCLIENT ADDR=IPV6:2001:db8::7")
+        # Each XCLIENT resets what it does not name: the second forgot HELO.
+        assert [b"503 Send HELO/EHLO first"] == client.command(b"MAIL FROM:<>")
+        client.command(b"EHLO c.example")
+        send_message(client)
+        assert IPv6Address("TCP", "2001:db8::7", 50000) == handler.messages[0].peer
+        assert None is handler.messages[0].auth
+
+        _, handler, client = proxied()
+        client.command(b"XCLIENT ADDR=198.51.100.7 HELO=c.example PROTO=ESMTP LOGIN=w")
+        assert send_message(client)[-1].startswith(b"250 2.0.0 OK: queued as ")
+        envelope = handler.messages[0]
+        assert ("c.example", True, "w") == (
+            envelope.helo,
+            envelope.esmtp,
+            envelope.auth,
+        )
+        assert b"with ESMTPA" in envelope.received_header
+
+    def test_in_transaction_503(self) -> None:
+        _, _, client = proxied()
+        client.command(b"EHLO proxy.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        assert [
+            b"503 5.5.1 XCLIENT not allowed during a mail transaction"
+        ] == client.command(b"XCLIENT ADDR=198.51.100.7")
+
+    @pytest.mark.parametrize(
+        "line, reply",
+        [
+            (b"XCLIENT", b"501 5.5.4 Syntax: XCLIENT attribute=value..."),
+            (b"XCLIENT ADDR=1.2.3", b"501 5.5.4 Bad ADDR syntax: 1.2.3"),
+            (b"XCLIENT COLOR=red", b"501 5.5.4 Bad XCLIENT attribute name: COLOR"),
+        ],
+    )
+    def test_bad_syntax_501(self, line: bytes, reply: bytes) -> None:
+        _, _, client = proxied()
+        client.command(b"EHLO proxy.example")
+        assert [reply] == client.command(line)
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")  # session unchanged
+
+    def test_check_client_refuses_forwarded_client(self) -> None:
+        _, _, client = proxied(Checked())
+        assert [b"554 Not you"] == client.command(b"XCLIENT ADDR=203.0.113.66")
+        assert client.closed
+
+    def test_per_address_limit_applies_to_forwarded_client(self) -> None:
+        from twisted_smtpd._session import Limits
+
+        factory, _, first = proxied(limits=Limits(max_connections_per_ip=1))
+        first.command(b"XCLIENT ADDR=198.51.100.7")
+        second = connect(factory, peer=PROXY)
+        second.replies()
+        assert [b"421 mx.test Too many connections, try again later"] == second.command(
+            b"XCLIENT ADDR=198.51.100.7"
+        )
+        assert second.closed
+
+    def test_unavailable_name(self) -> None:
+        _, handler, client = proxied()
+        client.command(b"XCLIENT ADDR=198.51.100.7 NAME=[UNAVAILABLE]")
+        client.command(b"EHLO c.example")
+        send_message(client)
+        assert "unknown" == handler.messages[0].peer_name
+        assert b"(unknown [198.51.100.7])" in handler.messages[0].received_header
+
+
+# -- real senders: swaks --xclient, and nginx's mail proxy with `xclient on;` -
+
+import subprocess  # noqa: E402
+
+import pytest_twisted  # noqa: E402
+from twisted.internet import threads  # noqa: E402
+
+from .helpers import require_program  # noqa: E402
+
+
+@pytest_twisted.inlineCallbacks
+def test_swaks_xclient(listen):
+    """swaks --xclient: the message is from the client swaks named."""
+    require_program("swaks")
+    memory = MemoryHandler()
+    port = listen(memory, xclient_hosts=["127.0.0.0/8"])
+
+    def client():
+        return subprocess.run(
+            ["swaks", "--server", "127.0.0.1", "--port", str(port)]
+            + [
+                "--ehlo",
+                "proxy.example",
+                "--from",
+                "a@b.example",
+                "--to",
+                "c@d.example",
+            ]
+            + ["--xclient", "NAME=spike.example.org ADDR=198.51.100.7 PORT=4711"]
+            + ["--body", "via swaks", "--timeout", "20"],
+            capture_output=True,
+            timeout=60,
+        )
+
+    result = yield threads.deferToThread(client)
+    assert 0 == result.returncode, result.stdout + result.stderr
+    assert b"XCLIENT NAME ADDR PORT" in result.stdout  # it was advertised
+    envelope = memory.messages[0]
+    assert ("198.51.100.7", 4711) == (envelope.peer.host, envelope.peer.port)
+    assert b"(spike.example.org [198.51.100.7])" in envelope.received_header
+
+
+@pytest_twisted.inlineCallbacks
+def test_refused_over_a_socket(listen):
+    """A client outside the allowed networks: not advertised, and 550 5.7.0."""
+    import smtplib
+
+    memory = MemoryHandler()
+    port = listen(memory, xclient_hosts=["10.0.0.0/8"])
+
+    def client():
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+            smtp.ehlo("c.example")
+            return smtp.has_extn("xclient"), smtp.docmd("XCLIENT", "ADDR=192.0.2.7")
+
+    advertised, reply = yield threads.deferToThread(client)
+    assert not advertised
+    assert (550, b"5.7.0 XCLIENT: insufficient authorization") == reply
+
+
+@pytest.fixture
+def nginx_proxy():
+    """C{start(backend_port)}: an nginx mail proxy with xclient on."""
+    require_program("nginx")
+    from .nginxproxy import MAIL_MODULE, NginxMailProxy
+
+    if not MAIL_MODULE.exists():
+        require_program("libnginx-mod-mail is missing: no ngx_mail_module.so")
+    proxies = []
+
+    def start(backend_port: int) -> NginxMailProxy:
+        proxies.append(NginxMailProxy(backend_port))
+        return proxies[-1]
+
+    yield start
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_nginx_mail_proxy(listen, nginx_proxy):
+    """nginx (xclient on) in front: the envelope has the client nginx served.
+
+    The client connects to nginx from 127.0.0.2; nginx connects to us from
+    127.0.0.1, the only address allowed XCLIENT, and forwards the client's
+    address, its EHLO and the envelope.
+    """
+    require_program("swaks")
+    memory = MemoryHandler()
+    port = listen(memory, xclient_hosts=["127.0.0.1/32"])
+    proxy = nginx_proxy(port)
+
+    def client():
+        return subprocess.run(
+            ["swaks", "--server", "127.0.0.1", "--port", str(proxy.port)]
+            + ["--local-interface", "127.0.0.2", "--ehlo", "client.example"]
+            + ["--from", "a@b.example", "--to", "c@d.example"]
+            + ["--body", "via nginx", "--timeout", "20"],
+            capture_output=True,
+            timeout=60,
+        )
+
+    result = yield threads.deferToThread(client)
+    assert 0 == result.returncode, result.stdout + result.stderr + proxy.log().encode()
+    envelope = memory.messages[0]
+    assert b"via nginx" in envelope.content
+    assert "127.0.0.2" == envelope.peer.host
+    assert "client.example" == envelope.helo
+    assert "unknown" == envelope.peer_name  # nginx sent NAME=[UNAVAILABLE]
+    assert b"from client.example (unknown [127.0.0.2])" in envelope.received_header
+    assert "127.0.0.2" == proxy.auth_requests[0]["Client-IP"]
