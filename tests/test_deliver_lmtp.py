@@ -9,6 +9,7 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred
 
 from twisted_smtpd.deliver import DeliverOptions, handler_from_target
 from twisted_smtpd.deliver.lmtp import LMTPHandler
@@ -231,3 +232,35 @@ def test_twistd_deliver_lmtp(tmp_path, dovecot):
         proc.terminate()
         output, _ = proc.communicate(timeout=20)
     assert 1 == count(dovecot, "erin", "twistd"), output
+
+
+@pytest_twisted.inlineCallbacks
+def test_finish_each_gives_dovecots_reply_per_recipient(dovecot, lmtp_handler):
+    """For a server that answers LMTP itself: one reply per recipient, as
+    Dovecot gave them (the hook API driven directly)."""
+    from twisted.internet.address import IPv4Address
+
+    from twisted_smtpd._session import Envelope
+
+    envelope = Envelope(
+        session_id="T1",
+        peer=IPv4Address("TCP", "127.0.0.1", 1),
+        helo="client.example",
+        esmtp=True,
+        tls=None,
+        auth=None,
+        mail_from="s@example.org",
+    )
+    yield Deferred.fromCoroutine(lmtp_handler.check_sender(envelope))
+    recipients = ["alice@example.net", "full@example.net", "bob@example.net"]
+    for address in recipients:
+        yield Deferred.fromCoroutine(
+            lmtp_handler.check_recipient(envelope, address, {})
+        )
+    receiver = lmtp_handler.open_message(envelope)
+    receiver.write(body("each"))
+    results = yield receiver.finish_each()
+    assert recipients == [address for address, _ in results]
+    assert [250, 552, 250] == [reply.code for _, reply in results]
+    assert "5.2.2" == results[1][1].enhanced
+    assert 1 == count(dovecot, "alice", "each") == count(dovecot, "bob", "each")

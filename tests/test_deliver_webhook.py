@@ -218,3 +218,29 @@ def test_big_message_spools_and_retries_byte_for_byte(listen, web, hooks):
     assert h1["x-smtpd-signature"] == h2["x-smtpd-signature"]
     expected = hmac.new(b"k", b1, hashlib.sha256).hexdigest()
     assert f"sha256={expected}" == h1["x-smtpd-signature"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_https_verified_against_deliver_ca(listen, certificates):
+    """https:// checks the application's certificate: --deliver-ca trusts our
+    test CA; without it the same server is refused (451, never 250)."""
+    from twisted_smtpd.tls import TLSPolicy
+
+    receiver = Receiver()
+    policy = TLSPolicy.from_files(str(certificates["cert"]), str(certificates["key"]))
+    context = policy.context_factory
+    port = reactor.listenSSL(0, server.Site(receiver), context, interface="127.0.0.1")
+    url = f"https://localhost:{port.getHost().port}/hook"
+    trusted = handler_from_target(
+        url, DeliverOptions(timeout=5, ca_file=str(certificates["ca"])), reactor
+    )
+    untrusted = WebhookHandler(url, timeout=1)
+    try:
+        assert 250 == (yield in_thread(send, listen(trusted)))[0]
+        code, text = yield in_thread(send, listen(untrusted))
+    finally:
+        yield trusted.close()
+        yield untrusted.close()
+        port.stopListening()
+    assert 1 == len(receiver.requests)
+    assert 451 == code and b"certificate verify failed" in text, text

@@ -824,16 +824,12 @@ class ProxyHandler:
                 params.append(f"{name}={value}")
         return "".join(" " + p for p in params)
 
-    def final_result(
-        self, recipients: list[str], replies: list[DownstreamReply]
-    ) -> Optional[str]:
-        """The client's answer after the data, from the downstream's replies."""
-        if self.lmtp:
-            return combine_lmtp_replies(self.name, recipients, replies)
-        (reply,) = replies
-        if not reply.ok:
-            raise reply.as_error()
-        return None
+
+def _as_final(reply: DownstreamReply) -> Reply:
+    if reply.ok:
+        enhanced = reply.enhanced if reply.enhanced[:1] == "2" else "2.0.0"
+        return Reply(250, enhanced, reply.text or "Ok")
+    return reply.as_reply()
 
 
 def combine_lmtp_replies(
@@ -1080,7 +1076,9 @@ class _ProxyReceiver:
             return
         self._send(data)
 
-    async def _finish(self) -> Optional[str]:
+    async def _replies(self) -> list[DownstreamReply]:
+        """End the data; the next hop's final replies, one per recipient
+        (raises SMTPError when the message as a whole failed)."""
         try:
             await self._go_ahead
         except DownstreamError:
@@ -1120,14 +1118,41 @@ class _ProxyReceiver:
                 # Those recipients' replies are known; the rest are not.
                 lost = DownstreamReply(451, "4.4.2", (error.reply.text,))
                 replies += [lost] * (len(self._recipients) - len(replies))
-                return self.handler.final_result(self._recipients, replies)
+                return replies
             raise SMTPError(error.reply)
         self._connection = None
         self.handler.pool.release(connection)
-        return self.handler.final_result(self._recipients, replies)
+        if not self.handler.lmtp:
+            replies = replies * len(self._recipients)
+        return replies
+
+    async def _finish(self) -> Optional[str]:
+        replies = await self._replies()
+        if self.handler.lmtp:
+            return combine_lmtp_replies(self.handler.name, self._recipients, replies)
+        if not replies[0].ok:
+            raise replies[0].as_error()
+        return None
 
     def finish(self) -> Deferred[Optional[str]]:
+        """The client's one answer: 250 only if every recipient has it."""
         return Deferred.fromCoroutine(self._finish())
+
+    async def _finish_each(self) -> list[tuple[str, Reply]]:
+        replies = await self._replies()
+        return [
+            (recipient, _as_final(reply))
+            for recipient, reply in zip(self._recipients, replies)
+        ]
+
+    def finish_each(self) -> Deferred[list[tuple[str, Reply]]]:
+        """Per recipient, in RCPT order: (address, the next hop's reply).
+
+        For a server answering LMTP (RFC 2033 4.2: one reply per recipient
+        after the data) instead of L{finish}'s single answer.  Raises
+        SMTPError when the message failed as a whole.
+        """
+        return Deferred.fromCoroutine(self._finish_each())
 
     def abort(self) -> None:
         """Never send the final dot: the downstream drops what it got."""
