@@ -417,3 +417,48 @@ def test_smtputf8_to_a_next_hop_without_it_is_refused_at_mail(relay):
         listener.stopListening()
     assert 550 == code and text.startswith(b"5.6.7"), text
     assert 1 == handler.pool.idle_count  # the connection is fine for others
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_cancelled_hook_drops_the_connection_cleanly(listen, relay):
+    """A protocol deadline that cancels a pending RCPT: the downstream
+    connection is dropped (its late reply could be matched to the wrong
+    command) and the next client gets a fresh one."""
+    from twisted.internet.address import IPv4Address
+
+    from twisted_smtpd._session import Envelope
+
+    slow = SlowHandlerForCancel()
+    handler = relay(listen(slow))
+    envelope = Envelope(
+        session_id="C1",
+        peer=IPv4Address("TCP", "127.0.0.1", 1),
+        helo="c",
+        esmtp=True,
+        tls=None,
+        auth=None,
+        mail_from="s@example.org",
+    )
+    from twisted.internet.defer import CancelledError, Deferred
+
+    yield Deferred.fromCoroutine(handler.check_sender(envelope))
+    pending = Deferred.fromCoroutine(
+        handler.check_recipient(envelope, "a@example.net", {})
+    )
+    pending.cancel()
+    with pytest.raises((SMTPError, CancelledError)):
+        yield pending
+    yield in_thread(until, lambda: handler.pool.open == 0, 3.0)
+    assert 0 == handler.pool.open
+
+
+class SlowHandlerForCancel:
+    """A next hop whose RCPT never answers."""
+
+    def check_recipient(self, envelope, address, options):
+        from twisted.internet.defer import Deferred
+
+        return Deferred()
+
+    def handle_message(self, envelope):
+        pass

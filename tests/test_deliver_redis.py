@@ -172,3 +172,28 @@ def test_missing_redis_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "redis", None)
     with pytest.raises(ValueError, match=r"pip install 'twisted_smtpd\[redis\]'"):
         handler_from_target("redis://127.0.0.1/0?stream=s", DeliverOptions(), reactor)
+
+
+def test_call_queued_past_its_timeout_is_not_sent():
+    """A call that waited in the pool until its client got 451 adds nothing
+    (the client's retry would make it a second copy)."""
+    import time
+
+    from twisted_smtpd.deliver._broker import EngineUnavailable, OutboundMessage
+    from twisted_smtpd.deliver.redis import RedisPublisher
+
+    class Client:
+        added: list = []
+
+        def xadd(self, *args, **kwargs):
+            self.added.append(args)
+            return b"1-0"
+
+    client = Client()
+    publisher = RedisPublisher(client, stream="s", name="redis://x", reactor=reactor)
+    message = OutboundMessage("ID", {"id": "ID"}, b"x")
+    with pytest.raises(EngineUnavailable, match="busy past the timeout"):
+        publisher._add_blocking(message, time.monotonic() - 1)
+    assert [] == client.added
+    assert "1-0" == publisher._add_blocking(message, time.monotonic() + 60)
+    assert 1 == len(client.added)

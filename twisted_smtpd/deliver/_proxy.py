@@ -226,11 +226,16 @@ class DownstreamProtocol(LineReceiver):
         self._disarm()
         if self._waiting:
             self._arm()
-        waiter.callback(reply)
+        if not waiter.called:
+            waiter.callback(reply)
 
     # -- commands --
     def _expect(self) -> Deferred[DownstreamReply]:
-        waiter: Deferred[DownstreamReply] = Deferred()
+        # Cancelling a command (a hook deadline) leaves its reply to come:
+        # replies could no longer be matched, so the connection goes.
+        waiter: Deferred[DownstreamReply] = Deferred(
+            lambda _: self.abort(_too_slow(self.name))
+        )
         if self.lost:
             waiter.errback(self._failure or _lost(self.name))
             return waiter
@@ -292,7 +297,8 @@ class DownstreamProtocol(LineReceiver):
     def _fail_all(self, error: DownstreamError) -> None:
         waiting, self._waiting = self._waiting, deque()
         for waiter in waiting:
-            waiter.errback(Failure(error))
+            if not waiter.called:
+                waiter.errback(Failure(error))
 
 
 def _tls_text(error: Exception) -> str:

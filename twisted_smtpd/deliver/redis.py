@@ -34,6 +34,7 @@ C{max_size=} (default 512 MiB) makes us answer 552 above it.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -183,10 +184,18 @@ class RedisPublisher:
     def publish(self, message: OutboundMessage) -> Deferred[Any]:
         if not self._pool.started:
             return fail(EngineUnavailable(f"{self.name}: not started"))
-        return deferToThreadPool(self._reactor, self._pool, self._add_blocking, message)
+        deadline = time.monotonic() + self._timeout
+        return deferToThreadPool(
+            self._reactor, self._pool, self._add_blocking, message, deadline
+        )
 
-    def _add_blocking(self, message: OutboundMessage) -> str:
+    def _add_blocking(self, message: OutboundMessage, deadline: float) -> str:
         import redis
+
+        if time.monotonic() > deadline:
+            # Queued behind slower calls until the client already got its
+            # 451: adding it now would only make a copy the retry repeats.
+            raise EngineUnavailable(f"{self.name}: busy past the timeout")
 
         fields: dict[str, Any] = dict(message.string_fields())
         fields["content"] = message.body
