@@ -332,6 +332,20 @@ def test_twistd_bad_broker_target_one_line(tmp_path, target, expected):
     assert not any("Traceback" in line for line in lines), lines
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--spool", "spool"],
+        ["--deliver", "lmtp:tcp:127.0.0.1:24", "--spool", "spool"],
+    ],
+)
+def test_twistd_spool_without_a_broker_target_one_line(tmp_path, args):
+    """--spool that would be silently ignored stops start-up instead."""
+    status, lines = twistd_start_error(tmp_path, *args)
+    assert 0 != status
+    assert any("--spool is for --deliver amqp://" in line for line in lines), lines
+
+
 def test_twistd_spool_with_workers_one_line(tmp_path):
     """Each process needs a spool of its own: --workers 2 --spool is refused."""
     status, lines = twistd_start_error(

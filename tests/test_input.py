@@ -39,8 +39,8 @@ def line_owner(max_length: int = 20) -> Owner:
     owner = Owner()
     owner._mode = LineMode(
         owner,
-        lambda line: owner.events.append(("line", line)),
-        lambda line: owner.events.append(("too long", line)),
+        lambda owner, line: owner.events.append(("line", line)),
+        lambda owner, line: owner.events.append(("too long", line)),
         max_length,
     )
     return owner
@@ -100,7 +100,7 @@ class TestLineMode:
         """After a line that makes the owner wait, the next ones stay unread."""
         owner = Owner()
 
-        def deliver(line: bytes) -> None:
+        def deliver(owner: Owner, line: bytes) -> None:
             owner.events.append(line)
             owner._waits = 1
 
@@ -115,7 +115,7 @@ class TestLineMode:
         owner = line_owner()
         count = 0
 
-        def deliver(line: bytes) -> None:
+        def deliver(owner: Owner, line: bytes) -> None:
             nonlocal count
             count += 1
 

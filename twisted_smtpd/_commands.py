@@ -246,6 +246,13 @@ RCPT_PARAMETERS: dict[str, Callable[[str | None], str | None]] = {
     "NOTIFY": _notify,
     "ORCPT": _orcpt,
 }
+#: the same without DSN, for handlers that do not honour it (555 otherwise)
+_MAIL_WITHOUT_DSN = {
+    name: check
+    for name, check in MAIL_PARAMETERS.items()
+    if name not in ("RET", "ENVID")
+}
+_RCPT_WITHOUT_DSN: dict[str, Callable[[str | None], str | None]] = {}
 
 
 def _check_parameters(
@@ -263,17 +270,18 @@ def _check_parameters(
             raise SMTPError(fill(R501_BAD_PARAMETER, name=key)) from None
 
 
-def parse_mail(argument: str) -> tuple[str, dict[str, str | None]]:
+def parse_mail(argument: str, dsn: bool = True) -> tuple[str, dict[str, str | None]]:
     """The argument of MAIL: C{FROM:<reverse-path> [params]}.
 
     Returns the sender (C{""} for the null path) and the validated parameters.
+    Without C{dsn}, RET and ENVID are unknown parameters (555).
     """
     split = _split_path(argument, "FROM:")
     if split is None:
         raise SMTPError(R501_SYNTAX_MAIL)
     path, param_text = split
     params = parse_parameters(param_text)
-    _check_parameters(params, MAIL_PARAMETERS)
+    _check_parameters(params, MAIL_PARAMETERS if dsn else _MAIL_WITHOUT_DSN)
     try:
         sender = parse_address(path, allow_empty=True)
     except ValueError:
@@ -283,17 +291,20 @@ def parse_mail(argument: str) -> tuple[str, dict[str, str | None]]:
     return sender, params
 
 
-def parse_rcpt(argument: str, smtputf8: bool) -> tuple[str, dict[str, str | None]]:
+def parse_rcpt(
+    argument: str, smtputf8: bool, dsn: bool = True
+) -> tuple[str, dict[str, str | None]]:
     """The argument of RCPT: C{TO:<forward-path> [params]}.
 
     C{<postmaster>} without a domain is accepted (RFC 5321 4.1.1.3).
+    Without C{dsn}, NOTIFY and ORCPT are unknown parameters (555).
     """
     split = _split_path(argument, "TO:")
     if split is None:
         raise SMTPError(R501_SYNTAX_RCPT)
     path, param_text = split
     params = parse_parameters(param_text)
-    _check_parameters(params, RCPT_PARAMETERS)
+    _check_parameters(params, RCPT_PARAMETERS if dsn else _RCPT_WITHOUT_DSN)
     if path.lower() == "postmaster":
         return path, params
     try:

@@ -113,7 +113,15 @@ class Message:
             L{ReceiverProducer}); only if the receiver registers for them.
     """
 
-    __slots__ = ("receiver", "envelope", "producer", "too_big", "last", "chunk_size")
+    __slots__ = (
+        "receiver",
+        "envelope",
+        "producer",
+        "too_big",
+        "last",
+        "chunk_size",
+        "failure",
+    )
 
     def __init__(self, receiver: Any, envelope: Envelope, owner: Any) -> None:
         self.receiver = receiver
@@ -123,6 +131,8 @@ class Message:
         #: BDAT: the chunk being read is the LAST one, and its size
         self.last = False
         self.chunk_size = 0
+        #: the receiver's write() raised this (a Failure): answered at the end
+        self.failure: Any = None
         register = getattr(receiver, "registerProducer", None)
         if register is None:
             self.producer: Optional[ReceiverProducer] = None

@@ -42,7 +42,9 @@ class LineMode:
     """CRLF-terminated lines, each to C{deliver}; bare CR or LF never ends one.
 
     A line longer than C{max_length} (CRLF not counted) goes to C{too_long}
-    instead.  If it has no CRLF yet, the owner is first switched to a
+    instead.  Both are called as C{f(owner, line)}: the protocol's own
+    functions (C{type(protocol).lineReceived}), so an idle session holds no
+    bound method.  If it has no CRLF yet, the owner is first switched to a
     L{DiscardLine} that drops the rest of it and then returns here.
     """
 
@@ -53,8 +55,8 @@ class LineMode:
     def __init__(
         self,
         owner: Any,
-        deliver: Callable[[bytes], Any],
-        too_long: Callable[[bytes], Any],
+        deliver: Callable[[Any, bytes], Any],
+        too_long: Callable[[Any, bytes], Any],
         max_length: int,
     ) -> None:
         self._owner = owner
@@ -76,15 +78,15 @@ class LineMode:
                     pos = size - 1 if line.endswith(b"\r") else size
                     owner._pos = pos
                     owner._set_mode(DiscardLine(self))
-                    self._too_long(line)
+                    self._too_long(owner, line)
                 return pos
             line = buffer[pos:end]
             if end - pos > max_length:
                 pos = owner._pos = end + 2
-                self._too_long(line)
+                self._too_long(owner, line)
             else:
                 pos = owner._pos = end + 2
-                deliver(line)
+                deliver(owner, line)
             if pos >= size or owner._waits or owner._mode is not self:
                 return pos
 

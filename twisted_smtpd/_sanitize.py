@@ -64,6 +64,9 @@ def safe_reply(reply: Reply) -> tuple[Reply, list[str]]:
     if reply.code < 400:
         changes.append(f"code {reply.code} is not a refusal: sent 451 4.3.0")
         return R451_LOCAL_ERROR, changes
+    text = reply.text
+    if len(text) <= MAX_TEXT_LINE and text.isascii() and text.isprintable():
+        return reply, changes  # the usual case: one line of plain text
     lines = reply.text.replace("\r\n", "\n").split("\n")
     if len(lines) > MAX_REPLY_LINES:
         changes.append(f"{len(lines)} lines cut to {MAX_REPLY_LINES}")
@@ -95,6 +98,14 @@ def safe_queue_id(value: object) -> tuple[str, list[str]]:
     Text, printable ASCII without spaces, at most L{MAX_QUEUE_ID} characters.
     C{bytes} are decoded (ASCII, undecodable bytes become C{?}).
     """
+    if (
+        type(value) is str
+        and len(value) <= MAX_QUEUE_ID
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+    ):
+        return value, []  # the usual case
     changes: list[str] = []
     if isinstance(value, bytes):
         changes.append("bytes decoded")

@@ -410,11 +410,16 @@ def received_header(
 ) -> bytes:
     """The C{Received:} trace field for a message (RFC 5321 4.4)."""
     peer = envelope.peer
-    ip = getattr(peer, "host", None) or str(peer)
-    literal = f"IPv6:{ip}" if ":" in ip else ip
+    ip = getattr(peer, "host", None)
+    if ip:
+        literal = f"IPv6:{ip}" if ":" in ip else ip
+        source = f"[{literal}]"
+    else:
+        # A Unix socket (or another local transport): no address to give.
+        source = "localhost"
     tls = envelope.tls
     name = f"{envelope.peer_name} " if envelope.peer_name else ""
-    lines = [f"Received: from {envelope.helo or 'unknown'} ({name}[{literal}])"]
+    lines = [f"Received: from {envelope.helo or 'unknown'} ({name}{source})"]
     if tls is not None and tls.protocol:
         lines.append(f"\t(using {tls.protocol} with cipher {tls.cipher})")
     lines.append(

@@ -98,6 +98,10 @@ class SMTPFactory(ServerFactory):
         self.events = events
         self.handler = handler
         self.hooks = HandlerHooks(handler)
+        #: DSN (RFC 3461) is offered only if the handler honours it: a
+        #: C{supports_dsn = True} attribute (hand-off targets that pass the
+        #: parameters on); a Maildir sends no delivery reports.
+        self.dsn = bool(getattr(handler, "supports_dsn", False))
         self.hostname = hostname or socket.getfqdn()
         self.app_name = app_name
         self.limits = limits or Limits()
@@ -168,7 +172,7 @@ class SMTPFactory(ServerFactory):
             f"SIZE {size}" if size else "SIZE",
             "8BITMIME",
             "CHUNKING",
-            "DSN",
+            *(["DSN"] if self.dsn else []),
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
         ]

@@ -38,6 +38,7 @@ from ._data import DataReader
 from ._delivery import HandlerHooks, Message
 from ._fastwrite import can_write_directly, write_directly
 from ._input import DROP, ChunkMode, DataMode, LineMode, RawMode
+from ._sanitize import safe_queue_id, safe_reply
 from ._session import Envelope, Session, TLSInfo, received_header
 from ._xclient import UNKNOWN, XClientUpdate, parse_xclient
 from .replies import (
@@ -150,8 +151,9 @@ class _Wire(LineReceiver, TimeoutMixin):
         self._direct_write = False  # replies may go straight to the socket
         if not self.MAX_LENGTH:
             self.MAX_LENGTH = self.limits.max_line
+        cls = type(self)
         self._lines = LineMode(
-            self, self.lineReceived, self.lineLengthExceeded, self.MAX_LENGTH
+            self, cls.lineReceived, cls.lineLengthExceeded, self.MAX_LENGTH
         )
         self._mode: Any = self._lines
 
@@ -571,9 +573,20 @@ class _Wire(LineReceiver, TimeoutMixin):
             then(failure, *context)
 
     def _reply_failure(self, failure: Failure) -> None:
-        """The handler's SMTPError reply, or 451 with the traceback logged."""
+        """The handler's SMTPError reply, or 451 with the traceback logged.
+
+        The handler's reply is made safe for the wire first (no CR, LF
+        smuggling, bounded lines, a refusal code): see L{safe_reply}.
+        """
         if failure.check(SMTPError):
-            self.reply(failure.value.reply)
+            reply, changes = safe_reply(failure.value.reply)
+            if changes:
+                _log.warn(
+                    "smtpd {session_id}: handler reply changed: {changes}",
+                    session_id=self.session.session_id,
+                    changes="; ".join(changes),
+                )
+            self.reply(reply)
             return
         _log.failure(
             "smtpd {session_id}: handler failed",
@@ -779,7 +792,7 @@ class SMTPServerProtocol(_Wire):
         )
 
     def do_MAIL(self, argument: str) -> None:
-        sender, params = parse_mail(argument)
+        sender, params = parse_mail(argument, self.factory.dsn)
         if self.session.tls is not None:
             self.session.tls = self._current_tls()
         envelope = self.session.begin(sender, params)
@@ -798,7 +811,7 @@ class SMTPServerProtocol(_Wire):
     def do_RCPT(self, argument: str) -> None:
         envelope = self.session.envelope
         assert envelope is not None
-        address, params = parse_rcpt(argument, envelope.smtputf8)
+        address, params = parse_rcpt(argument, envelope.smtputf8, self.factory.dsn)
         self.session.check_recipient_count()
         self._run(
             "check_recipient",
@@ -821,7 +834,7 @@ class SMTPServerProtocol(_Wire):
         if message is None:
             return
         reader = DataReader(self.limits.max_message_size)
-        mode = DataMode(reader, message.receiver.write, self._data_done)
+        mode = DataMode(reader, self._writer(message), self._data_done)
         self._set_mode(mode, self.limits.data_timeout)
         self.reply(R354_START_INPUT)
 
@@ -837,6 +850,8 @@ class SMTPServerProtocol(_Wire):
         )
         try:
             receiver = self._hooks.open_message(envelope)
+            if not callable(getattr(receiver, "write", None)):
+                raise TypeError(f"open_message returned {receiver!r}, not a receiver")
         except Exception:
             failure = Failure()
             self._reply_failure(failure)
@@ -863,10 +878,29 @@ class SMTPServerProtocol(_Wire):
         if not size:
             self._chunk_done()
             return
-        write = None if message.too_big else message.receiver.write
+        write = None if message.too_big or message.failure else self._writer(message)
         self._set_mode(
             ChunkMode(size, write, self._chunk_done), self.limits.data_timeout
         )
+
+    def _writer(self, message: Message) -> Callable[[bytes], None]:
+        """C{message.receiver.write}, but a receiver that raises is a 451.
+
+        The failure is kept for the end of the data (or of the chunk), the
+        receiver aborted, and the rest of the message read and dropped; the
+        session goes on.
+        """
+        receiver_write = message.receiver.write
+
+        def write(data: bytes) -> None:
+            if message.failure is None:
+                try:
+                    receiver_write(data)
+                except Exception:
+                    message.failure = Failure()
+                    _abort_receiver(message.receiver)
+
+        return write
 
     def _refuse_chunk(self, argument: str, refusal: Reply) -> None:
         try:
@@ -887,7 +921,7 @@ class SMTPServerProtocol(_Wire):
         self._set_mode(self._lines)
         message = self._message
         assert message is not None
-        if message.too_big or message.last:
+        if message.too_big or message.last or message.failure is not None:
             self._end_of_data(message.envelope.size, message.too_big)
         else:
             self.reply(fill(R250_CHUNK_OK, size=message.chunk_size))
@@ -902,6 +936,11 @@ class SMTPServerProtocol(_Wire):
             self._set_pauses(self._pauses & ~_RECEIVER)
         envelope = message.envelope
         envelope.size = size
+        if message.failure is not None:  # the receiver's write() raised
+            self._reply_failure(message.failure)
+            failed = "refused" if message.failure.check(SMTPError) else "failed"
+            self._message_done(envelope, "refused", failed)
+            return
         if too_big:
             _abort_receiver(message.receiver)
             self.reply(R552_TOO_BIG)
@@ -917,7 +956,17 @@ class SMTPServerProtocol(_Wire):
         )
 
     def _stored(self, queue_id: Any, envelope: Envelope) -> None:
-        self.reply(fill(R250_QUEUED, queue_id=queue_id or envelope.message_id))
+        if not queue_id:
+            queue_id = envelope.message_id
+        else:
+            queue_id, changes = safe_queue_id(queue_id)
+            if changes:
+                _log.warn(
+                    "smtpd {session_id}: handler's queue id changed: {changes}",
+                    session_id=self.session.session_id,
+                    changes="; ".join(changes),
+                )
+        self.reply(fill(R250_QUEUED, queue_id=queue_id))
         self._message_done(envelope, "accepted", "accepted")
 
     def _not_stored(self, failure: Failure, envelope: Envelope) -> None:
@@ -968,7 +1017,18 @@ class SMTPServerProtocol(_Wire):
         self.reply(R252_CANNOT_VRFY)
 
     def do_HELP(self, argument: str) -> None:
-        self.reply(R214_HELP)
+        """The commands this session can use now (no STARTTLS once TLS is on)."""
+        keywords = self.factory.extensions(self.session)
+        usable = {
+            "BDAT": "CHUNKING" in keywords,
+            "STARTTLS": "STARTTLS" in keywords,
+            "AUTH": any(keyword.startswith("AUTH ") for keyword in keywords),
+            "EXPN": False,  # always 502
+        }
+        commands = [verb for verb in _HELP_ORDER if usable.get(verb, True)]
+        # Verbs a subclass added come last.
+        commands += sorted(set(self._COMMANDS) - set(_HELP_ORDER))
+        self.reply(fill(R214_HELP, commands=" ".join(commands)))
 
     def do_EXPN(self, argument: str) -> None:
         raise SMTPError(R502_NOT_IMPLEMENTED)
@@ -1066,9 +1126,10 @@ class SMTPServerProtocol(_Wire):
             return
         if isinstance(result, Reply):  # a challenge: the answer is a SASL line
             if self._mode is self._lines:
-                deliver = partial(self._sasl_line, exchange)
+                deliver = partial(_sasl_line, exchange)
                 limit = self.limits.max_auth_line - 2
-                self._set_mode(LineMode(self, deliver, self._sasl_too_long, limit))
+                too_long = type(self)._sasl_too_long
+                self._set_mode(LineMode(self, deliver, too_long, limit))
             self.reply(result)
             return
         self._set_mode(self._lines)
@@ -1084,11 +1145,6 @@ class SMTPServerProtocol(_Wire):
             errbackArgs=(self._auth_failed,),
         )
         login.addErrback(self._unexpected)
-
-    def _sasl_line(self, exchange: Any, line: bytes) -> None:
-        if self._debug:
-            _log.info("smtpd {session_id} <<< ****", session_id=self.session.session_id)
-        self._sasl_step(exchange, line.decode("ascii", "replace").strip())
 
     def _sasl_too_long(self, line: bytes) -> None:
         self._set_mode(self._lines)
@@ -1151,6 +1207,25 @@ class SMTPServerProtocol(_Wire):
             self._events.auth_attempt(ok)
 
 
+#: HELP lists the verbs in this order
+_HELP_ORDER = (
+    "HELO",
+    "EHLO",
+    "MAIL",
+    "RCPT",
+    "DATA",
+    "BDAT",
+    "RSET",
+    "NOOP",
+    "QUIT",
+    "VRFY",
+    "EXPN",
+    "HELP",
+    "STARTTLS",
+    "AUTH",
+)
+
+
 def _verb_table(cls: type) -> dict[str, Callable[..., None]]:
     """Verb -> C{do_VERB} of C{cls}: overrides and new verbs of subclasses count."""
     return {
@@ -1161,6 +1236,13 @@ def _verb_table(cls: type) -> dict[str, Callable[..., None]]:
 
 
 SMTPServerProtocol._COMMANDS = _verb_table(SMTPServerProtocol)
+
+
+def _sasl_line(exchange: Any, protocol: SMTPServerProtocol, line: bytes) -> None:
+    """A client's answer in an AUTH exchange (never logged)."""
+    if protocol._debug:
+        _log.info("smtpd {session_id} <<< ****", session_id=protocol.session.session_id)
+    protocol._sasl_step(exchange, line.decode("ascii", "replace").strip())
 
 
 def _bdat_argument(argument: str) -> tuple[int, bool]:
@@ -1249,8 +1331,12 @@ def _tls_error_text(error: Exception) -> str:
 
 
 def _mask(line: bytes) -> bytes:
-    """AUTH payloads never reach a log."""
-    if line[:5].upper() == b"AUTH ":
-        parts = line.split(b" ", 2)
+    """AUTH payloads never reach a log, whatever whitespace separates them.
+
+    (A tab after C{AUTH PLAIN} is no command we parse, but the line is
+    logged all the same.)
+    """
+    if line[:4].upper() == b"AUTH" and line[4:5].isspace():
+        parts = line.split(None, 2)
         return b" ".join(parts[:2] + ([b"****"] if len(parts) > 2 else []))
     return line

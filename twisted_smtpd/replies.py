@@ -104,11 +104,8 @@ class SMTPError(Exception):
 
 
 # Greeting and session --------------------------------------------------------
-R214_HELP = Reply(
-    214,
-    "2.0.0",
-    "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
-)
+#: filled per session with what it can use (see SMTPServerProtocol.do_HELP)
+R214_HELP = Reply(214, "2.0.0", "Commands: {commands}")
 R220_READY = Reply(220, "", "{hostname} ESMTP {app} ready")
 R220_STARTTLS = Reply(220, "2.0.0", "Ready to start TLS")
 R221_BYE = Reply(221, "2.0.0", "Bye")

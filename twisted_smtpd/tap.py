@@ -69,6 +69,10 @@ def set_default_backlog(endpoint: Any) -> None:
         endpoint = getattr(endpoint, "_wrappedEndpoint", None)
 
 
+#: --deliver schemes whose targets keep mail in --spool during an outage
+_SPOOLING_SCHEMES = ("amqp", "amqps", "redis", "rediss", "nats")
+
+
 def _positive_int(name: str, text: str, minimum: int = 0) -> int:
     try:
         value = int(text)
@@ -302,6 +306,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(f"bad --metrics {description!r}: {error}")
 
     def _handler(self) -> Any:
+        scheme = (self["deliver"] or "").split(":", 1)[0].lower()
+        if self["spool"] and scheme not in _SPOOLING_SCHEMES:
+            # Anything else would take the option and silently not spool.
+            raise usage.UsageError(
+                "--spool is for --deliver amqp://, redis:// or nats://"
+                " (other targets answer 451 while the next hop is down)"
+            )
         if self["deliver"]:
             return self._deliver()
         if self["handler"]:

@@ -545,6 +545,8 @@ class ProxyHandler:
     """
 
     lmtp = False
+    #: RET, ENVID, NOTIFY and ORCPT go to the next hop (when it offers DSN)
+    supports_dsn = True
     #: a borrowed connection is given back after this long without a hook
     idle_timeout = 330.0
 
