@@ -21,7 +21,12 @@ SERVERS = ("twisted_smtpd", "twisted_mail", "aiosmtpd")
 
 
 #: optional variants, only with --servers (extra columns in the tables)
-EXTRA_SERVERS = ("twisted_smtpd_quiet", "twisted_smtpd_baseline", "floor")
+EXTRA_SERVERS = (
+    "twisted_smtpd_quiet",
+    "twisted_smtpd_fastlog",
+    "twisted_smtpd_baseline",
+    "floor",
+)
 
 
 #: what a plain run compares: the peers, --quiet (like for like, since the
@@ -32,6 +37,7 @@ LABELS = {
     "twisted_mail": "twisted.mail",
     "aiosmtpd": "aiosmtpd",
     "twisted_smtpd_quiet": "ts --quiet",
+    "twisted_smtpd_fastlog": "ts fastlog",
     "twisted_smtpd_baseline": "ts baseline",
     "floor": "Twisted floor*",
 }
@@ -41,6 +47,7 @@ LABELS = {
 TWISTED_SMTPD_VARIANTS = (
     "twisted_smtpd",
     "twisted_smtpd_quiet",
+    "twisted_smtpd_fastlog",
     "twisted_smtpd_baseline",
 )
 
@@ -124,7 +131,11 @@ class Server:
         if self.name in TWISTED_SMTPD_VARIANTS:
             # Same log observer as the twisted.mail server; the _quiet variant
             # adds --quiet (no line per session or accepted message).
-            logging = ["--logger", "bench.servers.devnull_log.observer"]
+            # The _fastlog variant logs the same lines through twisted_smtpd.fastlog.
+            observer = (
+                "fast_observer" if self.name == "twisted_smtpd_fastlog" else "observer"
+            )
+            logging = ["--logger", f"bench.servers.devnull_log.{observer}"]
             quiet = ["--quiet"] if self.name == "twisted_smtpd_quiet" else []
             argv = [
                 *twistd(),

@@ -296,7 +296,11 @@ def compare(opts: argparse.Namespace, started: float) -> int:
         }
         summary[key]["paired"] = {
             (ours, other): paired_ratio(key, results[key][ours], runs)
-            for ours in ("twisted_smtpd", "twisted_smtpd_quiet")
+            for ours in (
+                "twisted_smtpd",
+                "twisted_smtpd_fastlog",
+                "twisted_smtpd_quiet",
+            )
             if ours in results[key]
             for other, runs in results[key].items()
             if other != ours

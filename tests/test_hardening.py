@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet.address import UNIXAddress
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -281,3 +282,66 @@ class TestSessionDetails:
         text = "\n".join(map(formatEvent, logged))
         assert secret.decode() not in text
         assert "****" in text
+
+
+def test_help_follows_tls_and_auth(clock: Clock) -> None:
+    """Before STARTTLS: STARTTLS, no AUTH (it needs TLS); after: AUTH only."""
+    from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+
+    from twisted_smtpd.auth import AuthPolicy
+    from twisted_smtpd.tls import TLSPolicy
+
+    checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+    client = greeted(
+        MemoryHandler(),
+        clock,
+        tls=TLSPolicy(context_factory=object()),  # never used by the fake
+        auth=AuthPolicy.from_checkers([checker]),
+    )
+
+    def commands() -> list[bytes]:
+        (reply,) = client.command(b"HELP")
+        return reply.split(b": ", 1)[1].split()
+
+    before = commands()
+    assert b"STARTTLS" in before and b"AUTH" not in before
+    assert [b"220 2.0.0 Ready to start TLS"] == client.command(b"STARTTLS")
+    client.command(b"EHLO client.example")
+    after = commands()
+    assert b"STARTTLS" not in after and b"AUTH" in after
+
+
+@pytest_twisted.inlineCallbacks
+def test_received_over_a_real_unix_socket(tmp_path: Any) -> Any:
+    """A client on a real Unix socket: the trace says localhost, not repr()."""
+    import socket
+
+    from twisted.internet import reactor, threads
+
+    memory = MemoryHandler()
+    path = str(tmp_path / "smtpd.sock")
+    port = reactor.listenUNIX(path, SMTPFactory(memory, hostname="mx.test"))
+
+    def client() -> None:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(15)
+            sock.connect(path)
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(
+                b"HELO local.client\r\nMAIL FROM:<a@b.example>\r\n"
+                b"RCPT TO:<c@d.example>\r\nDATA\r\n"
+            )
+            for _ in range(4):
+                reader.readline()
+            sock.sendall(b"hi\r\n.\r\nQUIT\r\n")
+            assert reader.readline().startswith(b"250 ")
+
+    try:
+        yield threads.deferToThread(client)
+    finally:
+        yield port.stopListening()
+    (envelope,) = memory.messages
+    assert envelope.received_header.startswith(
+        b"Received: from local.client (localhost)\r\n"
+    )

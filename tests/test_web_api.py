@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import email
 import hashlib
 import json
 import os
@@ -615,7 +616,12 @@ def test_release_to_a_real_smtp_server(catcher):
         [released] = downstream.messages
         assert released.rcpt_tos == ["real@example.org"]
         assert released.mail_from == "alice@example.org"
-        assert b"Subject: release me" in released.content
+        headers = email.message_from_bytes(released.content)
+        assert headers["Subject"] == "release me"
+        assert b"\r\r" not in released.content  # line endings intact
+        assert released.content.endswith(
+            b"\r\n\r\nHello Bob, this is the plain text.\r\n"
+        )
         # Our own Return-Path is not passed on; the next hop adds its own.
         assert not released.content.startswith(b"Return-Path:")
     finally:

@@ -236,3 +236,23 @@ def test_opening_the_view_url_directly_still_runs_no_script(catcher, browser):
     browser.get(f"{url}/view/{message['ID']}.html")
     _wait(browser, lambda d: d.find_element("tag name", "h1").text == "Welcome")
     assert browser.find_element("id", "probe").text == "script did not run"
+
+
+def test_release_from_the_ui(catcher, page):
+    """Release the open message to an SMTP server: here the catcher itself."""
+    smtp_port, url = catcher
+    driver = page
+    _send(smtp_port, make_message("to be released"))
+    _wait(driver, lambda d: _subjects(d) == ["to be released"])
+    driver.find_element("css selector", "#messages .message").click()
+    _wait(driver, lambda d: d.find_element("id", "viewer").is_displayed())
+    driver.find_element("id", "release-message").click()
+    _wait(driver, lambda d: d.find_element("id", "release-dialog").is_displayed())
+    driver.find_element("id", "release-to").send_keys("again@example.org")
+    driver.find_element("id", "release-relay").send_keys(f"127.0.0.1:{smtp_port}")
+    driver.find_element("id", "release-send").click()
+    status = "return document.getElementById('release-status').textContent"
+    _wait(driver, lambda d: d.execute_script(status) == "Sent.")
+    _wait(driver, lambda d: _subjects(d) == ["to be released", "to be released"])
+    boxes = _api(url, "GET", "/api/v1/mailboxes")
+    assert {"Name": "again@example.org", "Total": 1, "Unread": 1} in boxes

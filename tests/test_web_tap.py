@@ -118,5 +118,6 @@ def test_twistd_serves_the_catcher_and_mail_survives_a_restart(tmp_path):
             proc.send_signal(signal.SIGTERM)
             output = proc.communicate(timeout=30)[0]
         assert "Server Shut Down." in output, output
+        assert f"the mail catcher is at http://127.0.0.1:{web_port}/" in output
         assert "Traceback" not in output, output
     assert len(os.listdir(tmp_path / "Maildir" / "new")) == 1

@@ -45,6 +45,10 @@ class MessageReceiver(Protocol):
 class Handler(Protocol):
     """The full handler.  Every method is optional."""
 
+    #: True if the handler honours DSN (RFC 3461) requests: only then is DSN
+    #: advertised and RET, ENVID, NOTIFY and ORCPT accepted (default False)
+    supports_dsn: bool
+
     def check_client(self, peer: Any) -> Any:
         """A client connected (C{peer} is its address); refuse it by raising,
         e.g. C{SMTPError(554, "5.7.1", "...")}: it gets that reply instead of

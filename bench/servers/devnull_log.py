@@ -13,3 +13,10 @@ from twisted.logger import textFileLogObserver
 
 def observer():
     return textFileLogObserver(open(os.devnull, "w"))
+
+
+def fast_observer():
+    """twisted_smtpd's own observer (twisted_smtpd.fastlog), to os.devnull."""
+    from twisted_smtpd.fastlog import FastLogObserver
+
+    return FastLogObserver(open(os.devnull, "w"))

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from .api import CatcherResource, CatcherSite, Relay, load_password_file
 from .catcher import CatcherHandler
@@ -33,6 +34,9 @@ __all__ = [
     "loopback_by_default",
     "load_password_file",
 ]
+
+
+_log = Logger()
 
 
 def loopback_by_default(description: str) -> str:
@@ -72,13 +76,26 @@ class WebService(service.MultiService):
     def startService(self) -> None:
         # The store's thread starts now; the scan runs while the port opens,
         # and API calls queue behind it in order.
-        self.store.start().addErrback(lambda failure: self.store_failed(failure))
+        self.store.start().addErrback(self.store_failed)
         super().startService()
+        waiting = getattr(self.listener, "_waitingForPort", None)
+        if waiting is not None:
+            waiting.addCallback(self._announce)
+
+    def _announce(self, port: Any) -> Any:
+        address = port.getHost()
+        host = getattr(address, "host", None)
+        if host is not None:
+            host = f"[{host}]" if ":" in host else host
+            _log.info(
+                "smtpd web: the mail catcher is at http://{host}:{port}/",
+                host=host,
+                port=address.port,
+            )
+        return port
 
     def store_failed(self, failure: Any) -> None:
-        from twisted.logger import Logger
-
-        Logger().failure("smtpd web: the catcher's index could not start", failure)
+        _log.failure("smtpd web: the catcher's index could not start", failure)
 
     def stopService(self) -> Deferred[None]:
         done: Deferred[Any] = Deferred.fromCoroutine(self._stop())

@@ -124,7 +124,8 @@ def _header_values(message: Message, name: str) -> list[str]:
     try:
         return [str(v) for v in message.get_all(name) or []]
     except Exception:  # a header the policy cannot parse: keep its raw text
-        return [str(v) for v in message._headers if v[0].lower() == name.lower()]  # type: ignore[attr-defined]
+        raw = message._headers  # type: ignore[attr-defined]
+        return [str(v[1]) for v in raw if v[0].lower() == name.lower()]
 
 
 def _first(message: Message, name: str) -> str:

@@ -530,7 +530,8 @@ class CatcherResource(Resource):
     ) -> Deferred[Response]:
         from twisted.mail.smtp import sendmail
 
-        raw = _without_trace(raw)
+        # twisted.mail's client turns every LF into CRLF: hand it LF lines.
+        raw = _without_trace(raw).replace(b"\r\n", b"\n")
         done = sendmail(
             relay.host, sender, recipients, raw, port=relay.port, reactor=self.reactor
         )
