@@ -695,3 +695,184 @@ def test_multiprocess_view(tmp_path: Path) -> None:
     assert 5 == value(samples, "smtpd_messages_total", outcome="accepted")
     assert 500 == value(samples, "smtpd_received_bytes_total")
     assert 2 == value(samples, "smtpd_replies_total", **{"class": "2xx"})
+
+
+# -- a known load through a real twistd, then one scrape ---------------------------
+
+
+def protocol_reports_events() -> bool:
+    """Whether this tree's protocol calls L{SessionEvents} (a real probe)."""
+    from twisted.internet.task import Clock
+
+    from twisted_smtpd import SMTPFactory
+    from twisted_smtpd._events import SessionEvents
+    from twisted_smtpd.handlers import discard
+
+    started: list[None] = []
+
+    class Probe(SessionEvents):
+        def session_started(self) -> None:
+            started.append(None)
+
+    connect(SMTPFactory(discard, hostname="probe", reactor=Clock(), events=Probe()))
+    return bool(started)
+
+
+needs_events = pytest.mark.skipif(
+    not protocol_reports_events(),
+    reason="the protocol does not call SessionEvents yet (the redesign adds them)",
+)
+
+
+class KnownLoadHandler:
+    """For the known load: refuses nobody@ recipients and 'refuse-me' messages."""
+
+    def check_recipient(self, envelope: Any, address: str, options: Any) -> None:
+        from twisted_smtpd import SMTPError
+
+        if address.startswith("nobody@"):
+            raise SMTPError(550, "5.1.1", "No such user here")
+
+    def handle_message(self, envelope: Any) -> None:
+        from twisted_smtpd import SMTPError
+
+        if b"refuse-me" in envelope.content:
+            raise SMTPError(554, "5.7.1", "Refused")
+
+
+def message(number: int, padding: int = 0) -> bytes:
+    return f"Subject: m{number}\r\n\r\nbody {number}{'x' * padding}\r\n".encode()
+
+
+def known_load(port: int) -> dict[str, Any]:
+    """Six sessions whose every reply is known; what the server must count."""
+    sizes: list[int] = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:  # 3 accepted
+        for number in range(3):
+            smtp.sendmail("a@client.test", ["ok@mx.test"], message(number))
+            sizes.append(len(message(number)))
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:  # refused at DATA
+        with pytest.raises(smtplib.SMTPDataError):
+            smtp.sendmail("a@client.test", ["ok@mx.test"], b"refuse-me\r\n")
+        sizes.append(len(b"refuse-me\r\n"))
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:  # 1 of 2 RCPT refused
+        refused = smtp.sendmail(
+            "a@client.test", ["ok@mx.test", "nobody@mx.test"], message(3)
+        )
+        assert ["nobody@mx.test"] == list(refused)
+        sizes.append(len(message(3)))
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:  # too big, no SIZE=
+        smtp.ehlo()
+        assert 250 == smtp.mail("a@client.test")[0]
+        assert 250 == smtp.rcpt("ok@mx.test")[0]
+        assert 552 == smtp.data(message(4, padding=3000))[0]
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:  # AUTH: 1 bad, 1 good
+        smtp.ehlo()
+        smtp.user, smtp.password = "alice", "wrong"
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtp.auth("PLAIN", smtp.auth_plain)
+        smtp.password = "secret"
+        assert 235 == smtp.auth("PLAIN", smtp.auth_plain)[0]
+    lost = smtplib.SMTP("127.0.0.1", port, timeout=30)  # gone without QUIT
+    lost.ehlo()
+    lost.sock.close()
+    return {"accepted_and_refused_sizes": sizes}
+
+
+def delta(after: Samples, before: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def settled_scrape(port: int, lost_at_least: float = 0) -> Samples:
+    """A scrape once no session is open (every ending counted)."""
+    found: list[Samples] = []
+
+    def settled() -> bool:
+        found[:] = [parse_exposition(http_get(port, "/metrics")[1])]
+        samples = found[0]
+        return (
+            value(samples, "smtpd_sessions_open") == 0
+            and value(samples, "smtpd_sessions_total", how="lost") >= lost_at_least
+        )
+
+    wait_until(settled)
+    return found[0]
+
+
+@needs_events
+def test_known_load_counted_exactly(twistd: Any) -> None:
+    """Every session, reply, message, byte, hook and AUTH of a known load counts."""
+    proc, smtp, metrics, _ = twistd(
+        "--handler",
+        "tests.test_metrics.KnownLoadHandler",
+        "--max-message-size",
+        "2000",
+        "--auth",
+        "memory:alice:secret",
+        "--auth-without-tls",
+    )
+    # wait_for_port's probe was a session too (greeting, then gone).
+    before = settled_scrape(metrics, lost_at_least=1)
+    sizes = known_load(smtp)["accepted_and_refused_sizes"]
+    after = settled_scrape(
+        metrics, value(before, "smtpd_sessions_total", how="lost") + 1
+    )
+    sessions = "smtpd_sessions_total"
+    assert 5 == delta(after, before, sessions, how="quit")
+    assert 1 == delta(after, before, sessions, how="lost")
+    assert 0 == delta(after, before, sessions, how="timeout")
+    assert 6 == delta(after, before, "smtpd_session_duration_seconds_count")
+    messages = "smtpd_messages_total"
+    assert 4 == delta(after, before, messages, outcome="accepted")
+    assert 1 == delta(after, before, messages, outcome="refused")
+    assert 1 == delta(after, before, messages, outcome="too_big")
+    assert 0 == delta(after, before, messages, outcome="failed")
+    too_big = len(message(4, padding=3000))  # read to the end, then 552
+    assert sum(sizes) + too_big == delta(after, before, "smtpd_received_bytes_total")
+    replies = {
+        klass: delta(after, before, "smtpd_replies_total", **{"class": klass})
+        for klass in ("2xx", "3xx", "4xx", "5xx")
+    }
+    assert {"2xx": 35, "3xx": 6, "4xx": 0, "5xx": 4} == replies
+    auth = "smtpd_auth_attempts_total"
+    assert 1 == delta(after, before, auth, result="success")
+    assert 1 == delta(after, before, auth, result="failure")
+    hooks = "smtpd_hook_duration_seconds_count"
+    assert 7 == delta(after, before, hooks, hook="check_recipient")
+    assert 5 == delta(after, before, hooks, hook="message")
+    refusals = "smtpd_hook_refusals_total"
+    assert 1 == delta(after, before, refusals, hook="check_recipient")
+    assert 1 == delta(after, before, refusals, hook="message")
+    assert 0 == delta(
+        after, before, "smtpd_connections_refused_total", reason="max_connections"
+    )
+    assert 0 == delta(after, before, "smtpd_tls_handshakes_total", result="ok")
+
+
+@needs_events
+def test_workers_one_view(twistd: Any) -> None:
+    """--workers 2: sessions served by both processes add up in one scrape."""
+    from collections import Counter
+
+    from .test_workers import _burst_of_messages
+
+    proc, smtp, metrics, lines = twistd("--workers", "2")
+    wait_until(lambda: any("serving" in line for line in list(lines)))
+    time.sleep(0.5)  # the worker's reactor is running
+    before = settled_scrape(metrics, lost_at_least=1)
+    holders: Counter[str] = Counter()
+    for _burst in range(5):
+        _burst_of_messages(smtp, 30, holders)
+        if len(holders) == 2:
+            break
+    assert 2 == len(holders), holders  # both processes took sessions
+    sent = sum(holders.values())
+    after = settled_scrape(metrics)
+    assert sent == delta(after, before, "smtpd_messages_total", outcome="accepted")
+    ended = sum(
+        delta(after, before, "smtpd_sessions_total", how=how)
+        for how in ("quit", "lost")
+    )
+    assert sent == ended
+    hooks = "smtpd_hook_duration_seconds_count"
+    assert sent == delta(after, before, hooks, hook="message")

@@ -645,3 +645,16 @@ def test_relay_and_endpoint_parsing():
         == "tcp:8025:interface=0.0.0.0"
     )
     assert loopback_by_default("unix:/run/c.sock") == "unix:/run/c.sock"
+
+
+def test_the_wrapper_keeps_the_delegates_other_attributes():
+    class DSNHandler(MemoryHandler):
+        supports_dsn = True
+
+    store = MessageStore(None)
+    wrapped = CatcherHandler(DSNHandler(), store)
+    assert SMTPFactory(wrapped, hostname="mx.test").dsn is True
+    assert (
+        SMTPFactory(CatcherHandler(MemoryHandler(), store), hostname="x").dsn is False
+    )
+    assert not hasattr(CatcherHandler(MemoryHandler(), store), "check_sender")

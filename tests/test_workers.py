@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
 import re
 import signal
@@ -20,10 +21,10 @@ from typing import Any
 import pytest
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, eventAsJSON, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from twisted_smtpd.workers import WorkerPool
+from twisted_smtpd.workers import WorkerPool, _RecordObserver
 
 from .helpers import (
     free_port,
@@ -476,18 +477,49 @@ class TestLogRelay:
         self, pool: WorkerPool, published: list[dict[str, Any]]
     ) -> None:
         """A worker's JSON record, even split over reads, becomes its event."""
-        event = {"log_format": "hello {who}", "who": "you", "log_level": LogLevel.warn}
-        record = ("\x1e" + eventAsJSON(dict(event)) + "\n").encode()
+        written = io.StringIO()
+        _RecordObserver(written)(
+            {
+                "log_format": "hello {who}",
+                "who": "you",
+                "log_level": LogLevel.warn,
+                "log_namespace": "test",
+                "log_time": 1.0,
+            }
+        )
+        record = written.getvalue().encode()
         worker = pool._live[1][1]
         worker.childDataReceived(1, record[:10])
         assert [] == published
         worker.childDataReceived(1, record[10:])
         (seen,) = published
-        assert ("hello you", "worker 1", LogLevel.warn) == (
+        assert ("hello you", "worker 1", LogLevel.warn, 1.0) == (
             formatEvent(seen),
             seen["log_system"],
             seen["log_level"],
+            seen["log_time"],
         )
+
+    def test_a_failure_keeps_its_traceback(
+        self, pool: WorkerPool, published: list[dict[str, Any]]
+    ) -> None:
+        written = io.StringIO()
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            failure = Failure()
+        _RecordObserver(written)(
+            {
+                "log_format": "it broke",
+                "log_failure": failure,
+                "log_level": LogLevel.critical,
+            }
+        )
+        pool._live[1][1].childDataReceived(1, written.getvalue().encode())
+        (seen,) = published
+        text = formatEvent(seen)
+        assert text.startswith("it broke\nTraceback (most recent call last):")
+        assert "ZeroDivisionError" in text and LogLevel.critical == seen["log_level"]
 
     def test_plain_output_is_logged_too(
         self, pool: WorkerPool, published: list[dict[str, Any]]

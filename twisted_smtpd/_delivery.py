@@ -124,6 +124,8 @@ class Message:
     )
 
     def __init__(self, receiver: Any, envelope: Envelope, owner: Any) -> None:
+        if not callable(getattr(receiver, "write", None)):
+            raise TypeError(f"open_message returned {receiver!r}, not a receiver")
         self.receiver = receiver
         self.envelope = envelope
         #: BDAT: the message went over the size limit (its chunks are dropped)

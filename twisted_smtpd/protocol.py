@@ -834,7 +834,7 @@ class SMTPServerProtocol(_Wire):
         if message is None:
             return
         reader = DataReader(self.limits.max_message_size)
-        mode = DataMode(reader, self._writer(message), self._data_done)
+        mode = DataMode(reader, _guarded_write(message), self._data_done)
         self._set_mode(mode, self.limits.data_timeout)
         self.reply(R354_START_INPUT)
 
@@ -849,9 +849,7 @@ class SMTPServerProtocol(_Wire):
             chunked, factory.reactor.seconds(), factory.received_header
         )
         try:
-            receiver = self._hooks.open_message(envelope)
-            if not callable(getattr(receiver, "write", None)):
-                raise TypeError(f"open_message returned {receiver!r}, not a receiver")
+            message = Message(self._hooks.open_message(envelope), envelope, self)
         except Exception:
             failure = Failure()
             self._reply_failure(failure)
@@ -860,7 +858,7 @@ class SMTPServerProtocol(_Wire):
                 outcome = "refused" if failure.check(SMTPError) else "failed"
                 self._events.message_received(outcome, 0)
             return None
-        self._message = message = Message(receiver, envelope, self)
+        self._message = message
         return message
 
     def do_BDAT(self, argument: str) -> None:
@@ -878,29 +876,10 @@ class SMTPServerProtocol(_Wire):
         if not size:
             self._chunk_done()
             return
-        write = None if message.too_big or message.failure else self._writer(message)
+        write = None if message.too_big or message.failure else _guarded_write(message)
         self._set_mode(
             ChunkMode(size, write, self._chunk_done), self.limits.data_timeout
         )
-
-    def _writer(self, message: Message) -> Callable[[bytes], None]:
-        """C{message.receiver.write}, but a receiver that raises is a 451.
-
-        The failure is kept for the end of the data (or of the chunk), the
-        receiver aborted, and the rest of the message read and dropped; the
-        session goes on.
-        """
-        receiver_write = message.receiver.write
-
-        def write(data: bytes) -> None:
-            if message.failure is None:
-                try:
-                    receiver_write(data)
-                except Exception:
-                    message.failure = Failure()
-                    _abort_receiver(message.receiver)
-
-        return write
 
     def _refuse_chunk(self, argument: str, refusal: Reply) -> None:
         try:
@@ -956,16 +935,7 @@ class SMTPServerProtocol(_Wire):
         )
 
     def _stored(self, queue_id: Any, envelope: Envelope) -> None:
-        if not queue_id:
-            queue_id = envelope.message_id
-        else:
-            queue_id, changes = safe_queue_id(queue_id)
-            if changes:
-                _log.warn(
-                    "smtpd {session_id}: handler's queue id changed: {changes}",
-                    session_id=self.session.session_id,
-                    changes="; ".join(changes),
-                )
+        queue_id = _queue_id(queue_id, envelope, self.session.session_id)
         self.reply(fill(R250_QUEUED, queue_id=queue_id))
         self._message_done(envelope, "accepted", "accepted")
 
@@ -1018,17 +988,8 @@ class SMTPServerProtocol(_Wire):
 
     def do_HELP(self, argument: str) -> None:
         """The commands this session can use now (no STARTTLS once TLS is on)."""
-        keywords = self.factory.extensions(self.session)
-        usable = {
-            "BDAT": "CHUNKING" in keywords,
-            "STARTTLS": "STARTTLS" in keywords,
-            "AUTH": any(keyword.startswith("AUTH ") for keyword in keywords),
-            "EXPN": False,  # always 502
-        }
-        commands = [verb for verb in _HELP_ORDER if usable.get(verb, True)]
-        # Verbs a subclass added come last.
-        commands += sorted(set(self._COMMANDS) - set(_HELP_ORDER))
-        self.reply(fill(R214_HELP, commands=" ".join(commands)))
+        commands = _help_commands(self.factory.extensions(self.session), self._COMMANDS)
+        self.reply(fill(R214_HELP, commands=commands))
 
     def do_EXPN(self, argument: str) -> None:
         raise SMTPError(R502_NOT_IMPLEMENTED)
@@ -1224,6 +1185,54 @@ _HELP_ORDER = (
     "STARTTLS",
     "AUTH",
 )
+
+
+def _guarded_write(message: Message) -> Callable[[bytes], None]:
+    """C{message.receiver.write}, but a receiver that raises is a 451.
+
+    The failure is kept for the end of the data (or of the chunk), the
+    receiver aborted, and the rest of the message read and dropped; the
+    session goes on.
+    """
+    receiver_write = message.receiver.write
+
+    def write(data: bytes) -> None:
+        if message.failure is None:
+            try:
+                receiver_write(data)
+            except Exception:
+                message.failure = Failure()
+                _abort_receiver(message.receiver)
+
+    return write
+
+
+def _queue_id(queue_id: Any, envelope: Envelope, session_id: str) -> str:
+    """The handler's queue id made safe for the 250, or the message id."""
+    if not queue_id:
+        return envelope.message_id
+    queue_id, changes = safe_queue_id(queue_id)
+    if changes:
+        _log.warn(
+            "smtpd {session_id}: handler's queue id changed: {changes}",
+            session_id=session_id,
+            changes="; ".join(changes),
+        )
+    return queue_id
+
+
+def _help_commands(keywords: list[str], verbs: Any) -> str:
+    """The verbs HELP lists for a session with these EHLO C{keywords}."""
+    usable = {
+        "BDAT": "CHUNKING" in keywords,
+        "STARTTLS": "STARTTLS" in keywords,
+        "AUTH": any(keyword.startswith("AUTH ") for keyword in keywords),
+        "EXPN": False,  # always 502
+    }
+    commands = [verb for verb in _HELP_ORDER if usable.get(verb, True)]
+    # Verbs a subclass added come last.
+    commands += sorted(set(verbs) - set(_HELP_ORDER))
+    return " ".join(commands)
 
 
 def _verb_table(cls: type) -> dict[str, Callable[..., None]]:

@@ -16,9 +16,9 @@ from typing import Any, Optional
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
+from .._delivery import HandlerHooks
 from .._session import Envelope
 from ..handlers import MaildirHandler
-from ..protocol import HandlerHooks
 from .store import MessageStore
 
 __all__ = ["CatcherHandler"]
@@ -50,6 +50,13 @@ class CatcherHandler:
         self._from_maildir = isinstance(delegate, MaildirHandler) and (
             store.maildir is not None and delegate.path == store.maildir
         )
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else the server asks of a handler (supports_dsn, ...) is
+        # the delegate's business: the catcher must not change behaviour.
+        if name.startswith("__") or name == "delegate":
+            raise AttributeError(name)
+        return getattr(self.delegate, name)
 
     def open_message(self, envelope: Envelope) -> _CatchingReceiver:
         receiver = self._hooks.open_message(envelope)

@@ -109,6 +109,8 @@ CREATE TABLE IF NOT EXISTS messages (
     read INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_created ON messages (created);
+-- counts (total, unread) scan this small index, not the wide rows
+CREATE INDEX IF NOT EXISTS messages_read ON messages (read);
 CREATE TABLE IF NOT EXISTS mailboxes (
     id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
     mailbox TEXT NOT NULL,
@@ -516,10 +518,14 @@ class MessageStore:
             f"SELECT COUNT(*), COALESCE(SUM(read = 0), 0) FROM messages WHERE {scope}",
             scope_params,
         ).fetchone()
-        matched, matched_unread = db.execute(
-            f"SELECT COUNT(*), COALESCE(SUM(read = 0), 0) FROM messages WHERE {where}",
-            scope_params + params,
-        ).fetchone()
+        if condition == "1":
+            matched, matched_unread = total, unread
+        else:
+            matched, matched_unread = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(read = 0), 0) FROM messages"
+                f" WHERE {where}",
+                scope_params + params,
+            ).fetchone()
         rows = db.execute(
             f"SELECT {_SUMMARY_COLUMNS} FROM messages WHERE {where}"
             " ORDER BY created DESC, rowid DESC LIMIT ? OFFSET ?",
