@@ -114,6 +114,15 @@ class Limits:
         line_timeout: seconds a command line may take from its first byte to
             its CRLF (bounds clients that drip bytes to dodge the idle timer).
         data_timeout: seconds the whole DATA phase may take.
+        tls_handshake_timeout: seconds a TLS handshake (after STARTTLS, or
+            from connect on an C{ssl:} listener) may take; then the
+            connection is aborted.
+        max_session_time: seconds a session may last in all; then 421 4.4.2
+            and close, whatever it is doing (0 = no limit).
+        max_junk_commands: NOOP, VRFY, RSET, HELP, EXPN and empty BDAT
+            chunks allowed without a delivered message in between; each one
+            past it counts as a bad command (Postfix's
+            C{smtpd_junk_command_limit}).
         max_connections: concurrent sessions per factory (0 = no limit).
         max_connections_per_ip: concurrent sessions per client address.
     """
@@ -127,6 +136,9 @@ class Limits:
     timeout: float = 300.0
     line_timeout: float = 300.0
     data_timeout: float = 1800.0
+    tls_handshake_timeout: float = 60.0
+    max_session_time: float = 3600.0
+    max_junk_commands: int = 100
     max_connections: int = 0
     max_connections_per_ip: int = 0
 
@@ -252,6 +264,7 @@ class Session:
         self.esmtp = False
         self.auth: Any = None
         self.bad_commands = 0
+        self.junk_commands = 0
         self.auth_failures = 0
         self.messages = 0
         self.envelope: Optional[Envelope] = None
@@ -283,6 +296,13 @@ class Session:
         self.bad_commands += 1
         if self.bad_commands >= self.limits.max_bad_commands:
             return R421_TOO_MANY_ERRORS
+        return None
+
+    def junk_command(self) -> Optional[Reply]:
+        """Count a command that moves no mail; past the junk budget it is bad."""
+        self.junk_commands += 1
+        if self.junk_commands > self.limits.max_junk_commands:
+            return self.bad_command()
         return None
 
     # -- transitions -----------------------------------------------------------

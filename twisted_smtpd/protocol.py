@@ -26,7 +26,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from OpenSSL.SSL import Error as TLSError
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -56,6 +60,7 @@ from .replies import (
     R252_CANNOT_VRFY,
     R354_START_INPUT,
     R421_AUTH_FAILURES,
+    R421_SESSION_TOO_LONG,
     R421_SHUTTING_DOWN,
     R421_TIMEOUT,
     R451_LOCAL_ERROR,
@@ -90,6 +95,11 @@ _log = Logger(namespace="twisted_smtpd.protocol")
 _BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 530, 555})
 #: pause reading from the socket when this much input waits behind a hook
 _MAX_HELD_INPUT = 256 * 1024
+#: replies collected in one read before they are written (so that a client
+#: that does not read meets the transport's back-pressure within one read)
+_MAX_BATCH = 64
+#: seconds a closing connection gets to take its last reply; then it is aborted
+CLOSE_GRACE = 5.0
 
 # Why input is not dispatched now: bits of SMTPServerProtocol._waits.
 _HOOK = 1  # a hook's answer, or the AUTH failure delay, is pending
@@ -99,11 +109,32 @@ _CLOSED = 8  # the connection is closing or gone
 # Why the transport is paused: bits of SMTPServerProtocol._pauses.
 _OVERFLOW = 16  # more than _MAX_HELD_INPUT waits behind a pending hook
 _RECEIVER = 32  # the streaming receiver asked for back-pressure
+_OUTPUT_FULL = 64  # (a wait) the transport's write buffer is full: see _output_full
 
 # The lifecycle (SMTPServerProtocol._phase).
 _OPEN = "open"
 _DRAINING = "draining"  # shutting down once the work in flight is answered
 _CLOSED_PHASE = "closed"
+
+
+@implementer(IPushProducer)
+class _OutputWatch:
+    """Registered on the transport: it tells when the unsent output is over
+    the transport's buffer size (and when it drained), like any producer."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: _Wire) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self._protocol._output_full(True)
+
+    def resumeProducing(self) -> None:
+        self._protocol._output_full(False)
+
+    def stopProducing(self) -> None:
+        pass
 
 
 @implementer(IHandshakeListener)
@@ -136,6 +167,12 @@ class _Wire(LineReceiver, TimeoutMixin):
     _pending: Any = None
     _deadline: Optional[float] = None  # a partial line or a body must end by then
     _how = "lost"  # how the session ended, for events
+    _watching_output = False  # an _OutputWatch is registered on the transport
+    _handshake_call: Any = None  # the TLS handshake's deadline
+    _abort_call: Any = None  # closing: abort if the last reply is not taken
+    _session_call: Any = None  # the session's lifetime bound (max_session_time)
+    _drain_reply: Optional[Reply] = None  # the 421 to close with once not busy
+    _drain_how = "shutdown"
 
     def __init__(self, factory: SMTPFactory) -> None:
         self.factory = factory
@@ -171,6 +208,10 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self._direct_write = can_write_directly(self.transport)
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None and getattr(self.transport, "producer", None) is None:
+            register(_OutputWatch(self), True)
+            self._watching_output = True
         if getattr(self.transport, "awaiting_proxy_header", False):
             # Behind a PROXY-protocol listener: greet once the real peer is known.
             self.setTimeout(self.limits.line_timeout)
@@ -184,7 +225,14 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
+        self._watching_output = False  # the transport dropped it already
         self._set_phase_closed()
+        for name in ("_handshake_call", "_abort_call", "_session_call"):
+            call = getattr(self, name)
+            if call is not None:
+                if call.active():
+                    call.cancel()
+                setattr(self, name, None)
         # The modes hold the protocol: let it go by reference counting.
         self._mode = self._lines = DROP  # type: ignore[assignment]
         pending = self._pending
@@ -332,6 +380,25 @@ class _Wire(LineReceiver, TimeoutMixin):
         self._waits |= _PAUSED
         self.transport.stopProducing()
 
+    def _output_full(self, full: bool) -> None:
+        """The transport's write buffer went over its size, or drained.
+
+        While it is full, no input is answered: a client that never reads its
+        replies can't make them pile up.  Input that arrives meanwhile is held
+        like input behind a hook, and past C{_MAX_HELD_INPUT} the transport is
+        paused (C{_OVERFLOW}).  Not at once: a TLS transport must go on
+        reading to finish its handshake, before which all output is held.
+        The idle timer keeps running (no bytes arrive to restart it).
+        """
+        if full:
+            self._waits |= _OUTPUT_FULL
+            return
+        self._waits &= ~_OUTPUT_FULL
+        if self._pauses & _OVERFLOW and not self._waits & _HOOK:
+            self._set_pauses(self._pauses & ~_OVERFLOW)
+        if not self._busy and not self._waits and self._buffer:
+            self._read()
+
     def sendLine(self, line: bytes) -> None:
         """Send a line, in order with the replies already made."""
         self._reply_bytes(line + self.delimiter)
@@ -368,6 +435,8 @@ class _Wire(LineReceiver, TimeoutMixin):
             self._send(data)
         else:
             out.append(data)
+            if len(out) >= _MAX_BATCH:
+                self._flush()  # may report the transport full: the read stops
 
     def _flush(self) -> None:
         """Send the replies collected so far (before the transport changes state)."""
@@ -394,17 +463,48 @@ class _Wire(LineReceiver, TimeoutMixin):
         self._how = how
         self.setTimeout(None)
         self._flush()
-        self.transport.loseConnection()
+        transport = self.transport
+        if self._direct_write and not (transport.dataBuffer or transport._tempDataLen):
+            transport.loseConnection()  # nothing unsent: it closes by itself
+            return
+        # A client that does not read would keep the connection open for
+        # good (the last reply never flushed): it gets CLOSE_GRACE seconds.
+        transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.factory.reactor.callLater(
+                CLOSE_GRACE, self._abort_unflushed
+            )
+
+    def _abort_unflushed(self) -> None:
+        self._abort_call = None
+        if self.session is not None:
+            _log.info(
+                "smtpd session {session_id}: last reply not taken, aborting",
+                session_id=self.session.session_id,
+            )
+        self.transport.abortConnection()
 
     def _set_phase_closed(self) -> None:
         self._phase = _CLOSED_PHASE
         self._waits |= _CLOSED
+        if self._watching_output:
+            # A registered producer keeps a closing TCP transport open.
+            self._watching_output = False
+            self.transport.unregisterProducer()
 
     def shutdown(self) -> None:
         """Server going down: 421 now, or once the message in flight is answered."""
         if self._phase is not _OPEN:
             return
+        self._drain(
+            fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname), "shutdown"
+        )
+
+    def _drain(self, reply: Reply, how: str) -> None:
+        """Close with C{reply} now, or once the work in flight is answered."""
         self._phase = _DRAINING
+        self._drain_reply = reply
+        self._drain_how = how
         self._close_if_draining()
 
     def force_close(self) -> None:
@@ -418,13 +518,56 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def _close_if_draining(self) -> None:
         if self._phase is _DRAINING and not self.busy:
-            self.close_with(
-                fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname), "shutdown"
+            reply = self._drain_reply
+            assert reply is not None
+            self.close_with(reply, self._drain_how)
+
+    def _session_expired(self) -> None:
+        """C{max_session_time} is up: no loop of commands may hold a slot."""
+        self._session_call = None
+        if self._phase is not _OPEN:
+            return
+        _log.info(
+            "smtpd session {session_id}: session time limit reached",
+            session_id=self.session.session_id,
+        )
+        self._drain(
+            fill(R421_SESSION_TOO_LONG, hostname=self.factory.hostname), "timeout"
+        )
+
+    # -- the TLS handshake's deadline ------------------------------------------
+    def _expect_handshake(self) -> None:
+        timeout = self.limits.tls_handshake_timeout
+        if timeout and self._handshake_call is None:
+            self._handshake_call = self.factory.reactor.callLater(
+                timeout, self._handshake_timed_out
             )
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_call = None
+        if self._phase is _CLOSED_PHASE or self._current_tls().cipher:
+            return  # closing anyway, or done (and the callback did not reach us)
+        if self.session is not None:
+            _log.info(
+                "smtpd session {session_id}: TLS handshake timeout",
+                session_id=self.session.session_id,
+            )
+        if self._events is not None:
+            self._events.tls_handshake(False)
+        # No reply can reach a client that has not finished the handshake.
+        self._set_phase_closed()
+        self._how = "timeout"
+        self.setTimeout(None)
+        self.transport.abortConnection()
 
     # -- TLS facts and the idle timer ---------------------------------------
     def handshakeCompleted(self) -> None:
         """TLS is up (STARTTLS or an C{ssl:} endpoint): record its facts."""
+        call = self._handshake_call
+        if call is not None:
+            self._handshake_call = None
+            if call.active():
+                call.cancel()
         if self.session is not None and self.session.tls is not None:
             self.session.tls = self._current_tls()
         if self._events is not None:
@@ -655,6 +798,12 @@ class SMTPServerProtocol(_Wire):
         self.session.xclient_allowed = _host(peer) in factory.xclient_hosts
         self._look_up_name(_host(peer))
         self.setTimeout(self.limits.timeout)
+        if tls is not None:  # an ssl: listener: the handshake began at connect
+            self._expect_handshake()
+        if self.limits.max_session_time:
+            self._session_call = factory.reactor.callLater(
+                self.limits.max_session_time, self._session_expired
+            )
         # The greeting waits for the handler's verdict on the client (and any
         # early talker's bytes wait with it).
         self._run(
@@ -875,6 +1024,8 @@ class SMTPServerProtocol(_Wire):
         message.add_chunk(size, last, self.limits.max_message_size)
         if not size:
             self._chunk_done()
+            if not last:
+                self._junk()  # an empty chunk moves no mail
             return
         write = None if message.too_big or message.failure else _guarded_write(message)
         self._set_mode(
@@ -937,6 +1088,7 @@ class SMTPServerProtocol(_Wire):
     def _stored(self, queue_id: Any, envelope: Envelope) -> None:
         queue_id = _queue_id(queue_id, envelope, self.session.session_id)
         self.reply(fill(R250_QUEUED, queue_id=queue_id))
+        self.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
         self._message_done(envelope, "accepted", "accepted")
 
     def _not_stored(self, failure: Failure, envelope: Envelope) -> None:
@@ -973,9 +1125,21 @@ class SMTPServerProtocol(_Wire):
         self._abort_message()
         self.session.reset()
         self.reply(R250_RESET)
+        self._junk()
 
     def do_NOOP(self, argument: str) -> None:
         self.reply(R250_OK)
+        self._junk()
+
+    def _junk(self) -> None:
+        """A command that moves no mail (NOOP, RSET, VRFY, HELP, BDAT 0).
+
+        Past C{max_junk_commands} without a delivered message, each one
+        counts as a bad command: a loop of them can't hold a session.
+        """
+        closing = self.session.junk_command()
+        if closing is not None:
+            self.close_with(fill(closing, hostname=self.factory.hostname))
 
     def do_QUIT(self, argument: str) -> None:
         self.reply(R221_BYE)
@@ -985,11 +1149,13 @@ class SMTPServerProtocol(_Wire):
         if not argument:
             raise SMTPError(R501_SYNTAX_VRFY)
         self.reply(R252_CANNOT_VRFY)
+        self._junk()
 
     def do_HELP(self, argument: str) -> None:
         """The commands this session can use now (no STARTTLS once TLS is on)."""
         commands = _help_commands(self.factory.extensions(self.session), self._COMMANDS)
         self.reply(fill(R214_HELP, commands=commands))
+        self._junk()
 
     def do_EXPN(self, argument: str) -> None:
         raise SMTPError(R502_NOT_IMPLEMENTED)
@@ -1010,6 +1176,7 @@ class SMTPServerProtocol(_Wire):
         self._direct_write = False
         self.transport.startTLS(context)
         self.session.tls_started(TLSInfo("", ""))
+        self._expect_handshake()
 
     # -- XCLIENT (Postfix's XCLIENT_README): a trusted proxy names the client -
     def do_XCLIENT(self, argument: str) -> None:

@@ -124,6 +124,9 @@ R354_START_INPUT = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
 # Transient failures ----------------------------------------------------------
 R421_TIMEOUT = Reply(421, "4.4.2", "{hostname} Timeout, closing connection")
+R421_SESSION_TOO_LONG = Reply(
+    421, "4.4.2", "{hostname} Session time limit reached, closing connection"
+)
 R421_TOO_MANY_ERRORS = Reply(
     421, "4.7.0", "{hostname} Too many errors, closing connection"
 )

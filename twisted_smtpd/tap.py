@@ -123,6 +123,18 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-message-size", None, "33554432", "Largest message in bytes (SIZE)."],
         ["max-recipients", None, "100", "Recipients per message."],
         ["timeout", None, "300", "Idle timeout in seconds."],
+        [
+            "tls-handshake-timeout",
+            None,
+            "60",
+            "Seconds a TLS handshake may take (STARTTLS or ssl:), then abort.",
+        ],
+        [
+            "max-session-time",
+            None,
+            "3600",
+            "Seconds a session may last in all (0 = no limit).",
+        ],
         ["max-connections", None, "0", "Concurrent sessions (0 = no limit)."],
         ["max-connections-per-ip", None, "0", "Concurrent sessions per client IP."],
         [
@@ -237,6 +249,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             ),
             max_recipients=_positive_int("max-recipients", self["max-recipients"], 1),
             timeout=_positive_int("timeout", self["timeout"], 1),
+            tls_handshake_timeout=_positive_int(
+                "tls-handshake-timeout", self["tls-handshake-timeout"], 1
+            ),
+            max_session_time=_positive_int(
+                "max-session-time", self["max-session-time"]
+            ),
             max_connections=_positive_int("max-connections", self["max-connections"]),
             max_connections_per_ip=_positive_int(
                 "max-connections-per-ip", self["max-connections-per-ip"]
