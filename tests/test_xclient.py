@@ -381,3 +381,61 @@ def test_nginx_mail_proxy(listen, nginx_proxy):
     assert "unknown" == envelope.peer_name  # nginx sent NAME=[UNAVAILABLE]
     assert b"from client.example (unknown [127.0.0.2])" in envelope.received_header
     assert "127.0.0.2" == proxy.auth_requests[0]["Client-IP"]
+
+
+# -- the command line ----------------------------------------------------------
+
+
+def test_options_build_the_factory(tmp_path, monkeypatch) -> None:
+    from twisted_smtpd.rdns import ReverseDNS
+    from twisted_smtpd.tap import build_factory
+
+    from .test_tap import DISCARD, parse
+
+    monkeypatch.chdir(tmp_path)
+    factory = build_factory(
+        parse(
+            *DISCARD,
+            "--xclient-hosts",
+            "127.0.0.1/32",
+            "--xclient-hosts",
+            "10.0.0.0/8,2001:db8::/32",
+            "--auth-failure-limit",
+            "3/60",
+            "--dns-timeout",
+            "2.5",
+        )
+    )
+    assert "10.1.2.3" in factory.xclient_hosts
+    assert "2001:db8::1" in factory.xclient_hosts
+    assert "192.0.2.1" not in factory.xclient_hosts
+    assert (3, 60) == (factory.auth_limiter.limit, factory.auth_limiter.window)
+    assert isinstance(factory.reverse_dns, ReverseDNS)
+    assert 2.5 == factory.reverse_dns.timeout
+    defaults = build_factory(parse(*DISCARD, "--no-reverse-dns"))
+    assert None is defaults.reverse_dns
+    assert (10, 600) == (defaults.auth_limiter.limit, defaults.auth_limiter.window)
+    assert not defaults.xclient_hosts
+    assert (
+        None is build_factory(parse(*DISCARD, "--auth-failure-limit", "0")).auth_limiter
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("--xclient-hosts", "10.0.0.1/8"),
+            "--xclient-hosts: bad network '10.0.0.1/8'",
+        ),
+        (("--auth-failure-limit", "ten"), "--auth-failure-limit: expected N/SECONDS"),
+        (("--dns-timeout", "0"), "--dns-timeout: expected seconds > 0, not '0'"),
+    ],
+)
+def test_bad_options_one_line(capsys, tmp_path, monkeypatch, args, message) -> None:
+    from .test_tap import DISCARD, parse_error
+
+    monkeypatch.chdir(tmp_path)
+    error = parse_error(capsys, *DISCARD, *args)
+    assert error.startswith(f"twistd smtpd: error: {message}"), error
+    assert 1 == len(error.strip().splitlines())
