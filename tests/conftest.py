@@ -48,10 +48,12 @@ def listen():
     from twisted.internet import reactor
 
     ports = []
+    factories = []
 
     def start(handler, ssl_context=None, **kwargs):
         kwargs.setdefault("hostname", "mx.test")
         factory = SMTPFactory(handler, **kwargs)
+        factories.append(factory)
         if ssl_context is not None:
             port = reactor.listenSSL(
                 0, factory, ssl_context, interface="127.0.0.1", backlog=1024
@@ -61,6 +63,7 @@ def listen():
         ports.append(port)
         return port.getHost().port
 
+    start.factories = factories  # the factories started, in order
     yield start
     for port in ports:
         port.stopListening()

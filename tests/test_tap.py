@@ -182,6 +182,10 @@ class TestLimits:
             "10",
             "--max-connections-per-ip",
             "2",
+            "--tls-handshake-timeout",
+            "20",
+            "--max-session-time",
+            "900",
             "--shutdown-grace",
             "7",
             "--workers",
@@ -192,6 +196,8 @@ class TestLimits:
                 max_message_size=1000,
                 max_recipients=5,
                 timeout=60,
+                tls_handshake_timeout=20,
+                max_session_time=900,
                 max_connections=10,
                 max_connections_per_ip=2,
             )
@@ -227,6 +233,16 @@ class TestLimits:
             ("--max-recipients", "0", "--max-recipients must be at least 1, not 0"),
             ("--timeout", "soon", "--timeout must be a whole number, not 'soon'"),
             ("--timeout", "0", "--timeout must be at least 1, not 0"),
+            (
+                "--tls-handshake-timeout",
+                "0",
+                "--tls-handshake-timeout must be at least 1, not 0",
+            ),
+            (
+                "--max-session-time",
+                "-1",
+                "--max-session-time must be at least 0, not -1",
+            ),
             (
                 "--max-connections",
                 "1.5",

@@ -58,8 +58,8 @@ _ANYTIME = frozenset({"NOOP", "QUIT", "RSET", "HELO", "EHLO", "VRFY", "HELP", "E
 
 #: which verbs may run in each state; anything else gets the 503 of L{_REFUSED}
 ALLOWED: dict[State, frozenset[str]] = {
-    State.CONNECTED: _ANYTIME | {"STARTTLS"},
-    State.GREETED: _ANYTIME | {"STARTTLS", "AUTH", "MAIL"},
+    State.CONNECTED: _ANYTIME | {"STARTTLS", "XCLIENT"},
+    State.GREETED: _ANYTIME | {"STARTTLS", "AUTH", "MAIL", "XCLIENT"},
     State.MAIL: _ANYTIME | {"RCPT"},
     State.RCPT: _ANYTIME | {"RCPT", "DATA", "BDAT"},
     State.DATA: frozenset(),
@@ -87,13 +87,13 @@ def _refusal(state: State, verb: str) -> Reply:
 #: verbs the server knows; others are 500
 KNOWN_VERBS = frozenset(
     {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"}
-    | {"STARTTLS", "AUTH", "EXPN", "BDAT"}
+    | {"STARTTLS", "AUTH", "EXPN", "BDAT", "XCLIENT"}
 )
 #: allowed before STARTTLS when TLS is required (RFC 3207 4)
-BEFORE_TLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET"})
+BEFORE_TLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "XCLIENT"})
 #: allowed before AUTH when AUTH is required (RFC 4954 6)
 BEFORE_AUTH = frozenset(
-    {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "AUTH", "HELP"}
+    {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "AUTH", "HELP", "XCLIENT"}
 )
 
 
@@ -114,6 +114,15 @@ class Limits:
         line_timeout: seconds a command line may take from its first byte to
             its CRLF (bounds clients that drip bytes to dodge the idle timer).
         data_timeout: seconds the whole DATA phase may take.
+        tls_handshake_timeout: seconds a TLS handshake (after STARTTLS, or
+            from connect on an C{ssl:} listener) may take; then the
+            connection is aborted.
+        max_session_time: seconds a session may last in all; then 421 4.4.2
+            and close, whatever it is doing (0 = no limit).
+        max_junk_commands: NOOP, VRFY, RSET, HELP, EXPN and empty BDAT
+            chunks allowed without a delivered message in between; each one
+            past it counts as a bad command (Postfix's
+            C{smtpd_junk_command_limit}).
         max_connections: concurrent sessions per factory (0 = no limit).
         max_connections_per_ip: concurrent sessions per client address.
     """
@@ -127,6 +136,9 @@ class Limits:
     timeout: float = 300.0
     line_timeout: float = 300.0
     data_timeout: float = 1800.0
+    tls_handshake_timeout: float = 60.0
+    max_session_time: float = 3600.0
+    max_junk_commands: int = 100
     max_connections: int = 0
     max_connections_per_ip: int = 0
 
@@ -172,6 +184,9 @@ class Envelope:
     esmtp: bool
     tls: Optional[TLSInfo]
     auth: Any
+    #: the client's forward-confirmed reverse-DNS name, C{"unknown"} if it
+    #: has none, C{None} when reverse DNS is off
+    peer_name: Optional[str] = None
     mail_from: str = ""
     mail_options: dict[str, Optional[str]] = field(default_factory=dict)
     rcpt_tos: list[str] = field(default_factory=list)
@@ -249,9 +264,14 @@ class Session:
         self.esmtp = False
         self.auth: Any = None
         self.bad_commands = 0
+        self.junk_commands = 0
         self.auth_failures = 0
         self.messages = 0
         self.envelope: Optional[Envelope] = None
+        #: see L{Envelope.peer_name}; set when the lookup (or XCLIENT) answers
+        self.peer_name: Optional[str] = None
+        #: the client may send XCLIENT (and EHLO advertises it)
+        self.xclient_allowed = False
 
     # -- gates -----------------------------------------------------------------
     def check(self, verb: str) -> Optional[Reply]:
@@ -278,6 +298,13 @@ class Session:
             return R421_TOO_MANY_ERRORS
         return None
 
+    def junk_command(self) -> Optional[Reply]:
+        """Count a command that moves no mail; past the junk budget it is bad."""
+        self.junk_commands += 1
+        if self.junk_commands > self.limits.max_junk_commands:
+            return self.bad_command()
+        return None
+
     # -- transitions -----------------------------------------------------------
     def greeted(self, name: str, esmtp: bool) -> None:
         """HELO/EHLO: a new greeting also aborts any transaction."""
@@ -301,6 +328,21 @@ class Session:
         self.envelope = None
         self.state = State.CONNECTED
 
+    def xclient(self, helo: Optional[str], esmtp: bool, login: Optional[str]) -> None:
+        """XCLIENT accepted: back to the greeting stage (Postfix XCLIENT_README).
+
+        TLS stays.  A HELO (and PROTO) or LOGIN sent with XCLIENT is kept, as
+        if the forwarded client had greeted or logged in itself.
+        """
+        self.envelope = None
+        self.auth = login or None
+        if helo:
+            self.greeted(helo, esmtp)
+        else:
+            self.helo = ""
+            self.esmtp = False
+            self.state = State.CONNECTED
+
     def authenticated(self, identity: Any) -> None:
         self.auth = identity
 
@@ -319,6 +361,7 @@ class Session:
             esmtp=self.esmtp,
             tls=self.tls,
             auth=self.auth,
+            peer_name=self.peer_name,
         )
 
     def begin(self, sender: str, params: dict[str, Optional[str]]) -> Envelope:
@@ -395,7 +438,8 @@ def received_header(
         # A Unix socket (or another local transport): no address to give.
         source = "localhost"
     tls = envelope.tls
-    lines = [f"Received: from {envelope.helo or 'unknown'} ({source})"]
+    name = f"{envelope.peer_name} " if envelope.peer_name else ""
+    lines = [f"Received: from {envelope.helo or 'unknown'} ({name}{source})"]
     if tls is not None and tls.protocol:
         lines.append(f"\t(using {tls.protocol} with cipher {tls.cipher})")
     lines.append(

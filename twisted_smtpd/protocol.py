@@ -24,8 +24,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from OpenSSL.SSL import Error as TLSError
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -39,6 +44,7 @@ from ._fastwrite import can_write_directly, write_directly
 from ._input import DROP, ChunkMode, DataMode, LineMode, RawMode
 from ._sanitize import safe_queue_id, safe_reply
 from ._session import Envelope, Session, TLSInfo, received_header
+from ._xclient import UNKNOWN, XClientUpdate, parse_xclient
 from .replies import (
     R214_HELP,
     R220_STARTTLS,
@@ -54,18 +60,22 @@ from .replies import (
     R252_CANNOT_VRFY,
     R354_START_INPUT,
     R421_AUTH_FAILURES,
+    R421_SESSION_TOO_LONG,
     R421_SHUTTING_DOWN,
     R421_TIMEOUT,
     R451_LOCAL_ERROR,
+    R454_AUTH_RATE_LIMITED,
     R500_AUTH_LINE_TOO_LONG,
     R500_LINE_TOO_LONG,
     R500_UNKNOWN_COMMAND,
     R501_NO_ARGUMENTS,
     R501_SYNTAX_BDAT,
     R501_SYNTAX_VRFY,
+    R501_SYNTAX_XCLIENT,
     R502_NOT_IMPLEMENTED,
     R503_ALREADY_TLS,
     R535_AUTH_FAILED,
+    R550_XCLIENT_DENIED,
     R552_TOO_BIG,
     Reply,
     SMTPError,
@@ -85,6 +95,11 @@ _log = Logger(namespace="twisted_smtpd.protocol")
 _BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 530, 555})
 #: pause reading from the socket when this much input waits behind a hook
 _MAX_HELD_INPUT = 256 * 1024
+#: replies collected in one read before they are written (so that a client
+#: that does not read meets the transport's back-pressure within one read)
+_MAX_BATCH = 64
+#: seconds a closing connection gets to take its last reply; then it is aborted
+CLOSE_GRACE = 5.0
 
 # Why input is not dispatched now: bits of SMTPServerProtocol._waits.
 _HOOK = 1  # a hook's answer, or the AUTH failure delay, is pending
@@ -94,11 +109,32 @@ _CLOSED = 8  # the connection is closing or gone
 # Why the transport is paused: bits of SMTPServerProtocol._pauses.
 _OVERFLOW = 16  # more than _MAX_HELD_INPUT waits behind a pending hook
 _RECEIVER = 32  # the streaming receiver asked for back-pressure
+_OUTPUT_FULL = 64  # (a wait) the transport's write buffer is full: see _output_full
 
 # The lifecycle (SMTPServerProtocol._phase).
 _OPEN = "open"
 _DRAINING = "draining"  # shutting down once the work in flight is answered
 _CLOSED_PHASE = "closed"
+
+
+@implementer(IPushProducer)
+class _OutputWatch:
+    """Registered on the transport: it tells when the unsent output is over
+    the transport's buffer size (and when it drained), like any producer."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: _Wire) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self._protocol._output_full(True)
+
+    def resumeProducing(self) -> None:
+        self._protocol._output_full(False)
+
+    def stopProducing(self) -> None:
+        pass
 
 
 @implementer(IHandshakeListener)
@@ -131,6 +167,12 @@ class _Wire(LineReceiver, TimeoutMixin):
     _pending: Any = None
     _deadline: Optional[float] = None  # a partial line or a body must end by then
     _how = "lost"  # how the session ended, for events
+    _watching_output = False  # an _OutputWatch is registered on the transport
+    _handshake_call: Any = None  # the TLS handshake's deadline
+    _abort_call: Any = None  # closing: abort if the last reply is not taken
+    _session_call: Any = None  # the session's lifetime bound (max_session_time)
+    _drain_reply: Optional[Reply] = None  # the 421 to close with once not busy
+    _drain_how = "shutdown"
 
     def __init__(self, factory: SMTPFactory) -> None:
         self.factory = factory
@@ -166,6 +208,10 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self._direct_write = can_write_directly(self.transport)
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None and getattr(self.transport, "producer", None) is None:
+            register(_OutputWatch(self), True)
+            self._watching_output = True
         if getattr(self.transport, "awaiting_proxy_header", False):
             # Behind a PROXY-protocol listener: greet once the real peer is known.
             self.setTimeout(self.limits.line_timeout)
@@ -179,7 +225,14 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
+        self._watching_output = False  # the transport dropped it already
         self._set_phase_closed()
+        for name in ("_handshake_call", "_abort_call", "_session_call"):
+            call = getattr(self, name)
+            if call is not None:
+                if call.active():
+                    call.cancel()
+                setattr(self, name, None)
         # The modes hold the protocol: let it go by reference counting.
         self._mode = self._lines = DROP  # type: ignore[assignment]
         pending = self._pending
@@ -327,6 +380,25 @@ class _Wire(LineReceiver, TimeoutMixin):
         self._waits |= _PAUSED
         self.transport.stopProducing()
 
+    def _output_full(self, full: bool) -> None:
+        """The transport's write buffer went over its size, or drained.
+
+        While it is full, no input is answered: a client that never reads its
+        replies can't make them pile up.  Input that arrives meanwhile is held
+        like input behind a hook, and past C{_MAX_HELD_INPUT} the transport is
+        paused (C{_OVERFLOW}).  Not at once: a TLS transport must go on
+        reading to finish its handshake, before which all output is held.
+        The idle timer keeps running (no bytes arrive to restart it).
+        """
+        if full:
+            self._waits |= _OUTPUT_FULL
+            return
+        self._waits &= ~_OUTPUT_FULL
+        if self._pauses & _OVERFLOW and not self._waits & _HOOK:
+            self._set_pauses(self._pauses & ~_OVERFLOW)
+        if not self._busy and not self._waits and self._buffer:
+            self._read()
+
     def sendLine(self, line: bytes) -> None:
         """Send a line, in order with the replies already made."""
         self._reply_bytes(line + self.delimiter)
@@ -363,6 +435,8 @@ class _Wire(LineReceiver, TimeoutMixin):
             self._send(data)
         else:
             out.append(data)
+            if len(out) >= _MAX_BATCH:
+                self._flush()  # may report the transport full: the read stops
 
     def _flush(self) -> None:
         """Send the replies collected so far (before the transport changes state)."""
@@ -389,17 +463,48 @@ class _Wire(LineReceiver, TimeoutMixin):
         self._how = how
         self.setTimeout(None)
         self._flush()
-        self.transport.loseConnection()
+        transport = self.transport
+        if self._direct_write and not (transport.dataBuffer or transport._tempDataLen):
+            transport.loseConnection()  # nothing unsent: it closes by itself
+            return
+        # A client that does not read would keep the connection open for
+        # good (the last reply never flushed): it gets CLOSE_GRACE seconds.
+        transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.factory.reactor.callLater(
+                CLOSE_GRACE, self._abort_unflushed
+            )
+
+    def _abort_unflushed(self) -> None:
+        self._abort_call = None
+        if self.session is not None:
+            _log.info(
+                "smtpd session {session_id}: last reply not taken, aborting",
+                session_id=self.session.session_id,
+            )
+        self.transport.abortConnection()
 
     def _set_phase_closed(self) -> None:
         self._phase = _CLOSED_PHASE
         self._waits |= _CLOSED
+        if self._watching_output:
+            # A registered producer keeps a closing TCP transport open.
+            self._watching_output = False
+            self.transport.unregisterProducer()
 
     def shutdown(self) -> None:
         """Server going down: 421 now, or once the message in flight is answered."""
         if self._phase is not _OPEN:
             return
+        self._drain(
+            fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname), "shutdown"
+        )
+
+    def _drain(self, reply: Reply, how: str) -> None:
+        """Close with C{reply} now, or once the work in flight is answered."""
         self._phase = _DRAINING
+        self._drain_reply = reply
+        self._drain_how = how
         self._close_if_draining()
 
     def force_close(self) -> None:
@@ -413,13 +518,56 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def _close_if_draining(self) -> None:
         if self._phase is _DRAINING and not self.busy:
-            self.close_with(
-                fill(R421_SHUTTING_DOWN, hostname=self.factory.hostname), "shutdown"
+            reply = self._drain_reply
+            assert reply is not None
+            self.close_with(reply, self._drain_how)
+
+    def _session_expired(self) -> None:
+        """C{max_session_time} is up: no loop of commands may hold a slot."""
+        self._session_call = None
+        if self._phase is not _OPEN:
+            return
+        _log.info(
+            "smtpd session {session_id}: session time limit reached",
+            session_id=self.session.session_id,
+        )
+        self._drain(
+            fill(R421_SESSION_TOO_LONG, hostname=self.factory.hostname), "timeout"
+        )
+
+    # -- the TLS handshake's deadline ------------------------------------------
+    def _expect_handshake(self) -> None:
+        timeout = self.limits.tls_handshake_timeout
+        if timeout and self._handshake_call is None:
+            self._handshake_call = self.factory.reactor.callLater(
+                timeout, self._handshake_timed_out
             )
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_call = None
+        if self._phase is _CLOSED_PHASE or self._current_tls().cipher:
+            return  # closing anyway, or done (and the callback did not reach us)
+        if self.session is not None:
+            _log.info(
+                "smtpd session {session_id}: TLS handshake timeout",
+                session_id=self.session.session_id,
+            )
+        if self._events is not None:
+            self._events.tls_handshake(False)
+        # No reply can reach a client that has not finished the handshake.
+        self._set_phase_closed()
+        self._how = "timeout"
+        self.setTimeout(None)
+        self.transport.abortConnection()
 
     # -- TLS facts and the idle timer ---------------------------------------
     def handshakeCompleted(self) -> None:
         """TLS is up (STARTTLS or an C{ssl:} endpoint): record its facts."""
+        call = self._handshake_call
+        if call is not None:
+            self._handshake_call = None
+            if call.active():
+                call.cancel()
         if self.session is not None and self.session.tls is not None:
             self.session.tls = self._current_tls()
         if self._events is not None:
@@ -608,6 +756,8 @@ class SMTPServerProtocol(_Wire):
     _COMMANDS: dict[str, Callable[..., None]] = {}
     _message: Optional[Message] = None
     _started: Optional[float] = None  # greeting time, when events are observed
+    _name_lookup: Optional[Deferred[str]] = None  # reverse DNS of the client
+    _name_wait: Optional[Deferred[None]] = None  # a message waits for that name
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -645,12 +795,62 @@ class SMTPServerProtocol(_Wire):
         if refusal is not None:
             self.close_with(refusal)
             return
+        self.session.xclient_allowed = _host(peer) in factory.xclient_hosts
+        self._look_up_name(_host(peer))
         self.setTimeout(self.limits.timeout)
+        if tls is not None:  # an ssl: listener: the handshake began at connect
+            self._expect_handshake()
+        if self.limits.max_session_time:
+            self._session_call = factory.reactor.callLater(
+                self.limits.max_session_time, self._session_expired
+            )
         # The greeting waits for the handler's verdict on the client (and any
         # early talker's bytes wait with it).
         self._run(
             "check_client", self._hooks.check_client, (peer,), self._greet, self._shun
         )
+
+    # -- the client's name: looked up at connect, awaited when a message starts
+    def _look_up_name(self, host: Optional[str]) -> None:
+        rdns = self.factory.reverse_dns
+        if rdns is None or host is None:
+            return
+        lookup = self._name_lookup = rdns.lookup(host)
+        lookup.addCallback(self._named, lookup)
+
+    def _named(self, name: str, lookup: Deferred[str]) -> None:
+        if self._name_lookup is not lookup:
+            return  # XCLIENT named another client meanwhile
+        self._name_lookup = None
+        session = self.session
+        session.peer_name = name
+        if session.envelope is not None:  # made at MAIL, before the answer
+            session.envelope.peer_name = name
+        wait, self._name_wait = self._name_wait, None
+        if wait is not None:
+            wait.callback(None)
+
+    def _wait_for_name(self, method: Callable[..., None], argument: str) -> bool:
+        """Run C{method(argument)} again once the client's name is known.
+
+        The C{Received:} header of the message needs it; input is held until
+        then (the lookup ends within its own timeout).
+        """
+        if self._name_lookup is None:
+            return False
+        wait = self._name_wait = Deferred()
+        self._hold(wait)
+        wait.addCallback(self._complete, self._run_again, method, argument)
+        wait.addErrback(self._unexpected)
+        return True
+
+    def _run_again(self, _: Any, method: Callable[..., None], argument: str) -> None:
+        if self._phase is _CLOSED_PHASE:
+            return
+        try:
+            method(self, argument)
+        except SMTPError as error:
+            self._reply_bad(error.reply)
 
     def _greet(self, _: Any) -> None:
         self.reply(self.factory.greeting)
@@ -777,6 +977,8 @@ class SMTPServerProtocol(_Wire):
     def do_DATA(self, argument: str) -> None:
         if argument:
             raise SMTPError(fill(R501_NO_ARGUMENTS, verb="DATA"))
+        if self._wait_for_name(SMTPServerProtocol.do_DATA, argument):
+            return
         message = self._open_message(chunked=False)
         if message is None:
             return
@@ -813,6 +1015,8 @@ class SMTPServerProtocol(_Wire):
         size, last = _bdat_argument(argument)
         message = self._message
         if message is None:
+            if self._wait_for_name(SMTPServerProtocol.do_BDAT, argument):
+                return
             message = self._open_message(chunked=True)
             if message is None:  # the handler's failure is answered
                 self._drop_chunk(size)
@@ -820,6 +1024,8 @@ class SMTPServerProtocol(_Wire):
         message.add_chunk(size, last, self.limits.max_message_size)
         if not size:
             self._chunk_done()
+            if not last:
+                self._junk()  # an empty chunk moves no mail
             return
         write = None if message.too_big or message.failure else _guarded_write(message)
         self._set_mode(
@@ -882,6 +1088,7 @@ class SMTPServerProtocol(_Wire):
     def _stored(self, queue_id: Any, envelope: Envelope) -> None:
         queue_id = _queue_id(queue_id, envelope, self.session.session_id)
         self.reply(fill(R250_QUEUED, queue_id=queue_id))
+        self.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
         self._message_done(envelope, "accepted", "accepted")
 
     def _not_stored(self, failure: Failure, envelope: Envelope) -> None:
@@ -918,9 +1125,21 @@ class SMTPServerProtocol(_Wire):
         self._abort_message()
         self.session.reset()
         self.reply(R250_RESET)
+        self._junk()
 
     def do_NOOP(self, argument: str) -> None:
         self.reply(R250_OK)
+        self._junk()
+
+    def _junk(self) -> None:
+        """A command that moves no mail (NOOP, RSET, VRFY, HELP, BDAT 0).
+
+        Past C{max_junk_commands} without a delivered message, each one
+        counts as a bad command: a loop of them can't hold a session.
+        """
+        closing = self.session.junk_command()
+        if closing is not None:
+            self.close_with(fill(closing, hostname=self.factory.hostname))
 
     def do_QUIT(self, argument: str) -> None:
         self.reply(R221_BYE)
@@ -930,11 +1149,13 @@ class SMTPServerProtocol(_Wire):
         if not argument:
             raise SMTPError(R501_SYNTAX_VRFY)
         self.reply(R252_CANNOT_VRFY)
+        self._junk()
 
     def do_HELP(self, argument: str) -> None:
         """The commands this session can use now (no STARTTLS once TLS is on)."""
         commands = _help_commands(self.factory.extensions(self.session), self._COMMANDS)
         self.reply(fill(R214_HELP, commands=commands))
+        self._junk()
 
     def do_EXPN(self, argument: str) -> None:
         raise SMTPError(R502_NOT_IMPLEMENTED)
@@ -955,12 +1176,70 @@ class SMTPServerProtocol(_Wire):
         self._direct_write = False
         self.transport.startTLS(context)
         self.session.tls_started(TLSInfo("", ""))
+        self._expect_handshake()
+
+    # -- XCLIENT (Postfix's XCLIENT_README): a trusted proxy names the client -
+    def do_XCLIENT(self, argument: str) -> None:
+        if not argument:
+            raise SMTPError(R501_SYNTAX_XCLIENT)
+        session = self.session
+        if not session.xclient_allowed:
+            _log.info(
+                "smtpd session {session_id}: XCLIENT refused to {peer}",
+                session_id=session.session_id,
+                peer=_address_text(session.peer),
+            )
+            self.reply(R550_XCLIENT_DENIED)
+            return
+        update = parse_xclient(argument)
+        self._abort_message()
+        before = session.peer
+        old_ip = _host(before) or ""
+        session.peer = _forwarded_peer(before, update)
+        if update.name is not None:
+            self._name_lookup = None  # the proxy's word replaces any lookup
+            session.peer_name = update.name
+        elif update.addr is not None and update.addr != old_ip:
+            session.peer_name = None
+            self._name_lookup = None
+            if update.addr != UNKNOWN:
+                self._look_up_name(update.addr)
+        session.xclient(update.helo, update.proto == "ESMTP", update.login)
+        ip = _host(session.peer)
+        # Postfix: the forwarded client must itself be allowed to send more.
+        session.xclient_allowed = ip in self.factory.xclient_hosts
+        _log.info(
+            "smtpd session {session_id}: XCLIENT from {proxy}: client {peer}",
+            session_id=session.session_id,
+            proxy=_address_text(before),
+            peer=_address_text(session.peer),
+        )
+        refusal = self.factory.readmit(self, old_ip)
+        if refusal is not None:
+            self.close_with(refusal)
+            return
+        # A fresh greeting, after the handler's verdict on the real client.
+        self._run(
+            "check_client",
+            self._hooks.check_client,
+            (session.peer,),
+            self._greet_again,
+            self._shun,
+        )
+
+    def _greet_again(self, _: Any) -> None:
+        self.reply(self.factory.greeting)
 
     # -- AUTH: the policy judges, the protocol runs the exchange ---------------
     def do_AUTH(self, argument: str) -> None:
         auth = self.factory.auth
         if auth is None:
             raise SMTPError(R502_NOT_IMPLEMENTED)
+        limiter = self.factory.auth_limiter
+        if limiter is not None and limiter.blocked(_host(self.session.peer) or ""):
+            self._auth_ended(False)
+            self.reply(R454_AUTH_RATE_LIMITED)
+            return
         exchange = auth.start(self.session, argument, self.factory.hostname)
         self._sasl_step(exchange, None)
 
@@ -1026,6 +1305,16 @@ class SMTPServerProtocol(_Wire):
             session_id=session.session_id,
             count=session.auth_failures,
         )
+        limiter = self.factory.auth_limiter
+        host = _host(session.peer)
+        if limiter is not None and host is not None and limiter.failed(host):
+            _log.warn(
+                "smtpd: {host} reached the AUTH failure limit ({limit}):"
+                " AUTH refused for {window:g} s",
+                host=host,
+                limit=limiter.describe(),
+                window=limiter.window,
+            )
         delay = auth.failure_delay * session.auth_failures
         if delay > 0:
             call = self.factory.reactor.callLater(
@@ -1182,6 +1471,23 @@ def _abort_receiver(receiver: Any) -> None:
         receiver.abort()
     except Exception:
         _log.failure("smtpd: receiver.abort failed")
+
+
+def _host(address: Any) -> Optional[str]:
+    """The IP address text of a TCP peer; None for UNIX sockets and the like."""
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else None
+
+
+def _forwarded_peer(peer: Any, update: XClientUpdate) -> Any:
+    """The client XCLIENT names: its ADDR and PORT, the rest as before."""
+    if update.addr is None and update.port is None:
+        return peer
+    host = update.addr if update.addr is not None else _host(peer) or UNKNOWN
+    port = update.port if update.port is not None else getattr(peer, "port", 0)
+    if ":" in host:
+        return IPv6Address("TCP", host, port)
+    return IPv4Address("TCP", host, port)
 
 
 def _address_text(address: Any) -> str:
