@@ -606,7 +606,9 @@ def test_drain_then_stop(twistd: Any, how: str) -> None:
     assert refuses(smtp)
     status, text = http_get(metrics, "/metrics")
     assert 200 == status
-    assert 1 == value(parse_exposition(text), "smtpd_draining")
+    samples = parse_exposition(text)
+    assert 1 == value(samples, "smtpd_draining")
+    assert 1 == value(samples, "smtpd_sessions_total", how="shutdown")
     assert proc.poll() is None  # a drain does not stop the process
     proc.send_signal(signal.SIGTERM)
     assert -signal.SIGTERM == proc.wait(timeout=30)  # twistd exits by its signal
@@ -700,30 +702,6 @@ def test_multiprocess_view(tmp_path: Path) -> None:
 # -- a known load through a real twistd, then one scrape ---------------------------
 
 
-def protocol_reports_events() -> bool:
-    """Whether this tree's protocol calls L{SessionEvents} (a real probe)."""
-    from twisted.internet.task import Clock
-
-    from twisted_smtpd import SMTPFactory
-    from twisted_smtpd._events import SessionEvents
-    from twisted_smtpd.handlers import discard
-
-    started: list[None] = []
-
-    class Probe(SessionEvents):
-        def session_started(self) -> None:
-            started.append(None)
-
-    connect(SMTPFactory(discard, hostname="probe", reactor=Clock(), events=Probe()))
-    return bool(started)
-
-
-needs_events = pytest.mark.skipif(
-    not protocol_reports_events(),
-    reason="the protocol does not call SessionEvents yet (the redesign adds them)",
-)
-
-
 class KnownLoadHandler:
     """For the known load: refuses nobody@ recipients and 'refuse-me' messages."""
 
@@ -799,7 +777,6 @@ def settled_scrape(port: int, lost_at_least: float = 0) -> Samples:
     return found[0]
 
 
-@needs_events
 def test_known_load_counted_exactly(twistd: Any) -> None:
     """Every session, reply, message, byte, hook and AUTH of a known load counts."""
     proc, smtp, metrics, _ = twistd(
@@ -849,7 +826,6 @@ def test_known_load_counted_exactly(twistd: Any) -> None:
     assert 0 == delta(after, before, "smtpd_tls_handshakes_total", result="ok")
 
 
-@needs_events
 def test_workers_one_view(twistd: Any) -> None:
     """--workers 2: sessions served by both processes add up in one scrape."""
     from collections import Counter

@@ -55,7 +55,7 @@ BETWEEN_CHUNKS = {"BDAT", "RSET", "NOOP", "QUIT", "HELO", "EHLO"}
 #: independently of the module's table: None = may run, else the refusal
 EXPECTED: dict[State, dict[str, Optional[Reply]]] = {
     State.CONNECTED: {
-        **{verb: None for verb in ANYTIME | {"STARTTLS"}},
+        **{verb: None for verb in ANYTIME | {"STARTTLS", "XCLIENT"}},
         "MAIL": R503_HELO_FIRST,
         "RCPT": R503_HELO_FIRST,
         "DATA": R503_HELO_FIRST,
@@ -63,7 +63,7 @@ EXPECTED: dict[State, dict[str, Optional[Reply]]] = {
         "AUTH": R503_HELO_FIRST,
     },
     State.GREETED: {
-        **{verb: None for verb in ANYTIME | {"STARTTLS", "AUTH", "MAIL"}},
+        **{verb: None for verb in ANYTIME | {"STARTTLS", "AUTH", "MAIL", "XCLIENT"}},
         "RCPT": need_mail("RCPT"),
         "DATA": need_mail("DATA"),
         "BDAT": need_mail("BDAT"),
@@ -75,17 +75,21 @@ EXPECTED: dict[State, dict[str, Optional[Reply]]] = {
         "BDAT": Reply(503, "5.5.1", "Need RCPT before BDAT"),
         "STARTTLS": in_transaction("STARTTLS"),
         "AUTH": in_transaction("AUTH"),
+        # Postfix XCLIENT_README: not between MAIL and the end of the message.
+        "XCLIENT": in_transaction("XCLIENT"),
     },
     State.RCPT: {
         **{verb: None for verb in ANYTIME | {"RCPT", "DATA", "BDAT"}},
         "MAIL": R503_NESTED_MAIL,
         "STARTTLS": in_transaction("STARTTLS"),
         "AUTH": in_transaction("AUTH"),
+        # Postfix XCLIENT_README: not between MAIL and the end of the message.
+        "XCLIENT": in_transaction("XCLIENT"),
     },
     State.CHUNKING: {
         verb: None if verb in BETWEEN_CHUNKS else in_bdat(verb)
         for verb in ANYTIME
-        | {"STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "EXPN"}
+        | {"STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "EXPN", "XCLIENT"}
     },
 }
 
@@ -127,9 +131,9 @@ class TestTable:
         assert any(verb in verbs for verbs in ALLOWED.values())
 
     def test_known_verbs(self) -> None:
-        """The server knows the RFC 5321 verbs plus STARTTLS, AUTH and EXPN."""
+        """The server knows the RFC 5321 verbs plus STARTTLS, AUTH, EXPN, XCLIENT."""
         expected = {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT"}
-        expected |= {"VRFY", "HELP", "STARTTLS", "AUTH", "EXPN", "BDAT"}
+        expected |= {"VRFY", "HELP", "STARTTLS", "AUTH", "EXPN", "BDAT", "XCLIENT"}
         assert expected == set(KNOWN_VERBS)
 
     def test_nothing_during_data(self) -> None:
@@ -138,7 +142,9 @@ class TestTable:
 
     def test_gate_sets(self) -> None:
         """The TLS and AUTH exemptions are what RFC 3207 and 4954 call for."""
-        assert {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET"} == set(BEFORE_TLS)
+        # XCLIENT too: a proxy names the client before any TLS (as in Postfix).
+        before_tls = {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "XCLIENT"}
+        assert before_tls == set(BEFORE_TLS)
         assert BEFORE_TLS | {"AUTH", "HELP"} == set(BEFORE_AUTH)
 
 
@@ -186,7 +192,7 @@ class TestTLSRequired:
     def test_gate(self, state: State, verb: str) -> None:
         """Only the exempt verbs escape 530 5.7.0 before TLS."""
         reply = session_in(state, tls_required=True).check(verb)
-        if verb in {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET"}:
+        if verb in {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "XCLIENT"}:
             assert EXPECTED[state][verb] == reply
         else:
             assert R530_TLS_REQUIRED == reply
@@ -228,6 +234,7 @@ class TestAuthRequired:
         """After EHLO only exempt verbs and sequence errors escape 530 5.7.0."""
         reply = session_in(State.GREETED, auth_required=True).check(verb)
         exempt = {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "AUTH", "HELP"}
+        exempt.add("XCLIENT")
         sequence_error = EXPECTED[State.GREETED][verb]
         if verb in exempt or sequence_error is not None:
             assert sequence_error == reply

@@ -164,7 +164,8 @@ def session_prefix(port: int) -> str:
             b"HELO c.example\r\nMAIL FROM:<a@b.example>\r\n"
             b"RCPT TO:<c@d.example>\r\nDATA\r\n"
         )
-        _read_reply(sock, lines=3)
+        # The 354 too: it may come later (after the client's reverse DNS).
+        _read_reply(sock, lines=4)
         sock.sendall(b"hi\r\n.\r\nQUIT\r\n")
         reply = _read_reply(sock)
     return reply.split(b"queued as ")[1][:8].decode()

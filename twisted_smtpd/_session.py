@@ -58,8 +58,8 @@ _ANYTIME = frozenset({"NOOP", "QUIT", "RSET", "HELO", "EHLO", "VRFY", "HELP", "E
 
 #: which verbs may run in each state; anything else gets the 503 of L{_REFUSED}
 ALLOWED: dict[State, frozenset[str]] = {
-    State.CONNECTED: _ANYTIME | {"STARTTLS"},
-    State.GREETED: _ANYTIME | {"STARTTLS", "AUTH", "MAIL"},
+    State.CONNECTED: _ANYTIME | {"STARTTLS", "XCLIENT"},
+    State.GREETED: _ANYTIME | {"STARTTLS", "AUTH", "MAIL", "XCLIENT"},
     State.MAIL: _ANYTIME | {"RCPT"},
     State.RCPT: _ANYTIME | {"RCPT", "DATA", "BDAT"},
     State.DATA: frozenset(),
@@ -87,13 +87,13 @@ def _refusal(state: State, verb: str) -> Reply:
 #: verbs the server knows; others are 500
 KNOWN_VERBS = frozenset(
     {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"}
-    | {"STARTTLS", "AUTH", "EXPN", "BDAT"}
+    | {"STARTTLS", "AUTH", "EXPN", "BDAT", "XCLIENT"}
 )
 #: allowed before STARTTLS when TLS is required (RFC 3207 4)
-BEFORE_TLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET"})
+BEFORE_TLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "XCLIENT"})
 #: allowed before AUTH when AUTH is required (RFC 4954 6)
 BEFORE_AUTH = frozenset(
-    {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "AUTH", "HELP"}
+    {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "AUTH", "HELP", "XCLIENT"}
 )
 
 
@@ -184,6 +184,9 @@ class Envelope:
     esmtp: bool
     tls: Optional[TLSInfo]
     auth: Any
+    #: the client's forward-confirmed reverse-DNS name, C{"unknown"} if it
+    #: has none, C{None} when reverse DNS is off
+    peer_name: Optional[str] = None
     mail_from: str = ""
     mail_options: dict[str, Optional[str]] = field(default_factory=dict)
     rcpt_tos: list[str] = field(default_factory=list)
@@ -265,6 +268,10 @@ class Session:
         self.auth_failures = 0
         self.messages = 0
         self.envelope: Optional[Envelope] = None
+        #: see L{Envelope.peer_name}; set when the lookup (or XCLIENT) answers
+        self.peer_name: Optional[str] = None
+        #: the client may send XCLIENT (and EHLO advertises it)
+        self.xclient_allowed = False
 
     # -- gates -----------------------------------------------------------------
     def check(self, verb: str) -> Optional[Reply]:
@@ -321,6 +328,21 @@ class Session:
         self.envelope = None
         self.state = State.CONNECTED
 
+    def xclient(self, helo: Optional[str], esmtp: bool, login: Optional[str]) -> None:
+        """XCLIENT accepted: back to the greeting stage (Postfix XCLIENT_README).
+
+        TLS stays.  A HELO (and PROTO) or LOGIN sent with XCLIENT is kept, as
+        if the forwarded client had greeted or logged in itself.
+        """
+        self.envelope = None
+        self.auth = login or None
+        if helo:
+            self.greeted(helo, esmtp)
+        else:
+            self.helo = ""
+            self.esmtp = False
+            self.state = State.CONNECTED
+
     def authenticated(self, identity: Any) -> None:
         self.auth = identity
 
@@ -339,6 +361,7 @@ class Session:
             esmtp=self.esmtp,
             tls=self.tls,
             auth=self.auth,
+            peer_name=self.peer_name,
         )
 
     def begin(self, sender: str, params: dict[str, Optional[str]]) -> Envelope:
@@ -415,7 +438,8 @@ def received_header(
         # A Unix socket (or another local transport): no address to give.
         source = "localhost"
     tls = envelope.tls
-    lines = [f"Received: from {envelope.helo or 'unknown'} ({source})"]
+    name = f"{envelope.peer_name} " if envelope.peer_name else ""
+    lines = [f"Received: from {envelope.helo or 'unknown'} ({name}{source})"]
     if tls is not None and tls.protocol:
         lines.append(f"\t(using {tls.protocol} with cipher {tls.cipher})")
     lines.append(

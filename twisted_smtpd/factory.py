@@ -9,6 +9,7 @@ import os
 import socket
 from base64 import b32encode
 from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.defer import Deferred, succeed
@@ -18,10 +19,14 @@ from twisted.logger import Logger
 
 from ._delivery import HandlerHooks
 from ._events import SessionEvents
+from ._ratelimit import FailureLimiter, parse_limit
 from ._session import Envelope, Limits, Session, received_header
+from ._xclient import ATTRIBUTES as XCLIENT_ATTRIBUTES
+from ._xclient import AddressList
 from .protocol import SMTPServerProtocol
 from .replies import (
     R220_READY,
+    R421_AUTH_RATE_LIMITED,
     R421_SHUTTING_DOWN,
     R421_TOO_MANY_CONNECTIONS,
     Reply,
@@ -53,6 +58,15 @@ class SMTPFactory(ServerFactory):
         reactor: the reactor for timeouts and threads; default the global one.
         events: a L{SessionEvents <twisted_smtpd._events.SessionEvents>} told
             of sessions, replies, messages, hooks, TLS and AUTH (metrics).
+        xclient_hosts: networks (CIDR strings) whose clients may send XCLIENT
+            to say who the real client is (a proxy in front); default nobody.
+        reverse_dns: a L{ReverseDNS <twisted_smtpd.rdns.ReverseDNS>} to name
+            clients (C{Received:}, C{envelope.peer_name}); None: no lookups.
+        auth_failure_limit: failed AUTHs per client address across
+            connections, as C{(N, SECONDS)}, C{"N/SECONDS"} or a
+            L{FailureLimiter <twisted_smtpd._ratelimit.FailureLimiter>};
+            past it AUTH gets 454 4.7.0 for SECONDS (and, with AUTH required,
+            connections 421).  None turns it off.
     """
 
     protocol = SMTPServerProtocol
@@ -72,6 +86,9 @@ class SMTPFactory(ServerFactory):
         quiet: bool = False,
         reactor: Optional[IReactorTime] = None,
         events: Optional[SessionEvents] = None,
+        xclient_hosts: Iterable[str] = (),
+        reverse_dns: Any = None,
+        auth_failure_limit: Any = (10, 600.0),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -101,6 +118,13 @@ class SMTPFactory(ServerFactory):
         self._grace_call: Any = None
         self._id_prefix = b32encode(os.urandom(5)).decode("ascii")
         self._id_counter = 0
+        self.xclient_hosts = (
+            xclient_hosts
+            if isinstance(xclient_hosts, AddressList)
+            else AddressList(xclient_hosts)
+        )
+        self.reverse_dns = reverse_dns
+        self.auth_limiter = _limiter(auth_failure_limit, reactor.seconds)
 
     # -- policy the protocol asks for -----------------------------------------
     @property
@@ -158,6 +182,8 @@ class SMTPFactory(ServerFactory):
             mechanisms = self.auth.advertised(session)
             if mechanisms:
                 keywords.append("AUTH " + " ".join(mechanisms))
+        if session.xclient_allowed:
+            keywords.append("XCLIENT " + " ".join(XCLIENT_ATTRIBUTES))
         keywords.append("HELP")
         return keywords
 
@@ -184,8 +210,34 @@ class SMTPFactory(ServerFactory):
             and self._per_ip[ip] >= limits.max_connections_per_ip
         ):
             return self._refuse("max_connections_per_ip", R421_TOO_MANY_CONNECTIONS)
+        if self.auth_locked_out(ip):
+            return self._refuse("auth_rate_limit", R421_AUTH_RATE_LIMITED)
         self.sessions.add(protocol)
         self._per_ip[ip] += 1
+        return None
+
+    def auth_locked_out(self, ip: str) -> bool:
+        """AUTH is required and C{ip} is over the AUTH failure limit: refuse it."""
+        limiter = self.auth_limiter
+        return limiter is not None and self.auth_required and limiter.blocked(ip)
+
+    def readmit(self, protocol: SMTPServerProtocol, old_ip: str) -> Optional[Reply]:
+        """XCLIENT named another client: count the session under its address.
+
+        The 421 if the forwarded client is over a per-address limit.
+        """
+        ip = _client_address(protocol)
+        if ip == old_ip or protocol not in self.sessions:
+            return None
+        self._per_ip[old_ip] -= 1
+        if self._per_ip[old_ip] <= 0:
+            del self._per_ip[old_ip]
+        self._per_ip[ip] += 1
+        limit = self.limits.max_connections_per_ip
+        if limit and self._per_ip[ip] > limit:
+            return self._refuse("max_connections_per_ip", R421_TOO_MANY_CONNECTIONS)
+        if self.auth_locked_out(ip):
+            return self._refuse("auth_rate_limit", R421_AUTH_RATE_LIMITED)
         return None
 
     def _refuse(self, reason: str, reply: Reply) -> Reply:
@@ -247,3 +299,10 @@ class SMTPFactory(ServerFactory):
 def _client_address(protocol: SMTPServerProtocol) -> str:
     """The per-IP limit's key: the peer's host (the real one behind PROXY)."""
     return str(getattr(protocol.session.peer, "host", ""))
+
+
+def _limiter(limit: Any, clock: Any) -> Optional[FailureLimiter]:
+    if limit is None or isinstance(limit, FailureLimiter):
+        return limit
+    count, window = parse_limit(limit) if isinstance(limit, str) else limit
+    return FailureLimiter(count, window, clock)

@@ -24,6 +24,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from OpenSSL.SSL import Error as TLSError
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -43,6 +44,7 @@ from ._fastwrite import can_write_directly, write_directly
 from ._input import DROP, ChunkMode, DataMode, LineMode, RawMode
 from ._sanitize import safe_queue_id, safe_reply
 from ._session import Envelope, Session, TLSInfo, received_header
+from ._xclient import UNKNOWN, XClientUpdate, parse_xclient
 from .replies import (
     R214_HELP,
     R220_STARTTLS,
@@ -62,15 +64,18 @@ from .replies import (
     R421_SHUTTING_DOWN,
     R421_TIMEOUT,
     R451_LOCAL_ERROR,
+    R454_AUTH_RATE_LIMITED,
     R500_AUTH_LINE_TOO_LONG,
     R500_LINE_TOO_LONG,
     R500_UNKNOWN_COMMAND,
     R501_NO_ARGUMENTS,
     R501_SYNTAX_BDAT,
     R501_SYNTAX_VRFY,
+    R501_SYNTAX_XCLIENT,
     R502_NOT_IMPLEMENTED,
     R503_ALREADY_TLS,
     R535_AUTH_FAILED,
+    R550_XCLIENT_DENIED,
     R552_TOO_BIG,
     Reply,
     SMTPError,
@@ -751,6 +756,8 @@ class SMTPServerProtocol(_Wire):
     _COMMANDS: dict[str, Callable[..., None]] = {}
     _message: Optional[Message] = None
     _started: Optional[float] = None  # greeting time, when events are observed
+    _name_lookup: Optional[Deferred[str]] = None  # reverse DNS of the client
+    _name_wait: Optional[Deferred[None]] = None  # a message waits for that name
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -788,6 +795,8 @@ class SMTPServerProtocol(_Wire):
         if refusal is not None:
             self.close_with(refusal)
             return
+        self.session.xclient_allowed = _host(peer) in factory.xclient_hosts
+        self._look_up_name(_host(peer))
         self.setTimeout(self.limits.timeout)
         if tls is not None:  # an ssl: listener: the handshake began at connect
             self._expect_handshake()
@@ -800,6 +809,48 @@ class SMTPServerProtocol(_Wire):
         self._run(
             "check_client", self._hooks.check_client, (peer,), self._greet, self._shun
         )
+
+    # -- the client's name: looked up at connect, awaited when a message starts
+    def _look_up_name(self, host: Optional[str]) -> None:
+        rdns = self.factory.reverse_dns
+        if rdns is None or host is None:
+            return
+        lookup = self._name_lookup = rdns.lookup(host)
+        lookup.addCallback(self._named, lookup)
+
+    def _named(self, name: str, lookup: Deferred[str]) -> None:
+        if self._name_lookup is not lookup:
+            return  # XCLIENT named another client meanwhile
+        self._name_lookup = None
+        session = self.session
+        session.peer_name = name
+        if session.envelope is not None:  # made at MAIL, before the answer
+            session.envelope.peer_name = name
+        wait, self._name_wait = self._name_wait, None
+        if wait is not None:
+            wait.callback(None)
+
+    def _wait_for_name(self, method: Callable[..., None], argument: str) -> bool:
+        """Run C{method(argument)} again once the client's name is known.
+
+        The C{Received:} header of the message needs it; input is held until
+        then (the lookup ends within its own timeout).
+        """
+        if self._name_lookup is None:
+            return False
+        wait = self._name_wait = Deferred()
+        self._hold(wait)
+        wait.addCallback(self._complete, self._run_again, method, argument)
+        wait.addErrback(self._unexpected)
+        return True
+
+    def _run_again(self, _: Any, method: Callable[..., None], argument: str) -> None:
+        if self._phase is _CLOSED_PHASE:
+            return
+        try:
+            method(self, argument)
+        except SMTPError as error:
+            self._reply_bad(error.reply)
 
     def _greet(self, _: Any) -> None:
         self.reply(self.factory.greeting)
@@ -926,6 +977,8 @@ class SMTPServerProtocol(_Wire):
     def do_DATA(self, argument: str) -> None:
         if argument:
             raise SMTPError(fill(R501_NO_ARGUMENTS, verb="DATA"))
+        if self._wait_for_name(SMTPServerProtocol.do_DATA, argument):
+            return
         message = self._open_message(chunked=False)
         if message is None:
             return
@@ -962,6 +1015,8 @@ class SMTPServerProtocol(_Wire):
         size, last = _bdat_argument(argument)
         message = self._message
         if message is None:
+            if self._wait_for_name(SMTPServerProtocol.do_BDAT, argument):
+                return
             message = self._open_message(chunked=True)
             if message is None:  # the handler's failure is answered
                 self._drop_chunk(size)
@@ -1123,11 +1178,68 @@ class SMTPServerProtocol(_Wire):
         self.session.tls_started(TLSInfo("", ""))
         self._expect_handshake()
 
+    # -- XCLIENT (Postfix's XCLIENT_README): a trusted proxy names the client -
+    def do_XCLIENT(self, argument: str) -> None:
+        if not argument:
+            raise SMTPError(R501_SYNTAX_XCLIENT)
+        session = self.session
+        if not session.xclient_allowed:
+            _log.info(
+                "smtpd session {session_id}: XCLIENT refused to {peer}",
+                session_id=session.session_id,
+                peer=_address_text(session.peer),
+            )
+            self.reply(R550_XCLIENT_DENIED)
+            return
+        update = parse_xclient(argument)
+        self._abort_message()
+        before = session.peer
+        old_ip = _host(before) or ""
+        session.peer = _forwarded_peer(before, update)
+        if update.name is not None:
+            self._name_lookup = None  # the proxy's word replaces any lookup
+            session.peer_name = update.name
+        elif update.addr is not None and update.addr != old_ip:
+            session.peer_name = None
+            self._name_lookup = None
+            if update.addr != UNKNOWN:
+                self._look_up_name(update.addr)
+        session.xclient(update.helo, update.proto == "ESMTP", update.login)
+        ip = _host(session.peer)
+        # Postfix: the forwarded client must itself be allowed to send more.
+        session.xclient_allowed = ip in self.factory.xclient_hosts
+        _log.info(
+            "smtpd session {session_id}: XCLIENT from {proxy}: client {peer}",
+            session_id=session.session_id,
+            proxy=_address_text(before),
+            peer=_address_text(session.peer),
+        )
+        refusal = self.factory.readmit(self, old_ip)
+        if refusal is not None:
+            self.close_with(refusal)
+            return
+        # A fresh greeting, after the handler's verdict on the real client.
+        self._run(
+            "check_client",
+            self._hooks.check_client,
+            (session.peer,),
+            self._greet_again,
+            self._shun,
+        )
+
+    def _greet_again(self, _: Any) -> None:
+        self.reply(self.factory.greeting)
+
     # -- AUTH: the policy judges, the protocol runs the exchange ---------------
     def do_AUTH(self, argument: str) -> None:
         auth = self.factory.auth
         if auth is None:
             raise SMTPError(R502_NOT_IMPLEMENTED)
+        limiter = self.factory.auth_limiter
+        if limiter is not None and limiter.blocked(_host(self.session.peer) or ""):
+            self._auth_ended(False)
+            self.reply(R454_AUTH_RATE_LIMITED)
+            return
         exchange = auth.start(self.session, argument, self.factory.hostname)
         self._sasl_step(exchange, None)
 
@@ -1193,6 +1305,16 @@ class SMTPServerProtocol(_Wire):
             session_id=session.session_id,
             count=session.auth_failures,
         )
+        limiter = self.factory.auth_limiter
+        host = _host(session.peer)
+        if limiter is not None and host is not None and limiter.failed(host):
+            _log.warn(
+                "smtpd: {host} reached the AUTH failure limit ({limit}):"
+                " AUTH refused for {window:g} s",
+                host=host,
+                limit=limiter.describe(),
+                window=limiter.window,
+            )
         delay = auth.failure_delay * session.auth_failures
         if delay > 0:
             call = self.factory.reactor.callLater(
@@ -1349,6 +1471,23 @@ def _abort_receiver(receiver: Any) -> None:
         receiver.abort()
     except Exception:
         _log.failure("smtpd: receiver.abort failed")
+
+
+def _host(address: Any) -> Optional[str]:
+    """The IP address text of a TCP peer; None for UNIX sockets and the like."""
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else None
+
+
+def _forwarded_peer(peer: Any, update: XClientUpdate) -> Any:
+    """The client XCLIENT names: its ADDR and PORT, the rest as before."""
+    if update.addr is None and update.port is None:
+        return peer
+    host = update.addr if update.addr is not None else _host(peer) or UNKNOWN
+    port = update.port if update.port is not None else getattr(peer, "port", 0)
+    if ":" in host:
+        return IPv6Address("TCP", host, port)
+    return IPv4Address("TCP", host, port)
 
 
 def _address_text(address: Any) -> str:

@@ -188,3 +188,19 @@ R553_NEEDS_SMTPUTF8 = Reply(
 R554_TRANSACTION_FAILED = Reply(554, "5.0.0", "Transaction failed")
 R555_UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Parameter {name} not recognized")
 R250_HELO = Reply(250, "", "{hostname} Hello {name}")
+
+# XCLIENT (Postfix XCLIENT_README) and the AUTH failure limit -----------------
+R501_SYNTAX_XCLIENT = Reply(501, "5.5.4", "Syntax: XCLIENT attribute=value...")
+R501_XCLIENT_EXPECTED = Reply(501, "5.5.4", "XCLIENT attribute=value expected")
+R501_XCLIENT_TOO_LONG = Reply(501, "5.5.4", "XCLIENT attribute value too long")
+R501_XCLIENT_NAME = Reply(501, "5.5.4", "Bad XCLIENT attribute name: {name}")
+R501_XCLIENT_VALUE = Reply(501, "5.5.4", "Bad {name} syntax: {value}")
+R550_XCLIENT_DENIED = Reply(550, "5.7.0", "XCLIENT: insufficient authorization")
+R454_AUTH_RATE_LIMITED = Reply(
+    454, "4.7.0", "Too many failed authentications from your address, try later"
+)
+R421_AUTH_RATE_LIMITED = Reply(
+    421,
+    "4.7.0",
+    "{hostname} Too many failed authentications from your address, try later",
+)

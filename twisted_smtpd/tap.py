@@ -99,6 +99,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["auth-without-tls", None, "Offer AUTH on connections without TLS."],
         ["debug", None, "Log the SMTP dialogue (AUTH payloads masked)."],
         ["quiet", None, "No log line per session or accepted message."],
+        ["no-reverse-dns", None, "Do not look up client names (Received: shows IPs)."],
     ]
     optParameters = [
         ["hostname", None, None, "Name for the greeting and EHLO [default: FQDN]."],
@@ -136,6 +137,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ],
         ["max-connections", None, "0", "Concurrent sessions (0 = no limit)."],
         ["max-connections-per-ip", None, "0", "Concurrent sessions per client IP."],
+        [
+            "auth-failure-limit",
+            None,
+            "10/600",
+            "N/SECONDS: failed AUTHs per client address before AUTH gets 454"
+            " for SECONDS (0 = no limit).",
+        ],
+        ["dns-timeout", None, "5", "Seconds a client's reverse DNS lookup may take."],
         [
             "shutdown-grace",
             None,
@@ -175,6 +184,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["ports"] = []
         self["tls-certs"] = []
         self["tls-keys"] = []
+        self["xclient-hosts"] = []
 
     def opt_tls_cert(self, path: str) -> None:
         """PEM certificate (then its chain) for STARTTLS, repeatable; chosen
@@ -206,6 +216,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["ports"].append(description)
 
     opt_p = opt_port
+
+    def opt_xclient_hosts(self, networks: str) -> None:
+        """CIDR network(s), comma-separated, whose clients may send XCLIENT
+        (a proxy in front, e.g. nginx); repeatable [default: nobody]."""
+        self["xclient-hosts"].extend(n for n in networks.split(",") if n.strip())
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Report a bad option in one line on stderr, not a page of help."""
@@ -246,6 +261,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             ),
         )
         self["grace"] = _positive_int("shutdown-grace", self["shutdown-grace"])
+        self._mta_front()
         self["worker_count"] = _positive_int("workers", self["workers"], 1)
         if self["worker_count"] > 1:
             from .workers import SHAREABLE_ENDPOINTS
@@ -265,6 +281,29 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 self, self["handler_object"]
             )
         self["auth_policy"] = self._auth()
+
+    def _mta_front(self) -> None:
+        """--xclient-hosts, --auth-failure-limit, --dns-timeout: checked here."""
+        from ._ratelimit import parse_limit
+        from ._xclient import AddressList
+
+        try:
+            self["xclient_list"] = AddressList(self["xclient-hosts"])
+        except ValueError as error:
+            raise usage.UsageError(f"--xclient-hosts: {error}") from None
+        limit = self["auth-failure-limit"].strip()
+        try:
+            self["auth_limit"] = None if limit == "0" else parse_limit(limit)
+        except ValueError as error:
+            raise usage.UsageError(f"--auth-failure-limit: {error}") from None
+        try:
+            self["dns_timeout"] = float(self["dns-timeout"])
+        except ValueError:
+            self["dns_timeout"] = 0.0
+        if not self["dns_timeout"] > 0:
+            raise usage.UsageError(
+                f"--dns-timeout: expected seconds > 0, not {self['dns-timeout']!r}"
+            )
 
     def _metrics(self) -> Any:
         description = self["metrics"]
@@ -819,7 +858,18 @@ def build_factory(config: Options) -> SMTPFactory:
         debug=bool(config["debug"]),
         quiet=bool(config["quiet"]),
         events=_metrics_events(config),
+        xclient_hosts=config["xclient_list"],
+        reverse_dns=_reverse_dns(config),
+        auth_failure_limit=config["auth_limit"],
     )
+
+
+def _reverse_dns(config: Options) -> Any:
+    if config["no-reverse-dns"]:
+        return None
+    from .rdns import ReverseDNS
+
+    return ReverseDNS(timeout=config["dns_timeout"])
 
 
 def makeService(config: Options) -> service.IService:
