@@ -362,7 +362,7 @@ def _greeting(port: int, tls: bool = False) -> bytes:
 def test_stalled_handshakes_free_their_slots(listen, certificates, implicit):
     """Three stalled handshakes under --max-connections 3: the fourth is served."""
     policy = TLSPolicy.from_files(str(certificates["cert"]), str(certificates["key"]))
-    limits = Limits(max_connections=3, timeout=300, tls_handshake_timeout=1)
+    limits = Limits(max_connections=3, timeout=300, tls_handshake_timeout=2)
     if implicit:
         port = listen(
             MemoryHandler(), ssl_context=policy.context_factory, limits=limits
@@ -376,6 +376,9 @@ def test_stalled_handshakes_free_their_slots(listen, certificates, implicit):
     for _ in range(3):
         stalled.append((yield threads.deferToThread(stall)))
     try:
+        started = time.monotonic()  # the server may not have accepted them yet
+        while len(factory.sessions) < 3 and time.monotonic() - started < 5:
+            yield task.deferLater(reactor, 0.02, lambda: None)
         assert 3 == len(factory.sessions)
         started = time.monotonic()
         while factory.sessions and time.monotonic() - started < 10:
