@@ -1194,20 +1194,23 @@ class HangingRecipientCheck(MemoryHandler):
 class TestHungHooks:
     """docs/handlers.rst, "Testing your handler": what a hook that hangs does."""
 
-    def test_a_hook_that_never_fires_gets_no_reply(self, clock: Clock) -> None:
-        """No deadline on hooks (yet) and the idle timer waits: no reply, open.
-
-        When the hook deadline (--handler-timeout) lands, this and the note in
-        the docs change together.
-        """
+    def test_a_hook_that_never_fires_is_cut_off(self, clock: Clock) -> None:
+        """The idle timer waits, the hook deadline does not: at
+        handler_timeout the hook is cancelled, 451, and the session goes on."""
         handler = HangingRecipientCheck(clock)
         client = connect(SMTPFactory(handler, hostname="mx.test", reactor=clock))
         client.replies()
         client.command(b"EHLO client.example")
         client.command(b"MAIL FROM:<a@example.org>")
         assert [] == client.command(b"RCPT TO:<b@example.net>")
-        clock.advance(client.protocol.factory.limits.timeout * 2)
+        clock.advance(client.protocol.factory.limits.handler_timeout - 1)
         assert ([], False) == (client.replies(), client.closed)
+        clock.advance(1)
+        assert [
+            b"451 4.3.0 Requested action aborted: handler timed out"
+        ] == client.replies()
+        assert handler.pending[0].called  # cancelled
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
 
     def test_a_hook_with_its_own_timeout_gets_451(self, clock: Clock) -> None:
         """The documented remedy: addTimeout -> 451 4.3.0, the session goes on."""

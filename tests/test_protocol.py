@@ -588,7 +588,12 @@ class TestSlowHandlers:
     def test_no_timeout_while_the_handler_works(self, clock: Clock) -> None:
         """A slow handler is not cut off by the idle timer (no 421, no resend)."""
         pending: Deferred = Deferred()
-        factory = SMTPFactory(lambda e: pending, hostname="mx.test", reactor=clock)
+        factory = SMTPFactory(
+            lambda e: pending,
+            hostname="mx.test",
+            reactor=clock,
+            limits=Limits(handler_timeout=2000),  # its own deadline is later
+        )
         client = connect(factory)
         client.replies()
         client.command(b"EHLO c.example")

@@ -90,10 +90,23 @@ KNOWN_VERBS = frozenset(
     | {"STARTTLS", "AUTH", "EXPN", "BDAT", "XCLIENT"}
 )
 #: allowed before STARTTLS when TLS is required (RFC 3207 4)
-BEFORE_TLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "XCLIENT"})
+BEFORE_TLS = frozenset(
+    {"NOOP", "EHLO", "HELO", "LHLO", "STARTTLS", "QUIT", "RSET", "XCLIENT"}
+)
 #: allowed before AUTH when AUTH is required (RFC 4954 6)
 BEFORE_AUTH = frozenset(
-    {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET", "AUTH", "HELP", "XCLIENT"}
+    {
+        "NOOP",
+        "EHLO",
+        "HELO",
+        "LHLO",
+        "STARTTLS",
+        "QUIT",
+        "RSET",
+        "AUTH",
+        "HELP",
+        "XCLIENT",
+    }
 )
 
 
@@ -125,6 +138,9 @@ class Limits:
             C{smtpd_junk_command_limit}).
         max_connections: concurrent sessions per factory (0 = no limit).
         max_connections_per_ip: concurrent sessions per client address.
+        handler_timeout: seconds a handler hook may take (check_client,
+            check_sender, check_recipient, the end of a message) before it
+            is cancelled and answered 451 4.3.0; C{0} means no deadline.
     """
 
     max_message_size: int = 33_554_432
@@ -141,6 +157,7 @@ class Limits:
     max_junk_commands: int = 100
     max_connections: int = 0
     max_connections_per_ip: int = 0
+    handler_timeout: float = 120.0
 
     def line_limit(self, verb: str) -> int:
         """The longest line, CRLF included, allowed for C{verb}."""
@@ -196,6 +213,8 @@ class Envelope:
     message_id: str = ""
     #: when DATA began (reactor seconds); the date of the Received: header
     received_at: float = 0.0
+    #: the session is LMTP (RFC 2033): one reply per recipient after the data
+    lmtp: bool = False
     # Builds the Received: header on first use: most handlers never read it.
     _trace_builder: Optional[Callable[[Envelope], bytes]] = field(
         default=None, repr=False, compare=False
@@ -221,9 +240,12 @@ class Envelope:
     @property
     def protocol_name(self) -> str:
         """The C{with} keyword of the Received header (RFC 3848, 6531)."""
-        if not self.esmtp:
+        if self.lmtp:
+            name = "UTF8LMTP" if self.smtputf8 else "LMTP"
+        elif not self.esmtp:
             return "SMTP"
-        name = "UTF8SMTP" if self.smtputf8 else "ESMTP"
+        else:
+            name = "UTF8SMTP" if self.smtputf8 else "ESMTP"
         if self.tls is not None:
             name += "S"
         if self.auth is not None:
@@ -241,6 +263,7 @@ class Session:
         tls_info: set when the connection is TLS from the start (C{ssl:}).
         tls_required: refuse most commands before STARTTLS.
         auth_required: refuse MAIL before AUTH.
+        lmtp: the session speaks LMTP (its envelopes say so).
     """
 
     def __init__(
@@ -252,8 +275,10 @@ class Session:
         tls_info: Optional[TLSInfo] = None,
         tls_required: bool = False,
         auth_required: bool = False,
+        lmtp: bool = False,
     ) -> None:
         self.session_id = session_id
+        self.lmtp = lmtp
         self.peer = peer
         self.limits = limits
         self.tls_required = tls_required
@@ -361,6 +386,7 @@ class Session:
             esmtp=self.esmtp,
             tls=self.tls,
             auth=self.auth,
+            lmtp=self.lmtp,
             peer_name=self.peer_name,
         )
 

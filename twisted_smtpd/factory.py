@@ -23,8 +23,9 @@ from ._ratelimit import FailureLimiter, parse_limit
 from ._session import Envelope, Limits, Session, received_header
 from ._xclient import ATTRIBUTES as XCLIENT_ATTRIBUTES
 from ._xclient import AddressList
-from .protocol import SMTPServerProtocol
+from .protocol import LMTPServerProtocol, SMTPServerProtocol
 from .replies import (
+    R220_LMTP_READY,
     R220_READY,
     R421_AUTH_RATE_LIMITED,
     R421_SHUTTING_DOWN,
@@ -67,6 +68,8 @@ class SMTPFactory(ServerFactory):
             L{FailureLimiter <twisted_smtpd._ratelimit.FailureLimiter>};
             past it AUTH gets 454 4.7.0 for SECONDS (and, with AUTH required,
             connections 421).  None turns it off.
+        lmtp: serve LMTP (RFC 2033) with L{LMTPServerProtocol}: LHLO, and one
+            reply per recipient after the data.
     """
 
     protocol = SMTPServerProtocol
@@ -89,7 +92,17 @@ class SMTPFactory(ServerFactory):
         xclient_hosts: Iterable[str] = (),
         reverse_dns: Any = None,
         auth_failure_limit: Any = (10, 600.0),
+        lmtp: bool = False,
     ) -> None:
+        self.lmtp = lmtp
+        if lmtp:
+            if self.protocol is SMTPServerProtocol:
+                self.protocol = LMTPServerProtocol
+            elif not issubclass(self.protocol, LMTPServerProtocol):
+                raise TypeError(
+                    f"lmtp=True needs a protocol derived from LMTPServerProtocol,"
+                    f" not {self.protocol.__name__}"
+                )
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -146,7 +159,11 @@ class SMTPFactory(ServerFactory):
         if self._greeting is None or self._greeting[0] != key:
             self._greeting = (
                 key,
-                fill(R220_READY, hostname=self.hostname, app=self.app_name),
+                fill(
+                    R220_LMTP_READY if self.lmtp else R220_READY,
+                    hostname=self.hostname,
+                    app=self.app_name,
+                ),
             )
         return self._greeting[1]
 

@@ -10,10 +10,11 @@ import itertools
 import os
 import socket
 import stat
+import string
 import time
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -22,7 +23,13 @@ from twisted.python.failure import Failure
 from ._session import Envelope
 from .replies import R451_LOCAL_ERROR, R452_INSUFFICIENT_STORAGE, SMTPError
 
-__all__ = ["MaildirHandler", "MemoryHandler", "DiscardHandler", "discard"]
+__all__ = [
+    "MaildirHandler",
+    "MemoryHandler",
+    "DiscardHandler",
+    "discard",
+    "maildir_component",
+]
 
 _log = Logger()
 #: one counter per process: names stay unique across MaildirHandler instances
@@ -131,6 +138,54 @@ class _RateLimitedLog:
         _log.error(format + "{more}", more=more, **fields)
 
 
+#: what C{--maildir} may contain, filled from each recipient
+MAILDIR_PLACEHOLDERS = ("local", "domain", "recipient")
+#: kept as they are in a path component; everything else is %XX-encoded
+_SAFE_CHARACTERS = frozenset(
+    string.ascii_letters + string.digits + "!#$&'*+-=?^_`{|}~.@"
+)
+
+
+def maildir_component(value: str) -> str:
+    """C{value} (part of a recipient address) as one safe path component.
+
+    It can't name another directory: C{/}, NUL, control characters, C{%}
+    and anything outside the printable characters of an address become
+    C{%XX} (their UTF-8 bytes), a leading dot too (so never C{.}, C{..} or a
+    hidden name), and the empty string is C{%}.  The mapping is one to one:
+    distinct values never share a Maildir.  Printable non-ASCII (an
+    SMTPUTF8 address) is kept.
+    """
+    if not value:
+        return "%"
+    out = []
+    for index, char in enumerate(value):
+        if (char in _SAFE_CHARACTERS and not (index == 0 and char == ".")) or (
+            char > "\x7f" and char.isprintable()
+        ):
+            out.append(char)
+        else:
+            out.extend(
+                f"%{byte:02X}" for byte in char.encode("utf-8", "surrogateescape")
+            )
+    return "".join(out)
+
+
+def _template_fields(template: str) -> set[str]:
+    """The placeholders in C{template}; C{ValueError} for any other."""
+    fields = set()
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if name not in MAILDIR_PLACEHOLDERS or spec or conversion:
+            raise ValueError(
+                f"unknown placeholder {{{name}}} in Maildir path {template!r}"
+                " (use {local}, {domain} or {recipient}; {{ and }} for braces)"
+            )
+        fields.add(name)
+    return fields
+
+
 class MaildirHandler:
     """Deliver into a Maildir: tmp/ -> write -> fsync -> rename into new/.
 
@@ -150,8 +205,18 @@ class MaildirHandler:
     process) are removed once untouched for C{stale_tmp_age} seconds, at
     start-up and every C{sweep_interval} seconds.
 
+    A C{path} containing C{{local}}, C{{domain}} or C{{recipient}} gives
+    one Maildir per recipient (C{/var/mail/{domain}/{local}}), each created
+    when first delivered to; the values pass through L{maildir_component}
+    (so no recipient escapes the directory) and the domain is lower-cased.
+    Each Maildir gets its own atomic delivery (one per Maildir: recipients
+    that share one get one copy) and C{finish()} returns a mapping from each
+    recipient to its own outcome, so under LMTP a recipient whose Maildir
+    can't be written gets its own 4xx while the others get 250.
+
     Args:
-        path: the Maildir (created with tmp/, new/ and cur/ if missing).
+        path: the Maildir (created with tmp/, new/ and cur/ if missing), or a
+            template as above.
         fsync: flush file and directory to disk before answering 250.
         reactor: for the thread pool and the clock; default the global
             reactor.
@@ -172,10 +237,17 @@ class MaildirHandler:
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
+        #: the template with placeholders, or None for one Maildir
+        self.template: Optional[str] = None
+        if _template_fields(path):
+            self.template = os.path.abspath(path)
         self.path = os.path.abspath(path)
         self.fsync = fsync
         self._reactor = reactor
-        self.make_directories()
+        #: per-recipient Maildirs delivered into since start (swept too)
+        self._known_paths: set[str] = set()
+        if self.template is None:
+            self.make_directories()
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._refusals = _RateLimitedLog(reactor, self.log_interval)
         self._sweeper: Optional[LoopingCall] = None
@@ -187,10 +259,24 @@ class MaildirHandler:
         if when_running is not None:
             when_running(self.start_sweeping)
 
-    def make_directories(self) -> None:
+    def make_directories(self, path: Optional[str] = None) -> None:
         """Create tmp/, new/ and cur/ (and the Maildir) where missing."""
         for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+            os.makedirs(os.path.join(path or self.path, sub), exist_ok=True)
+
+    def maildir_for(self, recipient: str) -> str:
+        """The Maildir of C{recipient}: the template filled in (or C{path})."""
+        if self.template is None:
+            return self.path
+        local, at, domain = recipient.rpartition("@")
+        if not at:
+            local, domain = recipient, ""
+        domain = domain.lower()
+        return self.template.format(
+            local=maildir_component(local),
+            domain=maildir_component(domain),
+            recipient=maildir_component(f"{local}@{domain}" if at else local),
+        )
 
     def unique_name(self) -> str:
         """A Maildir file name unique to this process (maildir(5) style).
@@ -204,8 +290,10 @@ class MaildirHandler:
         pid = os.getpid()
         return f"{seconds}.M{micro}P{pid}Q{next(_DELIVERIES)}.{self._host}"
 
-    def open_message(self, envelope: Envelope) -> _MaildirReceiver:
-        return _MaildirReceiver(self, envelope)
+    def open_message(self, envelope: Envelope) -> Any:
+        if self.template is None:
+            return _MaildirReceiver(self, envelope, self.path)
+        return _PerRecipientReceiver(self, envelope)
 
     # -- tmp/ clean-up ---------------------------------------------------------
 
@@ -222,8 +310,22 @@ class MaildirHandler:
         self._sweeper = None
 
     def sweep(self) -> Deferred[list[str]]:
-        """Remove tmp/ files untouched for C{stale_tmp_age}; their names."""
-        return self._in_thread(self._sweep_blocking, time.time() - self.stale_tmp_age)
+        """Remove tmp/ files untouched for C{stale_tmp_age}; their names.
+
+        With a template: in every Maildir delivered into since start.
+        """
+        cutoff = time.time() - self.stale_tmp_age
+        if self.template is None:
+            return self._in_thread(self._sweep_blocking, cutoff, self.path)
+        paths = sorted(self._known_paths)
+
+        def sweep_each() -> list[str]:
+            removed: list[str] = []
+            for path in paths:
+                removed += self._sweep_blocking(cutoff, path)
+            return removed
+
+        return self._in_thread(sweep_each)
 
     def _sweep_logged(self) -> Deferred[None]:
         def report(removed: list[str]) -> None:
@@ -248,8 +350,8 @@ class MaildirHandler:
         else:
             _log.failure("smtpd: Maildir tmp/ clean-up failed", failure)
 
-    def _sweep_blocking(self, cutoff: float) -> list[str]:
-        tmp = os.path.join(self.path, "tmp")
+    def _sweep_blocking(self, cutoff: float, path: str) -> list[str]:
+        tmp = os.path.join(path, "tmp")
         removed: list[str] = []
         try:
             entries = os.scandir(tmp)
@@ -275,7 +377,7 @@ class MaildirHandler:
         pool = self._reactor.getThreadPool()
         return deferToThreadPool(self._reactor, pool, fn, *args)
 
-    def _refused(self, failure: Failure) -> Failure:
+    def _refused(self, failure: Failure, path: str) -> Failure:
         """A delivery failed before the commit: the client's reply, one log line.
 
         Disk errors we understand become an L{SMTPError} with a one-line
@@ -287,7 +389,7 @@ class MaildirHandler:
         self._refusals.error(
             f"refused-{error.errno}",
             "smtpd: Maildir {path} refused a message: {reason}",
-            path=self.path,
+            path=path,
             reason=_describe(error),
         )
         reply = (
@@ -303,11 +405,19 @@ class MaildirHandler:
 class _MaildirReceiver:
     """One message on its way into the Maildir."""
 
-    def __init__(self, maildir: MaildirHandler, envelope: Envelope) -> None:
+    def __init__(
+        self,
+        maildir: MaildirHandler,
+        envelope: Envelope,
+        path: str,
+        spool_threshold: int = 0,
+    ) -> None:
         self._maildir = maildir
+        self._path = path
+        self._spool_threshold = spool_threshold or maildir.spool_threshold
         self._name = maildir.unique_name()
-        self._tmp_path = os.path.join(maildir.path, "tmp", self._name)
-        self._new_path = os.path.join(maildir.path, "new", self._name)
+        self._tmp_path = os.path.join(path, "tmp", self._name)
+        self._new_path = os.path.join(path, "new", self._name)
         self._chunks: list[bytes] = [_return_path(envelope), envelope.received_header]
         self._buffered = sum(len(c) for c in self._chunks)
         self._in_flight = 0
@@ -332,7 +442,7 @@ class _MaildirReceiver:
     def write(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered >= self._maildir.spool_threshold:
+        if self._buffered >= self._spool_threshold:
             self._spool()
 
     def _spool(self) -> None:
@@ -382,8 +492,9 @@ class _MaildirReceiver:
             return open(self._tmp_path, "xb", buffering=0)
         except FileNotFoundError:
             # Someone removed the Maildir (or its tmp/): make it again.
-            self._maildir.make_directories()
-            self._recreated = True
+            self._maildir.make_directories(self._path)
+            # A per-recipient Maildir is made on its first delivery: expected.
+            self._recreated = self._maildir.template is None
             return open(self._tmp_path, "xb", buffering=0)
 
     def _write_blocking(self, data: bytes) -> None:
@@ -405,7 +516,7 @@ class _MaildirReceiver:
         except FileNotFoundError:
             if not os.path.exists(self._tmp_path):
                 raise  # the Maildir went away with our file in it
-            self._maildir.make_directories()
+            self._maildir.make_directories(self._path)
             self._recreated = True
             os.rename(self._tmp_path, self._new_path)
         # Committed: from here on the message is delivered (see the class).
@@ -446,7 +557,7 @@ class _MaildirReceiver:
             self._recreated = False
             _log.warn(
                 "smtpd: Maildir {path} was missing tmp/, new/ or cur/: created again",
-                path=self._maildir.path,
+                path=self._path,
             )
 
     def _committed(self, name: str) -> str:
@@ -469,7 +580,7 @@ class _MaildirReceiver:
         self._tail = None
         cleaned = self._maildir._in_thread(self._discard_blocking)
         cleaned.addErrback(self._cleanup_failed)
-        cleaned.addCallback(lambda _: self._maildir._refused(failure))
+        cleaned.addCallback(lambda _: self._maildir._refused(failure, self._path))
         return cleaned
 
     def _cleanup_failed(self, failure: Failure) -> None:
@@ -490,3 +601,125 @@ class _MaildirReceiver:
                 return
             self._tail = succeed(None)
         self._then(self._discard_blocking, always=True).addErrback(self._cleanup_failed)
+
+
+class _SharedProducer:
+    """The connection as seen by the per-recipient receivers of one message.
+
+    It stays paused while any of them asks for a pause, so one Maildir's
+    slow disk holds the client back without another one resuming it.
+    """
+
+    def __init__(self) -> None:
+        self.producer: Any = None
+        self._pausing: set[int] = set()
+
+    def pause(self, key: int) -> None:
+        if not self._pausing and self.producer is not None:
+            self.producer.pauseProducing()
+        self._pausing.add(key)
+
+    def resume(self, key: int) -> None:
+        if key not in self._pausing:
+            return
+        self._pausing.discard(key)
+        if not self._pausing and self.producer is not None:
+            self.producer.resumeProducing()
+
+    def release(self) -> None:
+        if self._pausing and self.producer is not None:
+            self.producer.resumeProducing()
+        self._pausing.clear()
+        self.producer = None
+
+
+class _ProducerFor:
+    """One receiver's handle on a L{_SharedProducer}."""
+
+    def __init__(self, shared: _SharedProducer, key: int) -> None:
+        self._shared = shared
+        self._key = key
+
+    def pauseProducing(self) -> None:
+        self._shared.pause(self._key)
+
+    def resumeProducing(self) -> None:
+        self._shared.resume(self._key)
+
+    def stopProducing(self) -> None:
+        if self._shared.producer is not None:
+            self._shared.producer.stopProducing()
+
+
+class _PerRecipientReceiver:
+    """One message into one Maildir per recipient (a template C{--maildir}).
+
+    Every Maildir gets its own L{_MaildirReceiver} (its own tmp -> fsync ->
+    rename); C{finish()} fires with a mapping from each recipient to its
+    Maildir file name or to the L{SMTPError} its Maildir gave.  It never
+    fails as a whole: one full disk refuses only the recipients on it.
+    """
+
+    def __init__(self, maildir: MaildirHandler, envelope: Envelope) -> None:
+        self._maildir = maildir
+        self._recipients: dict[str, list[str]] = {}
+        for recipient in envelope.rcpt_tos:
+            path = maildir.maildir_for(recipient)
+            self._recipients.setdefault(path, [])
+            if recipient not in self._recipients[path]:
+                self._recipients[path].append(recipient)
+        # Together they buffer no more than one Maildir receiver would.
+        threshold = max(16 * 1024, maildir.spool_threshold // len(self._recipients))
+        self._receivers = {
+            path: _MaildirReceiver(maildir, envelope, path, threshold)
+            for path in self._recipients
+        }
+        self._shared = _SharedProducer()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._shared.producer = producer
+        for key, receiver in enumerate(self._receivers.values()):
+            receiver.registerProducer(_ProducerFor(self._shared, key), streaming)
+
+    def unregisterProducer(self) -> None:
+        for receiver in self._receivers.values():
+            receiver.unregisterProducer()
+        self._shared.release()
+
+    def write(self, data: bytes) -> None:
+        for receiver in self._receivers.values():
+            receiver.write(data)
+
+    def finish(self) -> Deferred[dict[str, Any]]:
+        outcomes: dict[str, Any] = {}
+        pending = []
+        for path, receiver in self._receivers.items():
+            done = receiver.finish()
+            done.addCallbacks(
+                self._stored,
+                self._refused,
+                callbackArgs=(path, outcomes),
+                errbackArgs=(path, outcomes),
+            )
+            pending.append(done)
+        return gatherResults(pending).addCallback(lambda _: outcomes)
+
+    def _stored(self, name: str, path: str, outcomes: dict[str, Any]) -> None:
+        self._maildir._known_paths.add(path)
+        for recipient in self._recipients[path]:
+            outcomes[recipient] = name
+
+    def _refused(self, failure: Failure, path: str, outcomes: dict[str, Any]) -> None:
+        if failure.check(SMTPError):
+            refusal = failure.value
+        else:
+            _log.failure(
+                "smtpd: delivery into Maildir {path} failed", failure, path=path
+            )
+            refusal = SMTPError(R451_LOCAL_ERROR)
+        for recipient in self._recipients[path]:
+            outcomes[recipient] = refusal
+
+    def abort(self) -> None:
+        for receiver in self._receivers.values():
+            receiver.abort()

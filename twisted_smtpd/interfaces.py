@@ -8,6 +8,22 @@ of the methods of L{Handler}.  Every hook may return a plain value, a
 L{Deferred <twisted.internet.defer.Deferred>} or a coroutine; raising
 L{SMTPError <twisted_smtpd.SMTPError>} sends that reply, and any other
 exception is logged and answered C{451 4.3.0}.
+
+Per-recipient outcomes: C{handle_message} and C{MessageReceiver.finish}
+may return (or resolve to) a mapping from each recipient, as it is in
+C{envelope.rcpt_tos}, to its own outcome: C{None} or a queue id (stored) or
+an C{SMTPError} (refused with that reply).  Under LMTP each accepted
+recipient gets its own reply after the data, in RCPT order; a recipient
+missing from the mapping gets C{451 4.3.0}.  A plain result (or a raised
+exception) applies to every recipient.  Under SMTP a mapping folds into the
+one reply: C{250} only if every recipient was stored, else the first
+refusal (see L{twisted_smtpd._outcomes}).
+
+Deadlines: every hook is bounded by the factory's C{handler_timeout}
+(C{--handler-timeout}, 120 s by default).  When it passes, the hook's
+Deferred is cancelled (a coroutine gets C{CancelledError}), a receiver is
+aborted, and the client gets C{451 4.3.0} (C{421} and the connection closed
+for C{check_client}); nothing is reported stored and the session goes on.
 """
 
 from __future__ import annotations
@@ -35,7 +51,9 @@ class MessageReceiver(Protocol):
         """The message is complete.
 
         Return (or resolve to) C{None} or a queue id for the 250 reply once the
-        message is safely stored; raise for a 4xx/5xx.
+        message is safely stored; raise for a 4xx/5xx.  Or a mapping from
+        each recipient to C{None}, a queue id or an C{SMTPError}: its own
+        outcome (one reply each under LMTP).
         """
 
     def abort(self) -> None:
@@ -63,7 +81,10 @@ class Handler(Protocol):
         """RCPT: accept or refuse one recipient."""
 
     def handle_message(self, envelope: Envelope) -> Any:
-        """The whole message, in C{envelope.content}."""
+        """The whole message, in C{envelope.content}.
+
+        Like C{MessageReceiver.finish}: C{None}, a queue id, or a mapping
+        recipient -> outcome for per-recipient results."""
 
     def open_message(self, envelope: Envelope) -> MessageReceiver:
         """Stream the message instead: return a L{MessageReceiver}."""

@@ -60,6 +60,7 @@ REFUSAL_REASONS = (
     "max_connections_per_ip",
     "shutting_down",
     "check_client",
+    "auth_rate_limit",
 )
 MESSAGE_OUTCOMES = ("accepted", "refused", "too_big", "failed", "aborted")
 REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")

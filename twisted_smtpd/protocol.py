@@ -20,12 +20,13 @@ replies), C{pauseProducing}/C{resumeProducing}, and a verb table per class
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from OpenSSL.SSL import Error as TLSError
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IPushProducer,
@@ -42,6 +43,7 @@ from ._data import DataReader
 from ._delivery import HandlerHooks, Message
 from ._fastwrite import can_write_directly, write_directly
 from ._input import DROP, ChunkMode, DataMode, LineMode, RawMode
+from ._outcomes import recipient_outcomes, single_reply
 from ._sanitize import safe_queue_id, safe_reply
 from ._session import Envelope, Session, TLSInfo, received_header
 from ._xclient import UNKNOWN, XClientUpdate, parse_xclient
@@ -60,14 +62,17 @@ from .replies import (
     R252_CANNOT_VRFY,
     R354_START_INPUT,
     R421_AUTH_FAILURES,
+    R421_HANDLER_TIMEOUT,
     R421_SESSION_TOO_LONG,
     R421_SHUTTING_DOWN,
     R421_TIMEOUT,
+    R451_HANDLER_TIMEOUT,
     R451_LOCAL_ERROR,
     R454_AUTH_RATE_LIMITED,
     R500_AUTH_LINE_TOO_LONG,
     R500_LINE_TOO_LONG,
     R500_UNKNOWN_COMMAND,
+    R500_USE_LHLO,
     R501_NO_ARGUMENTS,
     R501_SYNTAX_BDAT,
     R501_SYNTAX_VRFY,
@@ -86,7 +91,12 @@ if TYPE_CHECKING:
     from .factory import SMTPFactory
 
 # HandlerHooks and received_header lived here; re-exported for one release.
-__all__ = ["SMTPServerProtocol", "HandlerHooks", "received_header"]
+__all__ = [
+    "SMTPServerProtocol",
+    "LMTPServerProtocol",
+    "HandlerHooks",
+    "received_header",
+]
 
 # A module logger: a Logger class attribute builds a new Logger on every access.
 _log = Logger(namespace="twisted_smtpd.protocol")
@@ -646,6 +656,10 @@ class _Wire(LineReceiver, TimeoutMixin):
                 self._hook_ok(result, name, started, succeeded, context)
             return
         self._hold(result)
+        timeout = self.limits.handler_timeout
+        if timeout:
+            deadline = self.factory.reactor.callLater(timeout, result.cancel)
+            result.addBoth(_deadline_over, deadline, name, timeout)
         result.addCallbacks(
             self._complete,
             self._complete,
@@ -711,32 +725,51 @@ class _Wire(LineReceiver, TimeoutMixin):
         if self._events is not None:
             elapsed = self.factory.reactor.seconds() - started
             self._events.hook_finished(name, elapsed, False)
-        self._reply_failure(failure)
+        self._answer_failure(name, failure)
         if then is not None:
             then(failure, *context)
 
+    def _answer_failure(self, name: str, failure: Failure) -> None:
+        """The reply to a failed hook (subclasses answer some differently)."""
+        self.reply(self.failure_reply(failure))
+
     def _reply_failure(self, failure: Failure) -> None:
-        """The handler's SMTPError reply, or 451 with the traceback logged.
+        self.reply(self.failure_reply(failure))
+
+    def _safe_reply(self, reply: Reply) -> Reply:
+        """A handler's reply made safe for the wire, a log line if changed."""
+        safe, changes = safe_reply(reply)
+        if changes:
+            _log.warn(
+                "smtpd {session_id}: handler reply changed: {changes}",
+                session_id=self.session.session_id,
+                changes="; ".join(changes),
+            )
+        return safe
+
+    def failure_reply(self, failure: Failure) -> Reply:
+        """The handler's SMTPError reply, or 451 with the failure logged.
 
         The handler's reply is made safe for the wire first (no CR, LF
         smuggling, bounded lines, a refusal code): see L{safe_reply}.
         """
         if failure.check(SMTPError):
-            reply, changes = safe_reply(failure.value.reply)
-            if changes:
-                _log.warn(
-                    "smtpd {session_id}: handler reply changed: {changes}",
-                    session_id=self.session.session_id,
-                    changes="; ".join(changes),
-                )
-            self.reply(reply)
-            return
+            return self._safe_reply(failure.value.reply)
+        if failure.check(HandlerTimedOut):
+            _log.warn(
+                "smtpd {session_id}: handler hook {hook} timed out after"
+                " {timeout} s: cancelled, answered 451",
+                session_id=self.session.session_id,
+                hook=failure.value.hook,
+                timeout=failure.value.timeout,
+            )
+            return R451_HANDLER_TIMEOUT
         _log.failure(
             "smtpd {session_id}: handler failed",
             failure,
             session_id=self.session.session_id,
         )
-        self.reply(R451_LOCAL_ERROR)
+        return R451_LOCAL_ERROR
 
     def _unexpected(self, failure: Failure) -> None:
         _log.failure("smtpd internal error", failure)
@@ -754,6 +787,8 @@ class SMTPServerProtocol(_Wire):
     """
 
     _COMMANDS: dict[str, Callable[..., None]] = {}
+    #: LMTP (RFC 2033): one reply per recipient after the data
+    lmtp = False
     _message: Optional[Message] = None
     _started: Optional[float] = None  # greeting time, when events are observed
     _name_lookup: Optional[Deferred[str]] = None  # reverse DNS of the client
@@ -784,6 +819,7 @@ class SMTPServerProtocol(_Wire):
             tls_info=tls,
             tls_required=factory.tls_required,
             auth_required=factory.auth_required,
+            lmtp=self.lmtp,
         )
         if self._debug:
             _log.info(
@@ -809,6 +845,13 @@ class SMTPServerProtocol(_Wire):
         self._run(
             "check_client", self._hooks.check_client, (peer,), self._greet, self._shun
         )
+
+    def _answer_failure(self, name: str, failure: Failure) -> None:
+        if name == "check_client" and failure.check(HandlerTimedOut):
+            self.failure_reply(failure)  # the log line
+            self.reply(fill(R421_HANDLER_TIMEOUT, hostname=self.factory.hostname))
+        elif not (name == "message" and self.lmtp):  # LMTP: one per recipient
+            self.reply(self.failure_reply(failure))
 
     # -- the client's name: looked up at connect, awaited when a message starts
     def _look_up_name(self, host: Optional[str]) -> None:
@@ -1067,13 +1110,13 @@ class SMTPServerProtocol(_Wire):
         envelope = message.envelope
         envelope.size = size
         if message.failure is not None:  # the receiver's write() raised
-            self._reply_failure(message.failure)
+            self._reply_after_data(self.failure_reply(message.failure), envelope)
             failed = "refused" if message.failure.check(SMTPError) else "failed"
             self._message_done(envelope, "refused", failed)
             return
         if too_big:
             _abort_receiver(message.receiver)
-            self.reply(R552_TOO_BIG)
+            self._reply_after_data(R552_TOO_BIG, envelope)
             self._message_done(envelope, "too big", "too_big")
             return
         self._run(
@@ -1082,16 +1125,72 @@ class SMTPServerProtocol(_Wire):
             (),
             self._stored,
             self._not_stored,
-            (envelope,),
+            (envelope, message.receiver),
         )
 
-    def _stored(self, queue_id: Any, envelope: Envelope) -> None:
-        queue_id = _queue_id(queue_id, envelope, self.session.session_id)
-        self.reply(fill(R250_QUEUED, queue_id=queue_id))
-        self.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
-        self._message_done(envelope, "accepted", "accepted")
+    def _stored(self, result: Any, envelope: Envelope, receiver: Any) -> None:
+        """The handler's result: one reply, or one per recipient (LMTP)."""
+        if not self.lmtp and not isinstance(result, Mapping):
+            self.reply(
+                fill(R250_QUEUED, queue_id=self._safe_queue_id(result, envelope))
+            )
+            self.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
+            self._message_done(envelope, "accepted", "accepted")
+            return
+        if isinstance(result, Mapping):
+            result = {
+                recipient: self._safe_outcome(outcome, envelope)
+                for recipient, outcome in result.items()
+            }
+        elif result:
+            result = self._safe_queue_id(result, envelope)
+        outcomes = recipient_outcomes(result, envelope.rcpt_tos, envelope.message_id)
+        for outcome in outcomes:
+            if outcome.unexpected is not None:
+                _log.failure(
+                    "smtpd {session_id}: handler failed for {recipient}",
+                    Failure(outcome.unexpected),
+                    session_id=self.session.session_id,
+                    recipient=outcome.recipient,
+                )
+        if self.lmtp:
+            for outcome in outcomes:
+                self.reply(outcome.reply)
+        else:
+            self.reply(single_reply(outcomes, envelope.message_id))
+        stored = sum(outcome.stored for outcome in outcomes)
+        if stored:
+            self.session.junk_commands = 0
+        if stored == len(outcomes):
+            self._message_done(envelope, "accepted", "accepted")
+        elif stored and self.lmtp:
+            self._message_done(
+                envelope, f"accepted for {stored} of {len(outcomes)}", "accepted"
+            )
+        else:
+            self._message_done(envelope, "refused", "refused")
 
-    def _not_stored(self, failure: Failure, envelope: Envelope) -> None:
+    def _reply_after_data(self, reply: Reply, envelope: Envelope) -> None:
+        """C{reply} to the end of the data: once, or per recipient in LMTP."""
+        for _ in envelope.rcpt_tos if self.lmtp else (None,):
+            self.reply(reply)
+
+    def _safe_queue_id(self, queue_id: Any, envelope: Envelope) -> str:
+        return _queue_id(queue_id, envelope, self.session.session_id)
+
+    def _safe_outcome(self, outcome: Any, envelope: Envelope) -> Any:
+        """One recipient's outcome with its refusal or queue id made safe."""
+        if isinstance(outcome, SMTPError):
+            return SMTPError(self._safe_reply(outcome.reply))
+        if isinstance(outcome, BaseException) or not outcome:
+            return outcome
+        return self._safe_queue_id(outcome, envelope)
+
+    def _not_stored(self, failure: Failure, envelope: Envelope, receiver: Any) -> None:
+        if failure.check(HandlerTimedOut) and self._message is not None:
+            _abort_receiver(receiver)  # (a lost connection aborted it already)
+        if self.lmtp:
+            self._reply_after_data(self.failure_reply(failure), envelope)
         failed = "refused" if failure.check(SMTPError) else "failed"
         self._message_done(envelope, "refused", failed)
 
@@ -1335,6 +1434,29 @@ class SMTPServerProtocol(_Wire):
             self._events.auth_attempt(ok)
 
 
+class HandlerTimedOut(Exception):
+    """A handler hook did not answer within C{Limits.handler_timeout}."""
+
+    def __init__(self, hook: str, timeout: float) -> None:
+        super().__init__(f"handler hook {hook} timed out after {timeout} s")
+        self.hook = hook
+        self.timeout = timeout
+
+
+def _deadline_over(result: Any, deadline: Any, hook: str, timeout: float) -> Any:
+    """The hook ended: stop its deadline; if the deadline ended it, say so.
+
+    Once the deadline has fired the hook is over whatever its Deferred then
+    gives (its canceller may even succeed): nothing is reported stored.
+    """
+    if deadline.active():
+        deadline.cancel()
+        return result
+    if isinstance(result, Failure) and not result.check(CancelledError):
+        result.cleanFailure()
+    return Failure(HandlerTimedOut(hook, timeout))
+
+
 #: HELP lists the verbs in this order
 _HELP_ORDER = (
     "HELO",
@@ -1516,3 +1638,23 @@ def _mask(line: bytes) -> bytes:
         parts = line.split(None, 2)
         return b" ".join(parts[:2] + ([b"****"] if len(parts) > 2 else []))
     return line
+
+
+class LMTPServerProtocol(SMTPServerProtocol):
+    """One LMTP session (RFC 2033): LHLO instead of EHLO, and one reply per
+    accepted recipient after the data (see L{twisted_smtpd._outcomes}).
+
+    Built by C{SMTPFactory(..., lmtp=True)}; subclass it like
+    L{SMTPServerProtocol}.
+    """
+
+    lmtp = True
+
+    def do_LHLO(self, argument: str) -> None:
+        SMTPServerProtocol.do_EHLO(self, argument)
+
+    def do_EHLO(self, argument: str) -> None:
+        raise SMTPError(R500_USE_LHLO)
+
+    def do_HELO(self, argument: str) -> None:
+        raise SMTPError(R500_USE_LHLO)

@@ -107,6 +107,7 @@ class SMTPError(Exception):
 #: filled per session with what it can use (see SMTPServerProtocol.do_HELP)
 R214_HELP = Reply(214, "2.0.0", "Commands: {commands}")
 R220_READY = Reply(220, "", "{hostname} ESMTP {app} ready")
+R220_LMTP_READY = Reply(220, "", "{hostname} LMTP {app} ready")
 R220_STARTTLS = Reply(220, "2.0.0", "Ready to start TLS")
 R221_BYE = Reply(221, "2.0.0", "Bye")
 R235_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
@@ -114,6 +115,9 @@ R250_OK = Reply(250, "2.0.0", "OK")
 R250_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 R250_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 R250_QUEUED = Reply(250, "2.0.0", "OK: queued as {queue_id}")
+#: LMTP: one recipient's reply after the data (RFC 2033 section 4.2)
+R250_RECIPIENT_QUEUED = Reply(250, "2.0.0", "<{recipient}> OK: queued as {queue_id}")
+R250_RECIPIENT_DELIVERED = Reply(250, "2.0.0", "<{recipient}> OK: delivered")
 R250_RESET = Reply(250, "2.0.0", "Reset OK")
 R250_CHUNK_OK = Reply(250, "2.0.0", "{size} octets received")
 R252_CANNOT_VRFY = Reply(
@@ -140,12 +144,21 @@ R421_AUTH_FAILURES = Reply(
     421, "4.7.0", "{hostname} Too many authentication failures, closing connection"
 )
 R451_LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error")
+#: a handler hook passed Limits.handler_timeout
+R451_HANDLER_TIMEOUT = Reply(
+    451, "4.3.0", "Requested action aborted: handler timed out"
+)
+R421_HANDLER_TIMEOUT = Reply(
+    421, "4.3.0", "{hostname} Service not available, closing transmission channel"
+)
 R452_TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 R452_INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 R454_AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
 
 # Permanent failures ----------------------------------------------------------
 R500_UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognized")
+#: EHLO or HELO to an LMTP server (RFC 2033 4.1)
+R500_USE_LHLO = Reply(500, "5.5.1", "This is an LMTP server: use LHLO")
 R500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 R500_AUTH_LINE_TOO_LONG = Reply(
     500, "5.5.6", "Authentication exchange line is too long"

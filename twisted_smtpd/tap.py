@@ -100,10 +100,21 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["debug", None, "Log the SMTP dialogue (AUTH payloads masked)."],
         ["quiet", None, "No log line per session or accepted message."],
         ["no-reverse-dns", None, "Do not look up client names (Received: shows IPs)."],
+        [
+            "lmtp",
+            None,
+            "Serve LMTP (RFC 2033) instead of SMTP: LHLO, one reply per recipient.",
+        ],
     ]
     optParameters = [
         ["hostname", None, None, "Name for the greeting and EHLO [default: FQDN]."],
-        ["maildir", None, "Maildir", "Maildir to deliver into (created)."],
+        [
+            "maildir",
+            None,
+            "Maildir",
+            "Maildir to deliver into (created); {local}, {domain} or"
+            " {recipient} in it give one Maildir per recipient.",
+        ],
         [
             "handler",
             None,
@@ -123,6 +134,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-message-size", None, "33554432", "Largest message in bytes (SIZE)."],
         ["max-recipients", None, "100", "Recipients per message."],
         ["timeout", None, "300", "Idle timeout in seconds."],
+        [
+            "handler-timeout",
+            None,
+            "120",
+            "Seconds a handler hook may take before it is cancelled (451 4.3.0);"
+            " 0 = no limit.",
+        ],
         [
             "tls-handshake-timeout",
             None,
@@ -249,6 +267,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             ),
             max_recipients=_positive_int("max-recipients", self["max-recipients"], 1),
             timeout=_positive_int("timeout", self["timeout"], 1),
+            handler_timeout=_positive_int("handler-timeout", self["handler-timeout"]),
             tls_handshake_timeout=_positive_int(
                 "tls-handshake-timeout", self["tls-handshake-timeout"], 1
             ),
@@ -357,6 +376,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(
                 f"cannot use --maildir {self['maildir']!r}: {error.strerror}"
             )
+        except ValueError as error:  # a placeholder other than {local} etc.
+            raise usage.UsageError(f"cannot use --maildir: {error}")
 
     def _deliver(self) -> Any:
         if self["handler"]:
@@ -861,6 +882,7 @@ def build_factory(config: Options) -> SMTPFactory:
         xclient_hosts=config["xclient_list"],
         reverse_dns=_reverse_dns(config),
         auth_failure_limit=config["auth_limit"],
+        lmtp=bool(config["lmtp"]),
     )
 
 
