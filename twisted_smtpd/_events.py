@@ -30,7 +30,8 @@ class SessionEvents:
     def session_ended(self, how: str, seconds: float) -> None:
         """A session ended after C{seconds}.
 
-        C{how}: C{"quit"}, C{"timeout"}, C{"lost"} (the client went away),
+        C{how}: C{"quit"}, C{"timeout"} (idle, a deadline, the TLS handshake
+        or the session time limit), C{"lost"} (the client went away),
         C{"closed"} (we closed it: too many errors, AUTH failures, limits),
         C{"shutdown"}.
         """
