@@ -323,6 +323,25 @@ class TestEncryptedKeys:
         with pytest.raises(ValueError, match="is encrypted and no passphrase"):
             TLSPolicy.from_files(cert, key)
 
+    def test_wrong_passphrase_that_decrypts_to_garbage(
+        self, tmp_path, certificates, monkeypatch
+    ) -> None:
+        """A wrong passphrase whose decryption happens to unpad cleanly (the
+        DER parse fails instead: about 1 in 300 salts) is still named a wrong
+        passphrase, not an unusable key."""
+        from cryptography.hazmat.primitives import serialization
+
+        paths = make_leaf(tmp_path, certificates, ["localhost"], passphrase=PASSPHRASE)
+
+        def garbage(data: bytes, password: object = None, **kw: object) -> None:
+            raise ValueError("Could not deserialize key data. The data may be in an")
+
+        monkeypatch.setattr(serialization, "load_pem_private_key", garbage)
+        with pytest.raises(ValueError, match="^wrong passphrase for TLS key '"):
+            TLSPolicy.from_files(
+                str(paths["cert"]), str(paths["key"]), passphrase=b"wrong"
+            )
+
     def test_plain_key_ignores_passphrase(self, certificates) -> None:
         """One passphrase for all keys: an unencrypted one still loads."""
         TLSPolicy.from_files(

@@ -138,7 +138,11 @@ def _load_key(key_data: bytes, key_path: str, passphrase: Optional[bytes]) -> An
         # A passphrase for other keys; this one is not encrypted.
         return _load_key(key_data, key_path, None)
     except ValueError as error:
-        if passphrase is not None and "password" in str(error).lower():
+        # A wrong passphrase usually fails the decryption, but about one time
+        # in 300 it decrypts to valid padding and the DER parse fails instead.
+        if passphrase is not None and (
+            "password" in str(error).lower() or b"ENCRYPTED" in key_data
+        ):
             raise ValueError(f"wrong passphrase for TLS key {key_path!r}") from None
         raise ValueError(f"no usable PEM private key in {key_path!r}") from None
     except Exception:
