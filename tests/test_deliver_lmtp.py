@@ -264,3 +264,52 @@ def test_finish_each_gives_dovecots_reply_per_recipient(dovecot, lmtp_handler):
     assert [250, 552, 250] == [reply.code for _, reply in results]
     assert "5.2.2" == results[1][1].enhanced
     assert 1 == count(dovecot, "alice", "each") == count(dovecot, "bob", "each")
+
+
+def _lmtp_dialogue(port: int, recipients: list[str], subject: str) -> list[bytes]:
+    """A raw LMTP client: the reply lines after the data, one per recipient."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        reader = sock.makefile("rb")
+
+        def reply() -> bytes:
+            while True:
+                line = reader.readline()
+                if line[3:4] != b"-":
+                    return line
+
+        assert reply().startswith(b"220")
+        sock.sendall(b"LHLO client.test\r\n")
+        assert reply().startswith(b"250")
+        sock.sendall(b"MAIL FROM:<s@example.org>\r\n")
+        assert reply().startswith(b"250")
+        for recipient in recipients:
+            sock.sendall(f"RCPT TO:<{recipient}>\r\n".encode())
+            assert reply().startswith(b"250")
+        sock.sendall(b"DATA\r\n")
+        assert reply().startswith(b"354")
+        sock.sendall(body(subject) + b".\r\n")
+        replies = [reply() for _ in recipients]
+        sock.sendall(b"QUIT\r\n")
+        return replies
+
+
+@pytest_twisted.inlineCallbacks
+def test_lmtp_server_passes_each_recipients_reply_through(
+    listen, dovecot, lmtp_handler
+):
+    """Serving LMTP in front of Dovecot, each recipient gets Dovecot's own
+    reply after the data: 250 for the two it stored, its 552 for the full
+    mailbox (no 554 summary, no retry of the stored ones)."""
+    port = listen(lmtp_handler, lmtp=True)
+    replies = yield in_thread(
+        _lmtp_dialogue,
+        port,
+        ["alice@example.net", "full@example.net", "bob@example.net"],
+        "lmtp-each",
+    )
+    assert replies[0].startswith(b"250 "), replies
+    assert replies[1].startswith(b"552 5.2.2"), replies
+    assert replies[2].startswith(b"250 "), replies
+    assert 1 == count(dovecot, "alice", "lmtp-each")
+    assert 1 == count(dovecot, "bob", "lmtp-each")
+    assert [] == dovecot.messages("full")

@@ -787,12 +787,15 @@ class ProxyHandler:
         if transaction is not None:
             transaction.connection = None
         prefix = envelope.received_header
-        return _ProxyReceiver(
+        receiver = _ProxyReceiver(
             self,
             connection,
             list(transaction.accepted) if transaction is not None else [],
             prefix,
         )
+        # An LMTP client gets the next hop's reply per recipient.
+        receiver.client_lmtp = envelope.lmtp
+        return receiver
 
     # -- parameters --
     def mail_line(self, envelope: Envelope, extensions: dict[str, str]) -> str:
@@ -945,6 +948,7 @@ class _ProxyReceiver:
         self._early_paused = False
         self._registered = False
         self._done = False
+        self.client_lmtp = False
         if connection is None:
             self._error = Reply(
                 451, "4.4.2", f"Connection to next hop {handler.name} was lost"
@@ -1134,16 +1138,24 @@ class _ProxyReceiver:
             replies = replies * len(self._recipients)
         return replies
 
-    async def _finish(self) -> Optional[str]:
+    async def _finish(self) -> Any:
         replies = await self._replies()
+        if self.client_lmtp:
+            # RFC 2033: our LMTP client gets each recipient's own outcome.
+            return {
+                recipient: None if reply.ok else reply.as_error()
+                for recipient, reply in zip(self._recipients, replies)
+            }
         if self.handler.lmtp:
             return combine_lmtp_replies(self.handler.name, self._recipients, replies)
         if not replies[0].ok:
             raise replies[0].as_error()
         return None
 
-    def finish(self) -> Deferred[Optional[str]]:
-        """The client's one answer: 250 only if every recipient has it."""
+    def finish(self) -> Deferred[Any]:
+        """The client's one answer: 250 only if every recipient has it; for an
+        LMTP client, a mapping of each recipient to None (stored) or its
+        SMTPError."""
         return Deferred.fromCoroutine(self._finish())
 
     async def _finish_each(self) -> list[tuple[str, Reply]]:
