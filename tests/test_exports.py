@@ -12,6 +12,7 @@ HOMES = {
     "AuthPolicy": "twisted_smtpd.auth",
     "Envelope": "twisted_smtpd._session",
     "Limits": "twisted_smtpd._session",
+    "LMTPServerProtocol": "twisted_smtpd.protocol",
     "MaildirHandler": "twisted_smtpd.handlers",
     "MemoryHandler": "twisted_smtpd.handlers",
     "Reply": "twisted_smtpd.replies",

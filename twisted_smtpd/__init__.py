@@ -19,6 +19,7 @@ _HOMES = {
     "AuthPolicy": ".auth",
     "Envelope": "._session",
     "Limits": "._session",
+    "LMTPServerProtocol": ".protocol",
     "MaildirHandler": ".handlers",
     "MemoryHandler": ".handlers",
     "Reply": ".replies",
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from .auth import AuthPolicy
     from .factory import SMTPFactory
     from .handlers import MaildirHandler, MemoryHandler, discard
-    from .protocol import SMTPServerProtocol
+    from .protocol import LMTPServerProtocol, SMTPServerProtocol
     from .replies import Reply, SMTPError
     from .tls import TLSPolicy
 
@@ -57,6 +58,7 @@ __all__ = [
     "AuthPolicy",
     "Envelope",
     "Limits",
+    "LMTPServerProtocol",
     "MaildirHandler",
     "MemoryHandler",
     "Reply",
