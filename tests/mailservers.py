@@ -183,7 +183,66 @@ postlog   unix-dgram n - n - 1 postlogd
 """
 
 
-class Postfix:
+class PrivatePostfix:
+    """What every private Postfix here shares: its own directories under a
+    temp root (config, queue, data), a free loopback port, its log file, and
+    C{postfix -c DIR} to start and stop it."""
+
+    def __init__(self, prefix: str) -> None:
+        require_program("postfix")
+        self.root = Path(tempfile.mkdtemp(prefix=prefix))
+        self.root.chmod(0o755)
+        self.conf = self.root / "conf"
+        self.conf.mkdir()
+        (self.root / "queue").mkdir()
+        self.data = self.root / "data"
+        self.data.mkdir()
+        shutil.chown(self.data, "postfix")
+        self.port = free_port()
+        self.maillog = self.root / "maillog"
+
+    def _start(self, main_cf: str, master_cf: str, ready) -> None:
+        """Write the configuration, start Postfix, wait until C{ready()}."""
+        (self.conf / "main.cf").write_text(main_cf)
+        (self.conf / "master.cf").write_text(master_cf)
+        self._postfix("start")
+        try:
+            _wait_for(ready, "postfix")
+        except AssertionError:
+            self.stop()
+            raise
+
+    def _postfix(self, command: str) -> None:
+        proc = subprocess.run(
+            ["postfix", "-c", str(self.conf), command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if proc.returncode != 0 and command == "start":
+            raise AssertionError(f"postfix start failed: {proc.stderr}{self.log()}")
+
+    def log(self) -> str:
+        return self.maillog.read_text() if self.maillog.exists() else ""
+
+    def stop(self) -> None:
+        pid_file = self.root / "queue" / "pid" / "master.pid"
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = 0
+        self._postfix("stop")
+        deadline = time.monotonic() + 10
+        while pid and time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            time.sleep(0.05)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Postfix(PrivatePostfix):
     """A private Postfix (C{postfix -c DIR start}) accepting mail for
     C{example.net} into one Maildir per user, relaying nothing.
 
@@ -193,20 +252,11 @@ class Postfix:
     def __init__(
         self, users: list[str], cert: Path | None = None, key: Path | None = None
     ) -> None:
-        require_program("postfix")
-        self.root = Path(tempfile.mkdtemp(prefix="postfix-"))
-        self.root.chmod(0o755)
-        conf = self.root / "conf"
-        conf.mkdir()
-        (self.root / "queue").mkdir()
-        data = self.root / "data"
-        data.mkdir()
-        shutil.chown(data, "postfix")
+        super().__init__("postfix-")
+        conf, data = self.conf, self.data
         self.mail = self.root / "mail"
         self.mail.mkdir()
         self.mail.chmod(0o777)
-        self.port = free_port()
-        self.conf = conf
         (conf / "vmailbox").write_text(
             "".join(f"{user}@example.net {user}/\n" for user in users)
         )
@@ -216,7 +266,7 @@ class Postfix:
                 f"smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {key}\n"
                 "smtpd_tls_security_level = may\nsmtpd_tls_received_header = yes\n"
             )
-        (conf / "main.cf").write_text(
+        self._start(
             f"""\
 compatibility_level = 3.6
 queue_directory = {self.root}/queue
@@ -242,26 +292,11 @@ alias_maps =
 alias_database =
 biff = no
 maillog_file_prefixes = {self.root}
-maillog_file = {self.root}/maillog
-{tls}"""
+maillog_file = {self.maillog}
+{tls}""",
+            _POSTFIX_MASTER.format(port=self.port),
+            lambda: _port_open(self.port),
         )
-        (conf / "master.cf").write_text(_POSTFIX_MASTER.format(port=self.port))
-        self._postfix("start")
-        try:
-            _wait_for(lambda: _port_open(self.port), "postfix")
-        except AssertionError:
-            self.stop()
-            raise
-
-    def _postfix(self, command: str) -> None:
-        proc = subprocess.run(
-            ["postfix", "-c", str(self.conf), command],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if proc.returncode != 0 and command == "start":
-            raise AssertionError(f"postfix start failed: {proc.stderr}{self.log()}")
 
     def maildir(self, user: str) -> Path:
         return self.mail / user
@@ -276,10 +311,6 @@ maillog_file = {self.root}/maillog
         )
         return self.messages(user)
 
-    def log(self) -> str:
-        path = self.root / "maillog"
-        return path.read_text() if path.exists() else ""
-
     def kill_smtpd_processes(self) -> int:
         """SIGKILL Postfix's smtpd processes (the master stays)."""
         out = subprocess.run(
@@ -290,19 +321,3 @@ maillog_file = {self.root}/maillog
         for pid in out:
             os.kill(int(pid), signal.SIGKILL)
         return len(out)
-
-    def stop(self) -> None:
-        pid_file = self.root / "queue" / "pid" / "master.pid"
-        try:
-            pid = int(pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pid = 0
-        self._postfix("stop")
-        deadline = time.monotonic() + 10
-        while pid and time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
-                break
-            time.sleep(0.05)
-        shutil.rmtree(self.root, ignore_errors=True)

@@ -9,16 +9,11 @@ C{status=bounced}) and in its queue (C{postqueue -p}).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import smtplib
 import subprocess
-import tempfile
-import time
-from pathlib import Path
 
-from .helpers import free_port, require_program
+from .mailservers import PrivatePostfix, _wait_for
 
 _MASTER = """\
 127.0.0.1:{port} inet n - n - - smtpd
@@ -43,7 +38,7 @@ postlog   unix-dgram n - n - 1 postlogd
 """
 
 
-class PostfixToLMTP:
+class PostfixToLMTP(PrivatePostfix):
     """C{postfix -c DIR start}: SMTP in on C{self.port}, LMTP out to C{lmtp}.
 
     Args:
@@ -53,18 +48,9 @@ class PostfixToLMTP:
     """
 
     def __init__(self, lmtp: str) -> None:
-        require_program("postfix")
-        self.root = Path(tempfile.mkdtemp(prefix="postfix-lmtp-"))
-        self.root.chmod(0o755)
-        self.conf = self.root / "conf"
-        self.conf.mkdir()
-        (self.root / "queue").mkdir()
-        data = self.root / "data"
-        data.mkdir()
-        shutil.chown(data, "postfix")
-        self.port = free_port()
-        self.maillog = self.root / "maillog"
-        (self.conf / "main.cf").write_text(
+        super().__init__("postfix-lmtp-")
+        data = self.data
+        self._start(
             f"""\
 compatibility_level = 3.6
 queue_directory = {self.root}/queue
@@ -92,25 +78,10 @@ maximal_backoff_time = 2s
 lmtp_lhlo_name = relay.test
 maillog_file_prefixes = {self.root}
 maillog_file = {self.maillog}
-"""
+""",
+            _MASTER.format(port=self.port),
+            self._listening,
         )
-        (self.conf / "master.cf").write_text(_MASTER.format(port=self.port))
-        self._postfix("start")
-        try:
-            _wait(self._listening, "postfix smtpd")
-        except AssertionError:
-            self.stop()
-            raise
-
-    def _postfix(self, command: str) -> None:
-        proc = subprocess.run(
-            ["postfix", "-c", str(self.conf), command],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if proc.returncode != 0 and command == "start":
-            raise AssertionError(f"postfix start failed: {proc.stderr}{self.log()}")
 
     def _listening(self) -> bool:
         try:
@@ -137,9 +108,6 @@ maillog_file = {self.maillog}
         assert match is not None, text
         return match.group(1).decode(), refused
 
-    def log(self) -> str:
-        return self.maillog.read_text() if self.maillog.exists() else ""
-
     def statuses(self, queue_id: str) -> dict[str, list[str]]:
         """Each recipient's delivery-attempt lines for one message, in order.
 
@@ -157,7 +125,7 @@ maillog_file = {self.maillog}
         self, queue_id: str, recipients: list[str], seconds: float = 30
     ) -> dict[str, list[str]]:
         """Wait until every recipient has had a delivery attempt."""
-        _wait(
+        _wait_for(
             lambda: all(r in self.statuses(queue_id) for r in recipients),
             f"delivery attempts for {queue_id} to {recipients}\n{self.log()}",
             seconds,
@@ -172,28 +140,3 @@ maillog_file = {self.maillog}
             text=True,
             timeout=30,
         ).stdout
-
-    def stop(self) -> None:
-        pid_file = self.root / "queue" / "pid" / "master.pid"
-        try:
-            pid = int(pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pid = 0
-        self._postfix("stop")
-        deadline = time.monotonic() + 10
-        while pid and time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
-                break
-            time.sleep(0.05)
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _wait(condition, what: str, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen in {seconds} s")
