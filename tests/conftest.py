@@ -67,3 +67,24 @@ def listen():
     yield start
     for port in ports:
         port.stopListening()
+
+
+@pytest.fixture
+def deliver_to(listen):
+    """C{deliver_to(target, **DeliverOptions)}: an SMTP server on a free port
+    handing mail to that C{--deliver} target; (handler, port).  The handlers
+    are stopped after the test."""
+    from twisted.internet import reactor
+
+    from twisted_smtpd.deliver import DeliverOptions, handler_from_target
+
+    handlers = []
+
+    def start(target: str, **options):
+        handler = handler_from_target(target, DeliverOptions(**options), reactor)
+        handlers.append(handler)
+        return handler, listen(handler)
+
+    yield start
+    for handler in handlers:
+        handler.stop()

@@ -57,26 +57,11 @@ def queued_id(reply: tuple[int, bytes]) -> str:
     return found.group(1).decode()
 
 
-@pytest.fixture
-def amqp_server(listen):
-    """Start an SMTP server delivering to an amqp target; stop both after."""
-    handlers = []
-
-    def start(target: str, **options):
-        handler = handler_from_target(target, DeliverOptions(**options), reactor)
-        handlers.append(handler)
-        return handler, listen(handler)
-
-    yield start
-    for handler in handlers:
-        handler.stop()
-
-
 @pytest_twisted.inlineCallbacks
-def test_250_after_confirm_with_envelope_and_id(rabbit, amqp_server):
+def test_250_after_confirm_with_envelope_and_id(rabbit, deliver_to):
     """The message, its envelope and our id arrive in the queue; 250 names it."""
     rabbit_queue(rabbit.port, "inbox")
-    handler, port = amqp_server(
+    handler, port = deliver_to(
         f"amqp://guest:guest@{rabbit.url_host}/?routing_key=inbox"
     )
     yield handler.publisher.when_ready()
@@ -101,26 +86,26 @@ def test_250_after_confirm_with_envelope_and_id(rabbit, amqp_server):
 
 
 @pytest_twisted.inlineCallbacks
-def test_amqps_verifies_the_broker_with_deliver_ca(rabbit, amqp_server, certificates):
+def test_amqps_verifies_the_broker_with_deliver_ca(rabbit, deliver_to, certificates):
     """amqps:// with --deliver-ca: 250; without it the test CA is not trusted
     (the system store is), so the handshake fails and the client gets 451."""
     rabbit_queue(rabbit.port, "secure")
     target = f"amqps://localhost:{rabbit.extra_ports['tls']}/?routing_key=secure"
-    handler, port = amqp_server(target, ca_file=str(certificates["ca"]))
+    handler, port = deliver_to(target, ca_file=str(certificates["ca"]))
     yield handler.publisher.when_ready()
     reply = yield threads.deferToThread(send, port, b"Subject: t\r\n\r\ntls\r\n")
     message_id = queued_id(reply)
     got = yield threads.deferToThread(rabbit_drain, rabbit.port, "secure", 1)
     assert [message_id] == [properties.message_id for properties, _ in got]
 
-    untrusting, port = amqp_server(target)
+    untrusting, port = deliver_to(target)
     code, text = yield threads.deferToThread(send, port, b"Subject: u\r\n\r\nu\r\n")
     assert (451, True) == (code, text.startswith(b"4.4.1")), text
     assert not untrusting.publisher.connected
 
 
 @pytest_twisted.inlineCallbacks
-def test_exchange_and_routing_key(rabbit, amqp_server):
+def test_exchange_and_routing_key(rabbit, deliver_to):
     """exchange=E&routing_key=K publishes through the operator's exchange."""
     import pika
 
@@ -130,7 +115,7 @@ def test_exchange_and_routing_key(rabbit, amqp_server):
         channel.exchange_declare("mail", "direct", durable=True)
         channel.queue_declare("routed", durable=True)
         channel.queue_bind("routed", "mail", routing_key="inbound")
-    handler, port = amqp_server(
+    handler, port = deliver_to(
         f"amqp://{rabbit.url_host}/%2F?exchange=mail&routing_key=inbound"
     )
     yield handler.publisher.when_ready()
@@ -140,9 +125,9 @@ def test_exchange_and_routing_key(rabbit, amqp_server):
 
 
 @pytest_twisted.inlineCallbacks
-def test_unroutable_is_451_not_250(rabbit, amqp_server):
+def test_unroutable_is_451_not_250(rabbit, deliver_to):
     """No queue takes the message (returned, then acked): the client gets 451."""
-    handler, port = amqp_server(f"amqp://{rabbit.url_host}/?routing_key=nobody-here")
+    handler, port = deliver_to(f"amqp://{rabbit.url_host}/?routing_key=nobody-here")
     yield handler.publisher.when_ready()
     code, text = yield threads.deferToThread(send, port, b"Subject: lost\r\n\r\nx\r\n")
     assert 451 == code
@@ -150,12 +135,12 @@ def test_unroutable_is_451_not_250(rabbit, amqp_server):
 
 
 @pytest_twisted.inlineCallbacks
-def test_nack_is_451(rabbit, amqp_server):
+def test_nack_is_451(rabbit, deliver_to):
     """A full queue with reject-publish nacks: the second message gets 451."""
     rabbit_queue(
         rabbit.port, "tiny", {"x-max-length": 1, "x-overflow": "reject-publish"}
     )
-    handler, port = amqp_server(f"amqp://{rabbit.url_host}/?routing_key=tiny")
+    handler, port = deliver_to(f"amqp://{rabbit.url_host}/?routing_key=tiny")
     yield handler.publisher.when_ready()
     first = yield threads.deferToThread(send, port, b"Subject: 1\r\n\r\n1\r\n")
     queued_id(first)
@@ -166,10 +151,10 @@ def test_nack_is_451(rabbit, amqp_server):
 
 
 @pytest_twisted.inlineCallbacks
-def test_broker_down_is_451_then_reconnects(rabbit, relay, amqp_server):
+def test_broker_down_is_451_then_reconnects(rabbit, relay, deliver_to):
     """Connection cut: 451 at once; once it is back the publisher reconnects."""
     rabbit_queue(rabbit.port, "flaky")
-    handler, port = amqp_server(f"amqp://127.0.0.1:{relay.port}/?routing_key=flaky")
+    handler, port = deliver_to(f"amqp://127.0.0.1:{relay.port}/?routing_key=flaky")
     handler.publisher.retry_initial = handler.publisher.retry_max = 0.2
     yield handler.publisher.when_ready()
     relay.cut()
@@ -184,12 +169,12 @@ def test_broker_down_is_451_then_reconnects(rabbit, relay, amqp_server):
 
 
 @pytest_twisted.inlineCallbacks
-def test_memory_alarm_is_451_and_later_publishes_fail_at_once(rabbit, amqp_server):
+def test_memory_alarm_is_451_and_later_publishes_fail_at_once(rabbit, deliver_to):
     """A broker that blocks publishers (memory alarm): 451, and once RabbitMQ
     says the connection is blocked, publishes fail at once instead of each
     waiting out the timeout; after the alarm clears, 250 again."""
     rabbit_queue(rabbit.port, "alarm")
-    handler, port = amqp_server(
+    handler, port = deliver_to(
         f"amqp://{rabbit.url_host}/?routing_key=alarm", timeout=2
     )
     publisher = handler.publisher
@@ -221,17 +206,17 @@ def test_memory_alarm_is_451_and_later_publishes_fail_at_once(rabbit, amqp_serve
 
 
 @pytest_twisted.inlineCallbacks
-def test_broker_down_at_start_is_451(amqp_server):
+def test_broker_down_at_start_is_451(deliver_to):
     """Nothing listens: 451 4.4.1, never a 250."""
-    handler, port = amqp_server(f"amqp://127.0.0.1:{free_port()}/?routing_key=q")
+    handler, port = deliver_to(f"amqp://127.0.0.1:{free_port()}/?routing_key=q")
     code, text = yield threads.deferToThread(send, port, b"Subject: d\r\n\r\nd\r\n")
     assert (451, True) == (code, text.startswith(b"4.4.1"))
 
 
 @pytest_twisted.inlineCallbacks
-def test_size_over_engine_limit_is_552(rabbit, amqp_server):
+def test_size_over_engine_limit_is_552(rabbit, deliver_to):
     """MAIL SIZE= over max_size is refused before the data is sent."""
-    _, port = amqp_server(f"amqp://{rabbit.url_host}/?routing_key=q&max_size=1000")
+    _, port = deliver_to(f"amqp://{rabbit.url_host}/?routing_key=q&max_size=1000")
 
     def mail() -> tuple[int, bytes]:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:

@@ -48,24 +48,10 @@ def stream_messages(port: int, stream: str) -> list:
     return asyncio.run(read())
 
 
-@pytest.fixture
-def nats_smtp(listen):
-    handlers = []
-
-    def start(target: str, **options):
-        handler = handler_from_target(target, DeliverOptions(**options), reactor)
-        handlers.append(handler)
-        return handler, listen(handler)
-
-    yield start
-    for handler in handlers:
-        handler.stop()
-
-
 @pytest_twisted.inlineCallbacks
-def test_250_after_publish_ack_with_msg_id(nats_server, nats_smtp):
+def test_250_after_publish_ack_with_msg_id(nats_server, deliver_to):
     """stream= creates the stream; the message, its envelope and id are in it."""
-    handler, port = nats_smtp(
+    handler, port = deliver_to(
         f"nats://127.0.0.1:{nats_server.port}?subject=mail.in&stream=MAIL"
     )
     yield handler.publisher.when_ready()
@@ -84,9 +70,9 @@ def test_250_after_publish_ack_with_msg_id(nats_server, nats_smtp):
 
 
 @pytest_twisted.inlineCallbacks
-def test_same_id_is_stored_once(nats_server, nats_smtp):
+def test_same_id_is_stored_once(nats_server, deliver_to):
     """A second publish with the same Nats-Msg-Id (a spool replay) is dropped."""
-    handler, _ = nats_smtp(
+    handler, _ = deliver_to(
         f"nats://127.0.0.1:{nats_server.port}?subject=dup.in&stream=DUP"
     )
     yield handler.publisher.when_ready()
@@ -99,15 +85,15 @@ def test_same_id_is_stored_once(nats_server, nats_smtp):
 
 
 @pytest_twisted.inlineCallbacks
-def test_no_stream_for_the_subject_is_451(nats_server, nats_smtp):
-    handler, port = nats_smtp(f"nats://127.0.0.1:{nats_server.port}?subject=nowhere")
+def test_no_stream_for_the_subject_is_451(nats_server, deliver_to):
+    handler, port = deliver_to(f"nats://127.0.0.1:{nats_server.port}?subject=nowhere")
     yield handler.publisher.when_ready()
     code, text = yield threads.deferToThread(send, port, b"Subject: x\r\n\r\nx\r\n")
     assert (451, True) == (code, text.startswith(b"4.3.0")), text
 
 
 @pytest_twisted.inlineCallbacks
-def test_stream_limit_refusal_is_451(nats_server, nats_smtp):
+def test_stream_limit_refusal_is_451(nats_server, deliver_to):
     """A full stream that discards new messages refuses the publish: 451."""
     import nats
     from nats.js.api import DiscardPolicy
@@ -122,7 +108,7 @@ def test_stream_limit_refusal_is_451(nats_server, nats_smtp):
             await client.close()
 
     yield threads.deferToThread(asyncio.run, make_stream())
-    handler, port = nats_smtp(f"nats://127.0.0.1:{nats_server.port}?subject=full.in")
+    handler, port = deliver_to(f"nats://127.0.0.1:{nats_server.port}?subject=full.in")
     yield handler.publisher.when_ready()
     first = yield threads.deferToThread(send, port, b"Subject: 1\r\n\r\n1\r\n")
     queued_id(first)
@@ -133,9 +119,9 @@ def test_stream_limit_refusal_is_451(nats_server, nats_smtp):
 
 
 @pytest_twisted.inlineCallbacks
-def test_over_max_payload_is_552(nats_server, nats_smtp):
+def test_over_max_payload_is_552(nats_server, deliver_to):
     """The server's 1 MiB max_payload: SIZE= and the message itself get 552."""
-    handler, port = nats_smtp(
+    handler, port = deliver_to(
         f"nats://127.0.0.1:{nats_server.port}?subject=big.in&stream=BIG"
     )
     yield handler.publisher.when_ready()
@@ -156,17 +142,17 @@ def test_over_max_payload_is_552(nats_server, nats_smtp):
 
 
 @pytest_twisted.inlineCallbacks
-def test_server_down_is_451(nats_smtp):
-    _, port = nats_smtp(f"nats://127.0.0.1:{free_port()}?subject=s")
+def test_server_down_is_451(deliver_to):
+    _, port = deliver_to(f"nats://127.0.0.1:{free_port()}?subject=s")
     code, text = yield threads.deferToThread(send, port, b"Subject: x\r\n\r\nx\r\n")
     assert (451, True) == (code, text.startswith(b"4.4.1")), text
 
 
 @pytest_twisted.inlineCallbacks
-def test_down_with_spool_is_250_then_forwarded(nats_server, nats_smtp, tmp_path):
+def test_down_with_spool_is_250_then_forwarded(nats_server, deliver_to, tmp_path):
     relay = TCPRelay(nats_server.port)
     try:
-        handler, port = nats_smtp(
+        handler, port = deliver_to(
             f"nats://127.0.0.1:{relay.port}?subject=later.in&stream=LATER",
             spool_dir=str(tmp_path / "spool"),
             timeout=5,

@@ -32,23 +32,9 @@ def client(redis_server):
         yield client
 
 
-@pytest.fixture
-def redis_smtp(listen):
-    handlers = []
-
-    def start(target: str, **options):
-        handler = handler_from_target(target, DeliverOptions(**options), reactor)
-        handlers.append(handler)
-        return handler, listen(handler)
-
-    yield start
-    for handler in handlers:
-        handler.stop()
-
-
 @pytest_twisted.inlineCallbacks
-def test_250_after_xadd_with_envelope_fields(redis_server, client, redis_smtp):
-    _, port = redis_smtp(f"redis://127.0.0.1:{redis_server.port}/0?stream=mail")
+def test_250_after_xadd_with_envelope_fields(redis_server, client, deliver_to):
+    _, port = deliver_to(f"redis://127.0.0.1:{redis_server.port}/0?stream=mail")
     reply = yield threads.deferToThread(
         send, port, b"Subject: r\r\n\r\nredis\r\n", ("c@d.example", "e@f.example")
     )
@@ -64,25 +50,25 @@ def test_250_after_xadd_with_envelope_fields(redis_server, client, redis_smtp):
 
 @pytest_twisted.inlineCallbacks
 def test_rediss_verifies_the_server_with_deliver_ca(
-    redis_server, client, redis_smtp, certificates
+    redis_server, client, deliver_to, certificates
 ):
     """rediss:// with --deliver-ca: 250; without it the test CA is not
     trusted, so the handshake fails and the client gets 451."""
     target = f"rediss://localhost:{redis_server.extra_ports['tls']}/3?stream=tls"
-    _, port = redis_smtp(target, ca_file=str(certificates["ca"]))
+    _, port = deliver_to(target, ca_file=str(certificates["ca"]))
     reply = yield threads.deferToThread(send, port, b"Subject: t\r\n\r\ntls\r\n")
     message_id = queued_id(reply)
     client.select(3)
     assert [message_id.encode()] == [f[b"id"] for _, f in client.xrange("tls")]
-    _, port = redis_smtp(target)
+    _, port = deliver_to(target)
     code, text = yield threads.deferToThread(send, port, b"Subject: u\r\n\r\nu\r\n")
     assert (451, True) == (code, text.startswith(b"4.4.1")), text
     assert 1 == client.xlen("tls")
 
 
 @pytest_twisted.inlineCallbacks
-def test_maxlen_trims_the_stream(redis_server, client, redis_smtp):
-    _, port = redis_smtp(
+def test_maxlen_trims_the_stream(redis_server, client, deliver_to):
+    _, port = deliver_to(
         f"redis://127.0.0.1:{redis_server.port}/1?stream=short&maxlen=2"
     )
     ids = []
@@ -96,9 +82,9 @@ def test_maxlen_trims_the_stream(redis_server, client, redis_smtp):
 
 
 @pytest_twisted.inlineCallbacks
-def test_out_of_memory_is_451_not_250(redis_server, client, redis_smtp):
+def test_out_of_memory_is_451_not_250(redis_server, client, deliver_to):
     """Redis refuses the write (maxmemory, noeviction): 451 4.3.0."""
-    _, port = redis_smtp(f"redis://127.0.0.1:{redis_server.port}/0?stream=oom")
+    _, port = deliver_to(f"redis://127.0.0.1:{redis_server.port}/0?stream=oom")
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("maxmemory", "1")
     try:
@@ -110,10 +96,10 @@ def test_out_of_memory_is_451_not_250(redis_server, client, redis_smtp):
 
 
 @pytest_twisted.inlineCallbacks
-def test_too_few_replicas_is_451(redis_server, client, redis_smtp):
+def test_too_few_replicas_is_451(redis_server, client, deliver_to):
     """replicas=1 and no replica answers WAIT in time: no 250 (the entry is
     on the primary only, which replicas=1 says is not enough)."""
-    _, port = redis_smtp(
+    _, port = deliver_to(
         f"redis://127.0.0.1:{redis_server.port}/4?stream=safe&replicas=1", timeout=1
     )
     code, text = yield threads.deferToThread(send, port, b"Subject: x\r\n\r\nx\r\n")
@@ -121,19 +107,19 @@ def test_too_few_replicas_is_451(redis_server, client, redis_smtp):
 
 
 @pytest_twisted.inlineCallbacks
-def test_server_down_is_451(redis_smtp):
-    _, port = redis_smtp(f"redis://127.0.0.1:{free_port()}/0?stream=s")
+def test_server_down_is_451(deliver_to):
+    _, port = deliver_to(f"redis://127.0.0.1:{free_port()}/0?stream=s")
     code, text = yield threads.deferToThread(send, port, b"Subject: x\r\n\r\nx\r\n")
     assert (451, True) == (code, text.startswith(b"4.4.1")), text
 
 
 @pytest_twisted.inlineCallbacks
 def test_down_with_spool_is_250_then_forwarded(
-    redis_server, client, redis_smtp, tmp_path
+    redis_server, client, deliver_to, tmp_path
 ):
     relay = TCPRelay(redis_server.port)
     try:
-        handler, port = redis_smtp(
+        handler, port = deliver_to(
             f"redis://127.0.0.1:{relay.port}/2?stream=later",
             spool_dir=str(tmp_path / "spool"),
         )
