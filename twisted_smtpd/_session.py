@@ -53,6 +53,10 @@ class State(enum.Enum):
     DATA = "data"  # reading the message
     CHUNKING = "chunking"  # between BDAT chunks of a message (RFC 3030)
 
+    # Members are singletons compared by identity: hash them the same way
+    # (Enum's own __hash__ is Python code, run per command for ALLOWED).
+    __hash__ = object.__hash__
+
 
 _ANYTIME = frozenset({"NOOP", "QUIT", "RSET", "HELO", "EHLO", "VRFY", "HELP", "EXPN"})
 

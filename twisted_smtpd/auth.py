@@ -4,8 +4,10 @@ SMTP AUTH (RFC 4954): SASL PLAIN, LOGIN and CRAM-MD5 over C{twisted.cred}.
 
 A mechanism is a generator that turns the AUTH line and the client's
 continuation lines into C{twisted.cred} credentials; the portal checks them,
-and the avatar becomes C{envelope.auth}.  The protocol runs the exchange as
-an input mode and owns the delay before each C{535}.
+and the avatar becomes C{envelope.auth}.  L{AuthPolicy} starts an exchange
+and judges the credentials; L{AuthExchange} runs one for the protocol: the
+client's answers as an input mode, the check while input is held, and the
+delay before each C{535} (cancelled with the connection).
 """
 
 from __future__ import annotations
@@ -29,14 +31,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from ._input import LineMode
+from ._peer import peer_host
 from .replies import (
+    R235_AUTH_OK,
     R334_CHALLENGE,
+    R421_AUTH_FAILURES,
+    R454_AUTH_RATE_LIMITED,
     R454_AUTH_TEMPORARY,
+    R500_AUTH_LINE_TOO_LONG,
     R501_AUTH_BASE64,
     R501_AUTH_CANCELLED,
     R501_SYNTAX_AUTH,
     R503_ALREADY_AUTH,
     R504_UNKNOWN_MECHANISM,
+    R535_AUTH_FAILED,
     R538_AUTH_NEEDS_TLS,
     Reply,
     SMTPError,
@@ -45,10 +54,13 @@ from .replies import (
 
 if TYPE_CHECKING:
     from ._session import Session
+    from .protocol import SMTPServerProtocol
 
-__all__ = ["AuthPolicy", "IAuthenticatedSender", "MECHANISMS"]
+__all__ = ["AuthPolicy", "AuthExchange", "IAuthenticatedSender", "MECHANISMS"]
 
 _log = Logger()
+# The exchange's lines are the session's: logged where the protocol logs.
+_session_log = Logger(namespace="twisted_smtpd.protocol")
 
 
 class IAuthenticatedSender(Interface):
@@ -257,3 +269,143 @@ class AuthPolicy:
             session_id=session_id,
         )
         return R454_AUTH_TEMPORARY
+
+
+class AuthExchange:
+    """One AUTH command, run for the protocol from start to 235 or 535.
+
+    The client's answers to the challenges are read as their own input mode
+    (a line mode bounded by C{max_auth_line}, never logged); the credentials
+    check and the delay before a 535 hold the input behind them.  The
+    delay is the protocol's pending wait, so C{connectionLost} cancels it.
+
+    Args:
+        protocol: the session's protocol.
+        policy: the factory's L{AuthPolicy}.
+    """
+
+    __slots__ = ("_protocol", "_policy", "_sasl")
+
+    def __init__(self, protocol: SMTPServerProtocol, policy: AuthPolicy) -> None:
+        self._protocol = protocol
+        self._policy = policy
+        self._sasl: Any = None
+
+    def start(self, argument: str) -> None:
+        """C{AUTH argument}.
+
+        Raises:
+            SMTPError: the AUTH command itself is refused.
+        """
+        protocol = self._protocol
+        factory = protocol.factory
+        limiter = factory.auth_limiter
+        if limiter is not None and limiter.blocked(
+            peer_host(protocol.session.peer) or ""
+        ):
+            self._ended(False)
+            protocol.reply(R454_AUTH_RATE_LIMITED)
+            return
+        self._sasl = self._policy.start(protocol.session, argument, factory.hostname)
+        self._step(None)
+
+    def _step(self, answer: Optional[str]) -> None:
+        protocol = self._protocol
+        try:
+            result = self._policy.step(self._sasl, answer)
+        except SMTPError as error:
+            protocol._set_mode(protocol._lines)
+            self._ended(False)
+            protocol.reply(error.reply)
+            return
+        if isinstance(result, Reply):  # a challenge: the answer is a SASL line
+            if protocol._mode is protocol._lines:
+                limit = protocol.limits.max_auth_line - 2
+                mode = LineMode(protocol, self._answered, self._too_long, limit)
+                protocol._set_mode(mode)
+            protocol.reply(result)
+            return
+        protocol._set_mode(protocol._lines)
+        if result is None:
+            self._failed(None)
+            return
+        login = self._policy.login(result)
+        protocol._hold(login)
+        login.addCallbacks(
+            protocol._complete,
+            protocol._complete,
+            (self._authenticated,),
+            errbackArgs=(self._failed,),
+        )
+        login.addErrback(protocol._unexpected)
+
+    def _answered(self, protocol: SMTPServerProtocol, line: bytes) -> None:
+        """A client's answer to a challenge (never logged)."""
+        if protocol._debug:
+            _session_log.info(
+                "smtpd {session_id} <<< ****", session_id=protocol.session.session_id
+            )
+        self._step(line.decode("ascii", "replace").strip())
+
+    def _too_long(self, protocol: SMTPServerProtocol, line: bytes) -> None:
+        protocol._set_mode(protocol._lines)
+        self._ended(False)
+        protocol.reply(R500_AUTH_LINE_TOO_LONG)
+
+    def _authenticated(self, avatar: Any) -> None:
+        session = self._protocol.session
+        session.authenticated(avatar)
+        _session_log.info(
+            "smtpd session {session_id} authenticated as {identity}",
+            session_id=session.session_id,
+            identity=avatar,
+        )
+        self._ended(True)
+        self._protocol.reply(R235_AUTH_OK)
+
+    def _failed(self, failure: Optional[Failure]) -> None:
+        protocol = self._protocol
+        session = protocol.session
+        if failure is not None:
+            reply = self._policy.error_reply(failure, session.session_id)
+            if reply is not None:
+                self._ended(False)
+                protocol.reply(reply)
+                return
+        session.auth_failures += 1
+        _session_log.info(
+            "smtpd session {session_id}: authentication failed ({count})",
+            session_id=session.session_id,
+            count=session.auth_failures,
+        )
+        limiter = protocol.factory.auth_limiter
+        host = peer_host(session.peer)
+        if limiter is not None and host is not None and limiter.failed(host):
+            _session_log.warn(
+                "smtpd: {host} reached the AUTH failure limit ({limit}):"
+                " AUTH refused for {window:g} s",
+                host=host,
+                limit=limiter.describe(),
+                window=limiter.window,
+            )
+        delay = self._policy.failure_delay * session.auth_failures
+        if delay > 0:
+            call = protocol.factory.reactor.callLater(
+                delay, protocol._complete, None, self._refused
+            )
+            protocol._hold(call)
+        else:
+            self._refused(None)
+
+    def _refused(self, _: Any) -> None:
+        protocol = self._protocol
+        self._ended(False)
+        protocol.reply(R535_AUTH_FAILED)
+        if protocol.session.auth_failures >= self._policy.max_failures:
+            hostname = protocol.factory.hostname
+            protocol.close_with(fill(R421_AUTH_FAILURES, hostname=hostname))
+
+    def _ended(self, ok: bool) -> None:
+        events = self._protocol._events
+        if events is not None:
+            events.auth_attempt(ok)

@@ -25,8 +25,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from OpenSSL.SSL import Error as TLSError
-from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IPushProducer,
@@ -42,16 +41,23 @@ from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
 from ._delivery import HandlerHooks, Message
 from ._fastwrite import can_write_directly, write_directly
+from ._hooks import (
+    HandlerTimedOut,
+    deadline_over,
+    failure_reply,
+    message_outcomes,
+    queue_id,
+)
 from ._input import DROP, ChunkMode, DataMode, LineMode, RawMode
-from ._outcomes import recipient_outcomes, single_reply
-from ._sanitize import safe_queue_id, safe_reply
+from ._outcomes import single_reply
+from ._peer import address_text, forward_client, peer_host
 from ._session import Envelope, Session, TLSInfo, received_header
-from ._xclient import UNKNOWN, XClientUpdate, parse_xclient
+from ._xclient import parse_xclient
+from .auth import AuthExchange
 from .replies import (
     R214_HELP,
     R220_STARTTLS,
     R221_BYE,
-    R235_AUTH_OK,
     R250_CHUNK_OK,
     R250_HELO,
     R250_OK,
@@ -61,15 +67,11 @@ from .replies import (
     R250_SENDER_OK,
     R252_CANNOT_VRFY,
     R354_START_INPUT,
-    R421_AUTH_FAILURES,
     R421_HANDLER_TIMEOUT,
     R421_SESSION_TOO_LONG,
     R421_SHUTTING_DOWN,
     R421_TIMEOUT,
-    R451_HANDLER_TIMEOUT,
     R451_LOCAL_ERROR,
-    R454_AUTH_RATE_LIMITED,
-    R500_AUTH_LINE_TOO_LONG,
     R500_LINE_TOO_LONG,
     R500_UNKNOWN_COMMAND,
     R500_USE_LHLO,
@@ -79,7 +81,6 @@ from .replies import (
     R501_SYNTAX_XCLIENT,
     R502_NOT_IMPLEMENTED,
     R503_ALREADY_TLS,
-    R535_AUTH_FAILED,
     R550_XCLIENT_DENIED,
     R552_TOO_BIG,
     Reply,
@@ -89,6 +90,7 @@ from .replies import (
 
 if TYPE_CHECKING:
     from .factory import SMTPFactory
+    from .rdns import ClientName
 
 # HandlerHooks and received_header lived here; re-exported for one release.
 __all__ = [
@@ -659,7 +661,7 @@ class _Wire(LineReceiver, TimeoutMixin):
         timeout = self.limits.handler_timeout
         if timeout:
             deadline = self.factory.reactor.callLater(timeout, result.cancel)
-            result.addBoth(_deadline_over, deadline, name, timeout)
+            result.addBoth(deadline_over, deadline, name, timeout)
         result.addCallbacks(
             self._complete,
             self._complete,
@@ -736,40 +738,13 @@ class _Wire(LineReceiver, TimeoutMixin):
     def _reply_failure(self, failure: Failure) -> None:
         self.reply(self.failure_reply(failure))
 
-    def _safe_reply(self, reply: Reply) -> Reply:
-        """A handler's reply made safe for the wire, a log line if changed."""
-        safe, changes = safe_reply(reply)
-        if changes:
-            _log.warn(
-                "smtpd {session_id}: handler reply changed: {changes}",
-                session_id=self.session.session_id,
-                changes="; ".join(changes),
-            )
-        return safe
-
     def failure_reply(self, failure: Failure) -> Reply:
         """The handler's SMTPError reply, or 451 with the failure logged.
 
         The handler's reply is made safe for the wire first (no CR, LF
         smuggling, bounded lines, a refusal code): see L{safe_reply}.
         """
-        if failure.check(SMTPError):
-            return self._safe_reply(failure.value.reply)
-        if failure.check(HandlerTimedOut):
-            _log.warn(
-                "smtpd {session_id}: handler hook {hook} timed out after"
-                " {timeout} s: cancelled, answered 451",
-                session_id=self.session.session_id,
-                hook=failure.value.hook,
-                timeout=failure.value.timeout,
-            )
-            return R451_HANDLER_TIMEOUT
-        _log.failure(
-            "smtpd {session_id}: handler failed",
-            failure,
-            session_id=self.session.session_id,
-        )
-        return R451_LOCAL_ERROR
+        return failure_reply(failure, self.session.session_id)
 
     def _unexpected(self, failure: Failure) -> None:
         _log.failure("smtpd internal error", failure)
@@ -791,8 +766,7 @@ class SMTPServerProtocol(_Wire):
     lmtp = False
     _message: Optional[Message] = None
     _started: Optional[float] = None  # greeting time, when events are observed
-    _name_lookup: Optional[Deferred[str]] = None  # reverse DNS of the client
-    _name_wait: Optional[Deferred[None]] = None  # a message waits for that name
+    _name: Optional[ClientName] = None  # the client's name, by reverse DNS
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -825,14 +799,14 @@ class SMTPServerProtocol(_Wire):
             _log.info(
                 "smtpd session {session_id} connected from {peer}",
                 session_id=self.session.session_id,
-                peer=_address_text(peer),
+                peer=address_text(peer),
             )
         refusal = factory.admit(self)
         if refusal is not None:
             self.close_with(refusal)
             return
-        self.session.xclient_allowed = _host(peer) in factory.xclient_hosts
-        self._look_up_name(_host(peer))
+        self.session.xclient_allowed = peer_host(peer) in factory.xclient_hosts
+        self._look_up_name(peer_host(peer))
         self.setTimeout(self.limits.timeout)
         if tls is not None:  # an ssl: listener: the handshake began at connect
             self._expect_handshake()
@@ -858,20 +832,11 @@ class SMTPServerProtocol(_Wire):
         rdns = self.factory.reverse_dns
         if rdns is None or host is None:
             return
-        lookup = self._name_lookup = rdns.lookup(host)
-        lookup.addCallback(self._named, lookup)
+        if self._name is None:
+            from .rdns import ClientName
 
-    def _named(self, name: str, lookup: Deferred[str]) -> None:
-        if self._name_lookup is not lookup:
-            return  # XCLIENT named another client meanwhile
-        self._name_lookup = None
-        session = self.session
-        session.peer_name = name
-        if session.envelope is not None:  # made at MAIL, before the answer
-            session.envelope.peer_name = name
-        wait, self._name_wait = self._name_wait, None
-        if wait is not None:
-            wait.callback(None)
+            self._name = ClientName(rdns, self.session)
+        self._name.look_up(host)
 
     def _wait_for_name(self, method: Callable[..., None], argument: str) -> bool:
         """Run C{method(argument)} again once the client's name is known.
@@ -879,9 +844,9 @@ class SMTPServerProtocol(_Wire):
         The C{Received:} header of the message needs it; input is held until
         then (the lookup ends within its own timeout).
         """
-        if self._name_lookup is None:
+        wait = None if self._name is None else self._name.wait()
+        if wait is None:
             return False
-        wait = self._name_wait = Deferred()
         self._hold(wait)
         wait.addCallback(self._complete, self._run_again, method, argument)
         wait.addErrback(self._unexpected)
@@ -1130,29 +1095,14 @@ class SMTPServerProtocol(_Wire):
 
     def _stored(self, result: Any, envelope: Envelope, receiver: Any) -> None:
         """The handler's result: one reply, or one per recipient (LMTP)."""
+        session_id = self.session.session_id
         if not self.lmtp and not isinstance(result, Mapping):
-            self.reply(
-                fill(R250_QUEUED, queue_id=self._safe_queue_id(result, envelope))
-            )
+            queued = queue_id(result, envelope, session_id)
+            self.reply(fill(R250_QUEUED, queue_id=queued))
             self.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
             self._message_done(envelope, "accepted", "accepted")
             return
-        if isinstance(result, Mapping):
-            result = {
-                recipient: self._safe_outcome(outcome, envelope)
-                for recipient, outcome in result.items()
-            }
-        elif result:
-            result = self._safe_queue_id(result, envelope)
-        outcomes = recipient_outcomes(result, envelope.rcpt_tos, envelope.message_id)
-        for outcome in outcomes:
-            if outcome.unexpected is not None:
-                _log.failure(
-                    "smtpd {session_id}: handler failed for {recipient}",
-                    Failure(outcome.unexpected),
-                    session_id=self.session.session_id,
-                    recipient=outcome.recipient,
-                )
+        outcomes = message_outcomes(result, envelope, session_id)
         if self.lmtp:
             for outcome in outcomes:
                 self.reply(outcome.reply)
@@ -1174,17 +1124,6 @@ class SMTPServerProtocol(_Wire):
         """C{reply} to the end of the data: once, or per recipient in LMTP."""
         for _ in envelope.rcpt_tos if self.lmtp else (None,):
             self.reply(reply)
-
-    def _safe_queue_id(self, queue_id: Any, envelope: Envelope) -> str:
-        return _queue_id(queue_id, envelope, self.session.session_id)
-
-    def _safe_outcome(self, outcome: Any, envelope: Envelope) -> Any:
-        """One recipient's outcome with its refusal or queue id made safe."""
-        if isinstance(outcome, SMTPError):
-            return SMTPError(self._safe_reply(outcome.reply))
-        if isinstance(outcome, BaseException) or not outcome:
-            return outcome
-        return self._safe_queue_id(outcome, envelope)
 
     def _not_stored(self, failure: Failure, envelope: Envelope, receiver: Any) -> None:
         if failure.check(HandlerTimedOut) and self._message is not None:
@@ -1286,33 +1225,17 @@ class SMTPServerProtocol(_Wire):
             _log.info(
                 "smtpd session {session_id}: XCLIENT refused to {peer}",
                 session_id=session.session_id,
-                peer=_address_text(session.peer),
+                peer=address_text(session.peer),
             )
             self.reply(R550_XCLIENT_DENIED)
             return
         update = parse_xclient(argument)
         self._abort_message()
-        before = session.peer
-        old_ip = _host(before) or ""
-        session.peer = _forwarded_peer(before, update)
-        if update.name is not None:
-            self._name_lookup = None  # the proxy's word replaces any lookup
-            session.peer_name = update.name
-        elif update.addr is not None and update.addr != old_ip:
-            session.peer_name = None
-            self._name_lookup = None
-            if update.addr != UNKNOWN:
-                self._look_up_name(update.addr)
-        session.xclient(update.helo, update.proto == "ESMTP", update.login)
-        ip = _host(session.peer)
-        # Postfix: the forwarded client must itself be allowed to send more.
-        session.xclient_allowed = ip in self.factory.xclient_hosts
-        _log.info(
-            "smtpd session {session_id}: XCLIENT from {proxy}: client {peer}",
-            session_id=session.session_id,
-            proxy=_address_text(before),
-            peer=_address_text(session.peer),
-        )
+        old_ip, look_up = forward_client(session, update, self.factory.xclient_hosts)
+        if look_up is not None and self._name is not None:
+            self._name.forget()  # the proxy's word replaces the lookup
+        if look_up:
+            self._look_up_name(look_up)
         refusal = self.factory.readmit(self, old_ip)
         if refusal is not None:
             self.close_with(refusal)
@@ -1329,132 +1252,12 @@ class SMTPServerProtocol(_Wire):
     def _greet_again(self, _: Any) -> None:
         self.reply(self.factory.greeting)
 
-    # -- AUTH: the policy judges, the protocol runs the exchange ---------------
+    # -- AUTH: the policy judges, an AuthExchange runs it -----------------------
     def do_AUTH(self, argument: str) -> None:
         auth = self.factory.auth
         if auth is None:
             raise SMTPError(R502_NOT_IMPLEMENTED)
-        limiter = self.factory.auth_limiter
-        if limiter is not None and limiter.blocked(_host(self.session.peer) or ""):
-            self._auth_ended(False)
-            self.reply(R454_AUTH_RATE_LIMITED)
-            return
-        exchange = auth.start(self.session, argument, self.factory.hostname)
-        self._sasl_step(exchange, None)
-
-    def _sasl_step(self, exchange: Any, answer: Optional[str]) -> None:
-        auth = self.factory.auth
-        try:
-            result = auth.step(exchange, answer)
-        except SMTPError as error:
-            self._set_mode(self._lines)
-            self._auth_ended(False)
-            self.reply(error.reply)
-            return
-        if isinstance(result, Reply):  # a challenge: the answer is a SASL line
-            if self._mode is self._lines:
-                deliver = partial(_sasl_line, exchange)
-                limit = self.limits.max_auth_line - 2
-                too_long = type(self)._sasl_too_long
-                self._set_mode(LineMode(self, deliver, too_long, limit))
-            self.reply(result)
-            return
-        self._set_mode(self._lines)
-        if result is None:
-            self._auth_failed(None)
-            return
-        login = auth.login(result)
-        self._hold(login)
-        login.addCallbacks(
-            self._complete,
-            self._complete,
-            (self._authenticated,),
-            errbackArgs=(self._auth_failed,),
-        )
-        login.addErrback(self._unexpected)
-
-    def _sasl_too_long(self, line: bytes) -> None:
-        self._set_mode(self._lines)
-        self._auth_ended(False)
-        self.reply(R500_AUTH_LINE_TOO_LONG)
-
-    def _authenticated(self, avatar: Any) -> None:
-        session = self.session
-        session.authenticated(avatar)
-        _log.info(
-            "smtpd session {session_id} authenticated as {identity}",
-            session_id=session.session_id,
-            identity=avatar,
-        )
-        self._auth_ended(True)
-        self.reply(R235_AUTH_OK)
-
-    def _auth_failed(self, failure: Optional[Failure]) -> None:
-        session = self.session
-        auth = self.factory.auth
-        if failure is not None:
-            reply = auth.error_reply(failure, session.session_id)
-            if reply is not None:
-                self._auth_ended(False)
-                self.reply(reply)
-                return
-        session.auth_failures += 1
-        _log.info(
-            "smtpd session {session_id}: authentication failed ({count})",
-            session_id=session.session_id,
-            count=session.auth_failures,
-        )
-        limiter = self.factory.auth_limiter
-        host = _host(session.peer)
-        if limiter is not None and host is not None and limiter.failed(host):
-            _log.warn(
-                "smtpd: {host} reached the AUTH failure limit ({limit}):"
-                " AUTH refused for {window:g} s",
-                host=host,
-                limit=limiter.describe(),
-                window=limiter.window,
-            )
-        delay = auth.failure_delay * session.auth_failures
-        if delay > 0:
-            call = self.factory.reactor.callLater(
-                delay, self._complete, None, self._auth_refused
-            )
-            self._hold(call)
-        else:
-            self._auth_refused(None)
-
-    def _auth_refused(self, _: Any) -> None:
-        self._auth_ended(False)
-        self.reply(R535_AUTH_FAILED)
-        if self.session.auth_failures >= self.factory.auth.max_failures:
-            self.close_with(fill(R421_AUTH_FAILURES, hostname=self.factory.hostname))
-
-    def _auth_ended(self, ok: bool) -> None:
-        if self._events is not None:
-            self._events.auth_attempt(ok)
-
-
-class HandlerTimedOut(Exception):
-    """A handler hook did not answer within C{Limits.handler_timeout}."""
-
-    def __init__(self, hook: str, timeout: float) -> None:
-        super().__init__(f"handler hook {hook} timed out after {timeout} s")
-        self.hook = hook
-        self.timeout = timeout
-
-
-def _deadline_over(result: Any, deadline: Any, hook: str, timeout: float) -> Any:
-    """The hook ended: stop its deadline; if the deadline ended it, say so.
-
-    Once the deadline has fired the hook is over whatever its Deferred then
-    gives (its canceller may even succeed): nothing is reported stored.
-    """
-    if deadline.active():
-        deadline.cancel()
-        return result
-    if isinstance(result, Failure) and not result.check(CancelledError):
-        result.cleanFailure()
-    return Failure(HandlerTimedOut(hook, timeout))
+        AuthExchange(self, auth).start(argument)
 
 
 #: HELP lists the verbs in this order
@@ -1496,20 +1299,6 @@ def _guarded_write(message: Message) -> Callable[[bytes], None]:
     return write
 
 
-def _queue_id(queue_id: Any, envelope: Envelope, session_id: str) -> str:
-    """The handler's queue id made safe for the 250, or the message id."""
-    if not queue_id:
-        return envelope.message_id
-    queue_id, changes = safe_queue_id(queue_id)
-    if changes:
-        _log.warn(
-            "smtpd {session_id}: handler's queue id changed: {changes}",
-            session_id=session_id,
-            changes="; ".join(changes),
-        )
-    return queue_id
-
-
 def _help_commands(keywords: list[str], verbs: Any) -> str:
     """The verbs HELP lists for a session with these EHLO C{keywords}."""
     usable = {
@@ -1536,13 +1325,6 @@ def _verb_table(cls: type) -> dict[str, Callable[..., None]]:
 SMTPServerProtocol._COMMANDS = _verb_table(SMTPServerProtocol)
 
 
-def _sasl_line(exchange: Any, protocol: SMTPServerProtocol, line: bytes) -> None:
-    """A client's answer in an AUTH exchange (never logged)."""
-    if protocol._debug:
-        _log.info("smtpd {session_id} <<< ****", session_id=protocol.session.session_id)
-    protocol._sasl_step(exchange, line.decode("ascii", "replace").strip())
-
-
 def _bdat_argument(argument: str) -> tuple[int, bool]:
     """C{size [LAST]} -> (size, last); 501 5.5.4 if malformed."""
     parts = argument.split()
@@ -1558,7 +1340,7 @@ def _bdat_argument(argument: str) -> tuple[int, bool]:
 
 def _log_message(session_id: str, envelope: Envelope, outcome: str) -> None:
     rcpt_count = len(envelope.rcpt_tos)
-    peer = _address_text(envelope.peer)
+    peer = address_text(envelope.peer)
     # The text is made here in one f-string: twisted.logger's formatter
     # costs about 10 us per {field}. The fields stay in the event.
     _log.info(
@@ -1577,7 +1359,7 @@ def _log_message(session_id: str, envelope: Envelope, outcome: str) -> None:
 
 
 def _log_session_closed(session: Session) -> None:
-    peer = _address_text(session.peer)
+    peer = address_text(session.peer)
     _log.info(
         "{summary}",
         summary=f"smtpd session {session.session_id} from {peer} closed"
@@ -1593,31 +1375,6 @@ def _abort_receiver(receiver: Any) -> None:
         receiver.abort()
     except Exception:
         _log.failure("smtpd: receiver.abort failed")
-
-
-def _host(address: Any) -> Optional[str]:
-    """The IP address text of a TCP peer; None for UNIX sockets and the like."""
-    host = getattr(address, "host", None)
-    return host if isinstance(host, str) else None
-
-
-def _forwarded_peer(peer: Any, update: XClientUpdate) -> Any:
-    """The client XCLIENT names: its ADDR and PORT, the rest as before."""
-    if update.addr is None and update.port is None:
-        return peer
-    host = update.addr if update.addr is not None else _host(peer) or UNKNOWN
-    port = update.port if update.port is not None else getattr(peer, "port", 0)
-    if ":" in host:
-        return IPv6Address("TCP", host, port)
-    return IPv4Address("TCP", host, port)
-
-
-def _address_text(address: Any) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _tls_error_text(error: Exception) -> str:

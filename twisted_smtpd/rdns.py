@@ -28,7 +28,7 @@ from twisted.names.error import DNSNameError
 
 from ._xclient import UNKNOWN, normalize_address, valid_hostname
 
-__all__ = ["ReverseDNS", "UNKNOWN"]
+__all__ = ["ReverseDNS", "ClientName", "UNKNOWN"]
 
 _log = Logger(namespace="twisted_smtpd.rdns")
 
@@ -181,6 +181,55 @@ class ReverseDNS:
                 if record.type == wanted and _record_address(record.payload) == host:
                     return name, min(ptr_ttl, record.ttl)
         return UNKNOWN, self.negative_ttl
+
+
+class ClientName:
+    """One session's client name: looked up at connect, awaited at a message.
+
+    It sets C{session.peer_name} (and the envelope's, if MAIL came first)
+    when the lookup ends.  XCLIENT may name another client meanwhile:
+    L{forget} drops the answer that is still coming.
+
+    Args:
+        rdns: the factory's L{ReverseDNS}.
+        session: the session to name (a L{Session}).
+    """
+
+    __slots__ = ("_rdns", "_session", "_lookup", "_wait")
+
+    def __init__(self, rdns: ReverseDNS, session: Any) -> None:
+        self._rdns = rdns
+        self._session = session
+        self._lookup: Optional[Deferred[str]] = None
+        self._wait: Optional[Deferred[None]] = None
+
+    def look_up(self, host: str) -> None:
+        """Start naming C{host}; the earlier lookup's answer no longer counts."""
+        lookup = self._lookup = self._rdns.lookup(host)
+        lookup.addCallback(self._named, lookup)
+
+    def forget(self) -> None:
+        """The name is known another way (XCLIENT): ignore the lookup."""
+        self._lookup = None
+
+    def wait(self) -> Optional[Deferred[None]]:
+        """A Deferred that fires once the name is known; None if it is."""
+        if self._lookup is None:
+            return None
+        wait = self._wait = Deferred()
+        return wait
+
+    def _named(self, name: str, lookup: Deferred[str]) -> None:
+        if self._lookup is not lookup:
+            return  # XCLIENT named another client meanwhile
+        self._lookup = None
+        session = self._session
+        session.peer_name = name
+        if session.envelope is not None:  # made at MAIL, before the answer
+            session.envelope.peer_name = name
+        wait, self._wait = self._wait, None
+        if wait is not None:
+            wait.callback(None)
 
 
 def _record_address(payload: Any) -> str:
