@@ -27,7 +27,12 @@ from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
 from twisted_smtpd import SMTPFactory
-from twisted_smtpd.fastlog import FastLogObserver, observer, twistd_observer
+from twisted_smtpd.fastlog import (
+    FastLogObserver,
+    emit_summary,
+    observer,
+    twistd_observer,
+)
 from twisted_smtpd.handlers import MemoryHandler
 from twisted_smtpd.testing import connect
 
@@ -211,6 +216,46 @@ def test_bytes_file_gets_utf8() -> None:
     twistds = io.BytesIO()
     FileLogObserver(twistds, formatEventAsClassicLogText)(event)
     assert twistds.getvalue() == out.getvalue() == "- [s] caf\u00e9\n".encode()
+
+
+def test_relayed_worker_lines_are_twistds_lines() -> None:
+    """Lines relayed from --workers ("{text}" events) are written as twistd would."""
+    events = [
+        {
+            "log_format": "{text}",
+            "text": "smtpd abc message abc-1 from <a@b> (1.2.3.4:5) ...: accepted",
+            "log_level": LogLevel.info,
+            "log_namespace": "twisted_smtpd.protocol",
+            "log_time": 1_700_000_000.5,
+            "log_system": "worker 1",
+        },
+        {"log_format": "{text}", "text": "", "log_time": 1_700_000_000.5},
+        {"log_format": "{text}", "text": b"bytes", "log_time": 1_700_000_000.5},
+    ]
+    text = _written(events)
+    assert text == _classic(events)
+    assert "[worker 1] smtpd abc message" in text
+
+
+def test_emit_summary_is_logger_emit() -> None:
+    """emit_summary gives the observers the event Logger.emit would give them."""
+    from twisted.logger import Logger
+
+    got: list[dict] = []
+    logger = Logger(namespace="twisted_smtpd.protocol", observer=got.append)
+    logger.info("{summary}", summary="the text", peer="192.0.2.1:25", size=3)
+    before = time.time()
+    emit_summary(logger, {"summary": "the text", "peer": "192.0.2.1:25", "size": 3})
+    after = time.time()
+    emit_summary(logger, {"summary": "warned"}, LogLevel.warn)
+    emitted, fast, warned = got
+    assert before <= fast.pop("log_time") <= after
+    emitted.pop("log_time")
+    assert emitted == fast
+    assert LogLevel.warn is warned["log_level"]
+    assert "- [twisted_smtpd.protocol#warn] warned\n" == _classic(
+        [{**warned, "log_time": None}]
+    )
 
 
 # twistd's own choice of observer, with this plugin

@@ -25,18 +25,36 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from time import time
 from typing import IO, Any, Optional
 
-from twisted.logger import ILogObserver, LogEvent, formatEventAsClassicLogText
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    formatEventAsClassicLogText,
+)
 from twisted.logger import formatTime as _format_time
 from twisted.python.compat import ioType
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
-__all__ = ["FastLogObserver", "observer", "twistd_observer", "PREFORMATTED"]
+__all__ = [
+    "FastLogObserver",
+    "PREFORMATTED",
+    "emit_summary",
+    "observer",
+    "twistd_observer",
+]
 
 #: the C{log_format} of an event whose text is its C{summary} field
 PREFORMATTED = "{summary}"
+
+
+#: formats whose text is one field, written as it is: the plugin's lines
+#: (C{"{summary}"}) and the lines relayed from C{--workers} (C{"{text}"})
+_TEXT_FIELDS = {PREFORMATTED: "summary", "{text}": "text"}
 
 
 @implementer(ILogObserver)
@@ -51,42 +69,70 @@ class FastLogObserver:
         self._stamp = "-"
 
     def __call__(self, event: LogEvent) -> None:
-        text = self._line(event)
-        if text:
-            if self._encoding is None:
-                self._out.write(text)
-            else:
-                self._out.write(text.encode(self._encoding))
-            self._out.flush()
+        field = _TEXT_FIELDS.get(event.get("log_format", ""))
+        text = None if field is None else event.get(field)
+        if text.__class__ is not str or "log_failure" in event:
+            line = formatEventAsClassicLogText(event)
+            if not line:
+                return
+        elif not text:
+            return
+        else:
+            line = self._line(event, text)
+        if self._encoding is None:
+            self._out.write(line)
+        else:
+            self._out.write(line.encode(self._encoding))
+        self._out.flush()
 
-    def _line(self, event: LogEvent) -> Optional[str]:
-        summary = event.get("summary")
-        if (
-            event.get("log_format") != PREFORMATTED
-            or summary.__class__ is not str
-            or "log_failure" in event
-        ):
-            return formatEventAsClassicLogText(event)
-        if not summary:
-            return None
+    def _line(self, event: LogEvent, text: str) -> str:
+        """What C{formatEventAsClassicLogText} makes of C{event}, whose text
+        is C{text}: stamp, system, text."""
         when = event.get("log_time")
         if when is None:
             stamp = "-"
         else:
             second = int(when)
-            if second != self._second:
+            if second == self._second:
+                stamp = self._stamp
+            else:
                 # RFC 3339 to the second: the same text for the whole second.
-                self._stamp = _format_time(when)
+                stamp = self._stamp = _format_time(when)
                 self._second = second
-            stamp = self._stamp
         system = event.get("log_system")
         if system is None:
             level = event.get("log_level")
             name = "-" if level is None else level.name
             system = f"{event.get('log_namespace', '-')}#{name}"
-        if "\n" in summary:
-            summary = summary.replace("\n", "\n\t")
-        return f"{stamp} [{system}] {summary}\n"
+        if "\n" in text:
+            text = text.replace("\n", "\n\t")
+        return f"{stamp} [{system}] {text}\n"
+
+
+def emit_summary(
+    logger: Logger, event: dict[str, Any], level: LogLevel = LogLevel.info
+) -> None:
+    """C{logger.emit(level, "{summary}", **event)}, for less CPU.
+
+    The same event reaches the same observers (C{event}'s fields, its
+    C{summary} and the C{log_*} keys C{Logger.emit} adds), without
+    C{Logger.emit}'s own work: a check of the level that sorts
+    C{LogLevel}'s constants on every call, the keyword arguments, a dict
+    update.  About 4 µs less per line in the server (bench/README.rst).
+
+    Args:
+        logger: the logger whose observer gets the event.
+        event: the fields, C{summary} (the whole text) among them; taken,
+            not copied.
+        level: a L{LogLevel} constant.
+    """
+    event["log_logger"] = logger
+    event["log_level"] = level
+    event["log_namespace"] = logger.namespace
+    event["log_source"] = logger.source
+    event["log_format"] = PREFORMATTED
+    event["log_time"] = time()
+    logger.observer(event)
 
 
 def observer() -> FastLogObserver:
