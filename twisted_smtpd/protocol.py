@@ -980,7 +980,8 @@ class SMTPServerProtocol(_Wire):
     def do_RCPT(self, argument: str) -> None:
         envelope = self.session.envelope
         assert envelope is not None
-        address, params = parse_rcpt(argument, envelope.smtputf8, self.factory.dsn)
+        smtputf8 = "SMTPUTF8" in envelope.mail_options  # (Envelope.smtputf8)
+        address, params = parse_rcpt(argument, smtputf8, self.factory.dsn)
         self.session.check_recipient_count()
         if self._hooks.check_recipient is None:
             self._recipient_ok(None, address, params)
@@ -1114,7 +1115,10 @@ class SMTPServerProtocol(_Wire):
         """The handler's result: one reply, or one per recipient (LMTP)."""
         session_id = self.session.session_id
         if not self.lmtp and (result is None or not isinstance(result, Mapping)):
-            queued = queue_id(result, envelope, session_id)
+            if result:
+                queued = queue_id(result, envelope, session_id)
+            else:
+                queued = envelope.message_id  # what queue_id gives, one call less
             self.reply(fill(R250_QUEUED, queue_id=queued))
             self.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
             self._message_done(envelope, "accepted", "accepted")
