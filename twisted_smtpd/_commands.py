@@ -51,11 +51,18 @@ def decode_line(line: bytes) -> str:
         return line.decode("utf-8", "surrogateescape")
 
 
+#: builds a Command without NamedTuple's Python-level __new__ (per line)
+_new_command = tuple.__new__
+
+
 def parse_command(line: bytes) -> Command:
     """Split a command line (without CRLF) into verb and argument."""
-    text = decode_line(line)
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        text = line.decode("utf-8", "surrogateescape")
     verb, _, argument = text.partition(" ")
-    return Command(verb.upper(), argument.strip(" "))
+    return _new_command(Command, (verb.upper(), argument.strip(" ")))
 
 
 # RFC 5321 4.1.2 / RFC 6531 3.3 -------------------------------------------------
