@@ -23,7 +23,7 @@ SERVERS = ("twisted_smtpd", "twisted_mail", "aiosmtpd")
 #: optional variants, only with --servers (extra columns in the tables)
 EXTRA_SERVERS = (
     "twisted_smtpd_quiet",
-    "twisted_smtpd_fastlog",
+    "twisted_smtpd_textlog",
     "twisted_smtpd_baseline",
     "floor",
 )
@@ -37,7 +37,7 @@ LABELS = {
     "twisted_mail": "twisted.mail",
     "aiosmtpd": "aiosmtpd",
     "twisted_smtpd_quiet": "ts --quiet",
-    "twisted_smtpd_fastlog": "ts fastlog",
+    "twisted_smtpd_textlog": "ts textlog",
     "twisted_smtpd_baseline": "ts baseline",
     "floor": "Twisted floor*",
 }
@@ -47,7 +47,7 @@ LABELS = {
 TWISTED_SMTPD_VARIANTS = (
     "twisted_smtpd",
     "twisted_smtpd_quiet",
-    "twisted_smtpd_fastlog",
+    "twisted_smtpd_textlog",
     "twisted_smtpd_baseline",
 )
 
@@ -129,21 +129,21 @@ class Server:
     def argv(self) -> list[str]:
         py = sys.executable
         if self.name in TWISTED_SMTPD_VARIANTS:
-            # Same log observer as the twisted.mail server; the _quiet variant
-            # adds --quiet (no line per session or accepted message).
-            # The _fastlog variant logs the same lines through twisted_smtpd.fastlog.
-            observer = (
-                "fast_observer" if self.name == "twisted_smtpd_fastlog" else "observer"
-            )
-            logging = ["--logger", f"bench.servers.devnull_log.{observer}"]
-            quiet = ["--quiet"] if self.name == "twisted_smtpd_quiet" else []
+            # As a user runs it: twistd -n, its log on standard output (which
+            # start() points at os.devnull), through the plugin's default
+            # observer (twisted_smtpd.fastlog).  _quiet adds --quiet (no line
+            # per session or accepted message); _textlog logs the same lines
+            # through twistd's own text observer (--twistd-log).
+            variant = {
+                "twisted_smtpd_quiet": ["--quiet"],
+                "twisted_smtpd_textlog": ["--twistd-log"],
+            }.get(self.name, [])
             argv = [
                 *twistd(),
                 "-n",
                 "--pidfile=",
-                *logging,
                 "smtpd",
-                *quiet,
+                *variant,
                 "--port",
                 f"tcp:{self.port}:interface=127.0.0.1:backlog=1024",
                 "--hostname",
@@ -193,10 +193,13 @@ class Server:
             tree + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
         self._log = open(self.log_path, "wb")
+        # twistd -n logs to standard output: the log lines are written (and
+        # paid for) but not kept; start-up errors (stderr) are.
+        logs_to_stdout = self.name in TWISTED_SMTPD_VARIANTS
         self.proc = spawn(
             pinned(self.opts.server_cpu, self.argv()),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.DEVNULL if logs_to_stdout else self._log,
+            stderr=self._log if logs_to_stdout else subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
             cwd=self.opts.workdir,

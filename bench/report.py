@@ -180,7 +180,6 @@ def targets(summary: dict) -> list[dict]:
             floor_share = 0.5 if key == "pipelined" else 0.7
             rate_check(key, "twisted_smtpd_quiet", "floor", floor_share, "msgs/s")
             rate_check(key, "twisted_smtpd", "twisted_mail", 1.5, "msgs/s")
-            rate_check(key, "twisted_smtpd_fastlog", "twisted_mail", 1.5, "msgs/s")
     if "100k" in summary:
         rate_check("100k", "twisted_smtpd", "twisted_mail", 3, "msgs/s")
     if "10m" in summary:
@@ -228,7 +227,7 @@ def verdict(check: dict) -> str:
 _SHORT = {
     "twisted_smtpd": "ts",
     "twisted_smtpd_quiet": "ts-quiet",
-    "twisted_smtpd_fastlog": "ts-fast",
+    "twisted_smtpd_textlog": "ts-text",
     "twisted_smtpd_baseline": "ts-base",
     "twisted_mail": "tm",
     "aiosmtpd": "aio",
@@ -246,7 +245,7 @@ def paired_table(results: dict, keys: list[str]) -> str:
                 (ours, theirs)
                 for ours in (
                     "twisted_smtpd",
-                    "twisted_smtpd_fastlog",
+                    "twisted_smtpd_textlog",
                     "twisted_smtpd_quiet",
                 )
                 for theirs in ("twisted_mail", "aiosmtpd", "floor")

@@ -298,7 +298,7 @@ def compare(opts: argparse.Namespace, started: float) -> int:
             (ours, other): paired_ratio(key, results[key][ours], runs)
             for ours in (
                 "twisted_smtpd",
-                "twisted_smtpd_fastlog",
+                "twisted_smtpd_textlog",
                 "twisted_smtpd_quiet",
             )
             if ours in results[key]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -832,3 +834,160 @@ class TestDSNParameters:
     def test_rcpt_bad_values(self, param: str, name: str) -> None:
         """Bad NOTIFY/ORCPT values are 501 5.5.4 naming the parameter."""
         assert bad_parameter(name) == rcpt_error(f"TO:<a@b.example> {param}")
+
+
+# -- the fast path for common MAIL/RCPT shapes agrees with the full parser ------
+def _outcome(parse: Any, *args: Any) -> Any:
+    """What a parser gives: its result, or the reply it refuses with."""
+    try:
+        return ("ok", parse(*args))
+    except SMTPError as error:
+        return ("refused", error.reply)
+
+
+_EDGE_PATHS = [
+    "<>",
+    "<a@b>",
+    "<a@example.org>",
+    "<A.B-c+d@Example.ORG>",
+    "<a..b@c>",
+    "<.a@b>",
+    "<a.@b>",
+    "<a@b.>",
+    "<a@-b>",
+    "<a@b->",
+    "<a@b_c>",
+    "<a@[127.0.0.1]>",
+    "<a@[IPv6:::1]>",
+    '<"a b"@c>',
+    '<"a\\"b"@c>',
+    "<@r.example:a@b>",
+    "<@r1,@r2:a@b>",
+    "<postmaster>",
+    "<Postmaster>",
+    "<a@b",
+    "a@b>",
+    "a@b",
+    "<a@b>>",
+    "<<a@b>>",
+    "<a@@b>",
+    "<a b@c>",
+    "<é@b>",
+    "<a@é.org>",
+    "<a@b\udcff>",
+    "<" + "l" * 64 + "@b>",
+    "<" + "l" * 65 + "@b>",
+    "<a@" + ".".join(["d" * 63] * 4) + ">",
+    "<a@" + ".".join(["d" * 63] * 4) + "x>",
+    "<" + "l" * 64 + "@" + ".".join(["d" * 63] * 3) + ".dd>",
+    "<" + "l" * 64 + "@" + ".".join(["d" * 63] * 3) + ".ddd>",
+]
+_EDGE_PARAMS = [
+    "",
+    " ",
+    "  ",
+    " SIZE=1000",
+    " size=1000",
+    " SIZE=1000 BODY=8BITMIME",
+    " SIZE=99999999999999999999999",
+    " SIZE=x",
+    " BODY=8bitmime",
+    " BODY=BINARY",
+    " SMTPUTF8",
+    " SMTPUTF8=1",
+    " RET=HDRS ENVID=abc",
+    " NOTIFY=SUCCESS,FAILURE",
+    " NOTIFY=NEVER,SUCCESS",
+    " ORCPT=rfc822;a@b",
+    " ORCPT=rfc822",
+    " AUTH=<>",
+    " XFOO=1",
+    " =1",
+    " SIZE=1\tBODY=7BIT",
+    " SIZE=1\nBODY=7BIT",
+    "\tSIZE=1",
+    ' X="y>"',
+    ' ENVID="q\\\\"',
+    " SIZE=é",
+]
+_EDGE_PREFIXES = {
+    "MAIL": ["FROM:", "from:", "FrOm:", "FROM: ", "FROM :", "FROM", "FRO:", ""],
+    "RCPT": ["TO:", "to:", "tO:", "TO: ", "TO :", "TO", ""],
+}
+
+
+def _agree(verb: str, argument: str) -> None:
+    """The public parser (with its fast path) and the full parser agree."""
+    from twisted_smtpd._commands import _parse_mail_full, _parse_rcpt_full
+
+    for dsn in (True, False):
+        if verb == "MAIL":
+            assert _outcome(parse_mail, argument, dsn) == _outcome(
+                _parse_mail_full, argument, dsn
+            ), (argument, dsn)
+            continue
+        for smtputf8 in (True, False):
+            assert _outcome(parse_rcpt, argument, smtputf8, dsn) == _outcome(
+                _parse_rcpt_full, argument, smtputf8, dsn
+            ), (argument, smtputf8, dsn)
+
+
+class TestFastPathAgrees:
+    """C{parse_mail}/C{parse_rcpt} take a one-match path for the common shapes;
+    every reply, value and parameter must be what the full parser gives."""
+
+    @pytest.mark.parametrize("verb", ["MAIL", "RCPT"])
+    def test_edge_table(self, verb: str) -> None:
+        for prefix in _EDGE_PREFIXES[verb]:
+            for path in _EDGE_PATHS:
+                for params in _EDGE_PARAMS:
+                    _agree(verb, prefix + path + params)
+
+    def test_fast_path_taken(self) -> None:
+        """The common shapes really take it (else this proves nothing)."""
+        from twisted_smtpd._commands import _SIMPLE_MAIL, _SIMPLE_RCPT
+
+        assert _SIMPLE_MAIL.match("FROM:<a@example.org>")
+        assert _SIMPLE_MAIL.match("FROM:<> SIZE=10")
+        assert _SIMPLE_RCPT.match("TO:<b@example.org> NOTIFY=NEVER")
+        assert parse_mail("from:<a.b@c.d> SIZE=10") == ("a.b@c.d", {"SIZE": "10"})
+        assert parse_rcpt("To:<b@c>", False) == ("b@c", {})
+
+    def test_fresh_parameters_each_time(self) -> None:
+        """Envelopes keep the dict: a shared one would leak between them."""
+        first = parse_mail("FROM:<a@b>")[1]
+        first["X"] = "1"
+        assert parse_mail("FROM:<a@b>")[1] == {}
+
+    @given(
+        st.sampled_from(["MAIL", "RCPT"]),
+        st.sampled_from(
+            ["FROM:", "TO:", "from:", "to:", "FROM: ", "TO:  ", "FROM", ""]
+        ),
+        st.one_of(
+            mailboxes.map(lambda m: f"<{m}>"),
+            st.sampled_from(_EDGE_PATHS),
+            st.text(max_size=30).map(lambda t: f"<{t}>"),
+            st.text(max_size=30),
+        ),
+        st.lists(
+            st.one_of(
+                st.sampled_from(
+                    ["SIZE=10", "BODY=8BITMIME", "SMTPUTF8", "NOTIFY=NEVER", "X"]
+                ),
+                st.text(max_size=12),
+            ),
+            max_size=3,
+        ),
+        st.sampled_from([" ", "  ", "\t", ""]),
+    )
+    def test_any_argument(
+        self, verb: str, prefix: str, path: str, params: list[str], sep: str
+    ) -> None:
+        argument = prefix + path + "".join(sep + p for p in params)
+        _agree(verb, argument)
+
+    @given(dot_strings, domains, st.sampled_from(["", " SIZE=1", " NOTIFY=NEVER"]))
+    def test_any_simple_mailbox(self, local: str, domain: str, params: str) -> None:
+        _agree("MAIL", f"FROM:<{local}@{domain}>{params}")
+        _agree("RCPT", f"TO:<{local}@{domain}>{params}")

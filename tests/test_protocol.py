@@ -213,6 +213,27 @@ class TestLines:
         assert [b"500 5.5.2 Line too long"] == client.command(b"NOOP " + b"x" * 600)
         assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
 
+
+    def test_parameter_limit_below_command_limit(
+        self, memory: MemoryHandler, clock: Clock
+    ) -> None:
+        """A MAIL line over a parameter limit set below the command limit is
+        500 5.5.2 even though it is within the command limit."""
+        factory = SMTPFactory(
+            memory,
+            hostname="mx.test",
+            reactor=clock,
+            limits=Limits(max_command_line=512, max_parameter_line=64),
+        )
+        client = connect(factory)
+        client.replies()
+        client.command(b"EHLO client.example")
+        line = b"MAIL FROM:<a@example.org> SIZE=10"
+        assert [b"250 2.1.0 Sender OK"] == client.command(line)
+        client.command(b"RSET")
+        long_line = b"MAIL FROM:<" + b"a" * 50 + b"@example.org>"
+        assert [b"500 5.5.2 Line too long"] == client.command(long_line)
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP " + b"x" * 100)
     def test_huge_line_is_discarded_to_crlf(self, client: FakeClient) -> None:
         """A line longer than any buffer is dropped up to its CRLF, then 500."""
         client.command(b"EHLO c.example")

@@ -592,6 +592,19 @@ class TestLimits:
         )
         assert max(sizes) == limits.max_line
 
+    @pytest.mark.parametrize(
+        "sizes", [(100, 2000, 3000), (5000, 200, 300), (500, 4000, 20)]
+    )
+    def test_shortest_line(self, sizes: tuple[int, int, int]) -> None:
+        """No verb's limit is under shortest_line (lines within it skip the lookup)."""
+        command, parameter, auth = sizes
+        limits = Limits(
+            max_command_line=command, max_parameter_line=parameter, max_auth_line=auth
+        )
+        assert min(sizes) == limits.shortest_line
+        for verb in ("MAIL", "RCPT", "AUTH", "NOOP", "XFOO"):
+            assert limits.line_limit(verb) >= limits.shortest_line
+
     def test_frozen(self) -> None:
         """Limits are immutable."""
         with pytest.raises(AttributeError):

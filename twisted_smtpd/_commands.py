@@ -51,11 +51,18 @@ def decode_line(line: bytes) -> str:
         return line.decode("utf-8", "surrogateescape")
 
 
+#: builds a Command without NamedTuple's Python-level __new__ (per line)
+_new_command = tuple.__new__
+
+
 def parse_command(line: bytes) -> Command:
     """Split a command line (without CRLF) into verb and argument."""
-    text = decode_line(line)
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        text = line.decode("utf-8", "surrogateescape")
     verb, _, argument = text.partition(" ")
-    return Command(verb.upper(), argument.strip(" "))
+    return _new_command(Command, (verb.upper(), argument.strip(" ")))
 
 
 # RFC 5321 4.1.2 / RFC 6531 3.3 -------------------------------------------------
@@ -270,12 +277,59 @@ def _check_parameters(
             raise SMTPError(fill(R501_BAD_PARAMETER, name=key)) from None
 
 
+# The common shapes, parsed in one match: C{FROM:<local@domain>} and
+# C{TO:<local@domain>} with a dot-string local part and an ASCII domain, then
+# nothing or a space and parameters.  What matches is exactly what the full
+# parser would accept with the same result (the mailbox is a subset of
+# L{_MAILBOX}, no source route, no quotes, ASCII so no SMTPUTF8 question);
+# everything else, including every error, goes through the full parser.
+_ASCII_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]"
+_ASCII_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
+_SIMPLE_MAILBOX = (
+    rf"(({_ASCII_ATEXT}+(?:\.{_ASCII_ATEXT}+)*)@({_ASCII_LABEL}(?:\.{_ASCII_LABEL})*))"
+)
+_SIMPLE_MAIL = re.compile(rf"[Ff][Rr][Oo][Mm]:<(?:{_SIMPLE_MAILBOX})?>(?: (.*))?\Z")
+_SIMPLE_RCPT = re.compile(rf"[Tt][Oo]:<{_SIMPLE_MAILBOX}>(?: (.*))?\Z")
+
+
+def _simple_path(
+    match: re.Match[str], offered: dict[str, Callable[[str | None], str | None]]
+) -> tuple[str, dict[str, str | None]] | None:
+    """The result of a fast-path match, or None to leave it to the full parser."""
+    mailbox, local, domain, param_text = match.groups()
+    if mailbox is None:  # the null path <>
+        mailbox = ""
+    elif (
+        len(mailbox) > MAX_PATH
+        or len(local) > MAX_LOCAL_PART
+        or len(domain) > MAX_DOMAIN
+    ):
+        return None  # over a length limit: the full parser says which reply
+    if not param_text:
+        return mailbox, {}
+    params = parse_parameters(param_text)
+    _check_parameters(params, offered)
+    return mailbox, params
+
+
 def parse_mail(argument: str, dsn: bool = True) -> tuple[str, dict[str, str | None]]:
     """The argument of MAIL: C{FROM:<reverse-path> [params]}.
 
     Returns the sender (C{""} for the null path) and the validated parameters.
     Without C{dsn}, RET and ENVID are unknown parameters (555).
     """
+    match = _SIMPLE_MAIL.match(argument)
+    if match is not None:
+        simple = _simple_path(match, MAIL_PARAMETERS if dsn else _MAIL_WITHOUT_DSN)
+        if simple is not None:
+            return simple
+    return _parse_mail_full(argument, dsn)
+
+
+def _parse_mail_full(
+    argument: str, dsn: bool = True
+) -> tuple[str, dict[str, str | None]]:
+    """L{parse_mail} for any argument: the reference the fast path agrees with."""
     split = _split_path(argument, "FROM:")
     if split is None:
         raise SMTPError(R501_SYNTAX_MAIL)
@@ -299,6 +353,18 @@ def parse_rcpt(
     C{<postmaster>} without a domain is accepted (RFC 5321 4.1.1.3).
     Without C{dsn}, NOTIFY and ORCPT are unknown parameters (555).
     """
+    match = _SIMPLE_RCPT.match(argument)
+    if match is not None:
+        simple = _simple_path(match, RCPT_PARAMETERS if dsn else _RCPT_WITHOUT_DSN)
+        if simple is not None:
+            return simple
+    return _parse_rcpt_full(argument, smtputf8, dsn)
+
+
+def _parse_rcpt_full(
+    argument: str, smtputf8: bool, dsn: bool = True
+) -> tuple[str, dict[str, str | None]]:
+    """L{parse_rcpt} for any argument: the reference the fast path agrees with."""
     split = _split_path(argument, "TO:")
     if split is None:
         raise SMTPError(R501_SYNTAX_RCPT)

@@ -54,7 +54,8 @@ class DataReader:
         if self.done:
             raise RuntimeError("DataReader.feed after the end of data")
         buffer = self._pending + data if self._pending else data
-        if buffer.find(_STUFFED) < 0:
+        stuffed = buffer.find(_STUFFED)
+        if stuffed < 0:
             # Fast path, one scan: no line in here starts with a dot, so there
             # is neither an end marker nor stuffing; keep back only a CR or
             # CRLF that could begin one in the next read.
@@ -72,13 +73,18 @@ class DataReader:
                 return self._count(buffer[self._skip : -hold]), None
             self._pending = b""
             return self._count(buffer[self._skip :] if self._skip else buffer), None
-        end = buffer.find(_END)
+        # The end marker begins with CRLF-dot: it is at or after the first one.
+        end = buffer.find(_END, stuffed)
         if end >= 0:
             # Keep the CRLF that ends the last line; drop ". CRLF".
-            body, leftover = buffer[: end + 2], buffer[end + 5 :]
+            leftover = buffer[end + 5 :]
             self.done = True
             self._pending = b""
-            return self._emit(body), leftover
+            if end == stuffed:
+                # No line before the end starts with a dot: nothing to
+                # unstuff (a small message in one read: no replace pass).
+                return self._count(buffer[self._skip : end + 2]), leftover
+            return self._emit(buffer[: end + 2]), leftover
         cut = len(buffer) - _HOLD
         if cut <= self._skip:
             self._pending = buffer

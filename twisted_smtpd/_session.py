@@ -53,6 +53,10 @@ class State(enum.Enum):
     DATA = "data"  # reading the message
     CHUNKING = "chunking"  # between BDAT chunks of a message (RFC 3030)
 
+    # Members are singletons compared by identity: hash them the same way
+    # (Enum's own __hash__ is Python code, run per command for ALLOWED).
+    __hash__ = object.__hash__
+
 
 _ANYTIME = frozenset({"NOOP", "QUIT", "RSET", "HELO", "EHLO", "VRFY", "HELP", "EXPN"})
 
@@ -170,6 +174,11 @@ class Limits:
             "RCPT": self.max_parameter_line,
             "AUTH": self.max_auth_line,
         }
+
+    @functools.cached_property
+    def shortest_line(self) -> int:
+        """No verb's line limit is under this: a line within it needs no lookup."""
+        return min(self.max_command_line, *self._line_limits.values())
 
     @functools.cached_property
     def max_line(self) -> int:
@@ -378,7 +387,11 @@ class Session:
         if declared is not None and limit and int(declared) > limit:
             raise SMTPError(R552_TOO_BIG)
 
-    def new_envelope(self) -> Envelope:
+    def new_envelope(
+        self,
+        mail_from: str = "",
+        mail_options: Optional[dict[str, Optional[str]]] = None,
+    ) -> Envelope:
         return Envelope(
             session_id=self.session_id,
             peer=self.peer,
@@ -388,6 +401,8 @@ class Session:
             auth=self.auth,
             lmtp=self.lmtp,
             peer_name=self.peer_name,
+            mail_from=mail_from,
+            mail_options={} if mail_options is None else mail_options,
         )
 
     def begin(self, sender: str, params: dict[str, Optional[str]]) -> Envelope:
@@ -395,11 +410,9 @@ class Session:
 
         Raises L{SMTPError} (552) if the declared SIZE is over the limit.
         """
-        self.check_size(params)
-        envelope = self.new_envelope()
-        envelope.mail_from = sender
-        envelope.mail_options = params
-        return envelope
+        if params:
+            self.check_size(params)
+        return self.new_envelope(sender, params)
 
     def mail(self, envelope: Envelope) -> None:
         """MAIL accepted: C{envelope} is the open transaction."""
