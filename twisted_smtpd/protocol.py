@@ -20,7 +20,6 @@ replies), C{pauseProducing}/C{resumeProducing}, and a verb table per class
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -36,6 +35,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._bdat import ChunkedMessage, bdat_argument, drop_chunk
 from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
 from ._delivery import HandlerHooks, Message
@@ -47,7 +47,7 @@ from ._hooks import (
     message_outcomes,
     queue_id,
 )
-from ._input import DROP, ChunkMode, DataMode, LineMode, RawMode
+from ._input import DROP, DataMode, LineMode, RawMode
 from ._outcomes import outcome_summary, single_reply
 from ._peer import address_text, forward_client, peer_host, xclient_update
 from ._session import Envelope, Session, TLSInfo, received_header
@@ -58,7 +58,6 @@ from .replies import (
     R214_HELP,
     R220_STARTTLS,
     R221_BYE,
-    R250_CHUNK_OK,
     R250_HELO,
     R250_OK,
     R250_QUEUED,
@@ -76,7 +75,6 @@ from .replies import (
     R500_UNKNOWN_COMMAND,
     R500_USE_LHLO,
     R501_NO_ARGUMENTS,
-    R501_SYNTAX_BDAT,
     R501_SYNTAX_VRFY,
     R502_NOT_IMPLEMENTED,
     R503_ALREADY_TLS,
@@ -177,7 +175,7 @@ class _Wire(LineReceiver, TimeoutMixin):
     _pending: Any = None
     _deadline: Optional[float] = None  # a partial line or a body must end by then
     _how = "lost"  # how the session ended, for events
-    _watching_output = False  # an _OutputWatch is registered on the transport
+    _output_watch: Optional[_OutputWatch] = None  # registered on the transport
     _tls: Optional[TLSWatch] = None  # on a connection that uses TLS
     _abort_call: Any = None  # closing: abort if the last reply is not taken
     _session_call: Any = None  # the session's lifetime bound (max_session_time)
@@ -220,8 +218,8 @@ class _Wire(LineReceiver, TimeoutMixin):
         self._direct_write = can_write_directly(self.transport)
         register = getattr(self.transport, "registerProducer", None)
         if register is not None and getattr(self.transport, "producer", None) is None:
-            register(_OutputWatch(self), True)
-            self._watching_output = True
+            self._output_watch = _OutputWatch(self)
+            register(self._output_watch, True)
         if getattr(self.transport, "awaiting_proxy_header", False):
             # Behind a PROXY-protocol listener: greet once the real peer is known.
             self.setTimeout(self.limits.line_timeout)
@@ -235,7 +233,7 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
-        self._watching_output = False  # the transport dropped it already
+        self._output_watch = None  # the transport dropped it already
         self._set_phase_closed()
         for name in ("_abort_call", "_session_call"):
             call = getattr(self, name)
@@ -506,9 +504,9 @@ class _Wire(LineReceiver, TimeoutMixin):
         self._waits |= _CLOSED
         if self._tls is not None:
             self._tls.cancel()  # closing anyway: the handshake does not matter
-        if self._watching_output:
+        if self._output_watch is not None:
             # A registered producer keeps a closing TCP transport open.
-            self._watching_output = False
+            self._output_watch = None
             self.transport.unregisterProducer()
 
     def shutdown(self) -> None:
@@ -981,7 +979,8 @@ class SMTPServerProtocol(_Wire):
             chunked, factory.reactor.seconds(), factory.received_header
         )
         try:
-            message = Message(self._hooks.open_message(envelope), envelope, self)
+            kind = ChunkedMessage if chunked else Message
+            message = kind(self._hooks.open_message(envelope), envelope, self)
         except Exception:
             failure = Failure()
             self._reply_failure(failure)
@@ -995,49 +994,27 @@ class SMTPServerProtocol(_Wire):
 
     def do_BDAT(self, argument: str) -> None:
         """BDAT size [LAST] (RFC 3030): the chunk follows, whatever the answer."""
-        size, last = _bdat_argument(argument)
+        size, last = bdat_argument(argument)
         message = self._message
         if message is None:
             if self._wait_for_name(SMTPServerProtocol.do_BDAT, argument):
                 return
             message = self._open_message(chunked=True)
             if message is None:  # the handler's failure is answered
-                self._drop_chunk(size)
+                drop_chunk(self, size)
                 return
-        message.add_chunk(size, last, self.limits.max_message_size)
-        if not size:
-            self._chunk_done()
-            if not last:
-                self._junk()  # an empty chunk moves no mail
-            return
-        write = None if message.too_big or message.failure else _guarded_write(message)
-        self._set_mode(
-            ChunkMode(size, write, self._chunk_done), self.limits.data_timeout
-        )
+        assert isinstance(message, ChunkedMessage)
+        message.read_chunk(self, size, last, _guarded_write)
 
     def _refuse_chunk(self, argument: str, refusal: Reply) -> None:
         try:
-            size, _ = _bdat_argument(argument)
+            size, _ = bdat_argument(argument)
         except SMTPError as error:
             # The chunk size is unknown, so what follows is read as commands.
             self._reply_bad(error.reply)
             return
         self._reply_bad(refusal)
-        self._drop_chunk(size)
-
-    def _drop_chunk(self, size: int) -> None:
-        if size:
-            mode = ChunkMode(size, None, partial(self._set_mode, self._lines))
-            self._set_mode(mode, self.limits.data_timeout)
-
-    def _chunk_done(self) -> None:
-        self._set_mode(self._lines)
-        message = self._message
-        assert message is not None
-        if message.too_big or message.last or message.failure is not None:
-            self._end_of_data(message.envelope.size, message.too_big)
-        else:
-            self.reply(fill(R250_CHUNK_OK, size=message.chunk_size))
+        drop_chunk(self, size)
 
     def _end_of_data(self, size: int, too_big: bool) -> None:
         # The message stays in flight until finish() answers: a client gone
@@ -1280,19 +1257,6 @@ def _verb_table(cls: type) -> dict[str, Callable[..., None]]:
 
 
 SMTPServerProtocol._COMMANDS = _verb_table(SMTPServerProtocol)
-
-
-def _bdat_argument(argument: str) -> tuple[int, bool]:
-    """C{size [LAST]} -> (size, last); 501 5.5.4 if malformed."""
-    parts = argument.split()
-    if (
-        not 1 <= len(parts) <= 2
-        or not parts[0].isdigit()
-        or len(parts[0]) > 18
-        or (len(parts) == 2 and parts[1].upper() != "LAST")
-    ):
-        raise SMTPError(R501_SYNTAX_BDAT)
-    return int(parts[0]), len(parts) == 2
 
 
 def _log_message(session_id: str, envelope: Envelope, outcome: str) -> None:
