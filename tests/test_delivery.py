@@ -92,29 +92,6 @@ class TestMessage:
         assert message.producer is None
         message.detach()
 
-    def test_chunks_over_the_limit(self) -> None:
-        """BDAT sizes add up; past the limit the message is too big."""
-        message = Message(Consumer(), envelope(), Owner())
-        message.add_chunk(5, False, limit=8)
-        assert (5, False, False) == (
-            message.envelope.size,
-            message.too_big,
-            message.last,
-        )
-        message.add_chunk(4, True, limit=8)
-        assert (9, True, True, 4) == (
-            message.envelope.size,
-            message.too_big,
-            message.last,
-            message.chunk_size,
-        )
-
-    def test_no_limit(self) -> None:
-        """A zero limit never makes a message too big."""
-        message = Message(Consumer(), envelope(), Owner())
-        message.add_chunk(10**12, True, limit=0)
-        assert not message.too_big
-
 
 class TestHandlerHooks:
     def test_callable_collects_the_message(self) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
@@ -213,7 +217,6 @@ class TestLines:
         assert [b"500 5.5.2 Line too long"] == client.command(b"NOOP " + b"x" * 600)
         assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
 
-
     def test_parameter_limit_below_command_limit(
         self, memory: MemoryHandler, clock: Clock
     ) -> None:
@@ -234,6 +237,7 @@ class TestLines:
         long_line = b"MAIL FROM:<" + b"a" * 50 + b"@example.org>"
         assert [b"500 5.5.2 Line too long"] == client.command(long_line)
         assert [b"250 2.0.0 OK"] == client.command(b"NOOP " + b"x" * 100)
+
     def test_huge_line_is_discarded_to_crlf(self, client: FakeClient) -> None:
         """A line longer than any buffer is dropped up to its CRLF, then 500."""
         client.command(b"EHLO c.example")
@@ -985,3 +989,153 @@ class TestIssue10Regressions:
             b"250 2.0.0 OK",
             b"250 2.0.0 OK",
         ] == client.replies()
+
+
+# -- a handler without hooks takes a shorter path: the same replies ----------
+_SCRIPT_LINES = [
+    b"EHLO client.example",
+    b"HELO client.example",
+    b"MAIL FROM:<a@example.org>",
+    b"MAIL FROM:<> SIZE=10",
+    b"mail from:<a@example.org> SIZE=999999999",
+    b"MAIL FROM:<a@example.org> BODY=8BITMIME SMTPUTF8",
+    b"MAIL FROM:<a@example.org> XFOO=1",
+    b"MAIL FROM:<a@example.org> SIZE=x",
+    b'MAIL FROM:<"quoted local"@example.org>',
+    b"MAIL FROM:<@route.example:a@example.org>",
+    b"MAIL FROM: <a@example.org>",
+    b"MAIL FROM:a@example.org",
+    b"MAIL FROM:<\xc3\xa9@example.org>",
+    b"MAIL FROM:<a@example.org",
+    b"MAIL TO:<a@example.org>",
+    b"RCPT TO:<b@example.net>",
+    b"RCPT TO:<c@example.net> NOTIFY=NEVER",
+    b"RCPT TO:<postmaster>",
+    b"RCPT TO:<\xc3\xa9@example.net>",
+    b"RCPT TO:<>",
+    b"RCPT TO:<b@example.net> XFOO=1",
+    b"RCPT TO:<" + b"l" * 65 + b"@example.net>",
+    b"RCPT TO:<b@" + b"d" * 300 + b">",
+    b"DATA",
+    b"DATA x",
+    b"RSET",
+    b"NOOP",
+    b"VRFY b",
+    b"MAIL FROM:<" + b"a" * 1100 + b"@example.org>",
+]
+_BODY = b"Subject: t\r\n\r\n..dot\r\nline\r\n.\r\n"
+
+
+def _hook_handlers() -> list[tuple[str, Any, list[Any]]]:
+    """Three handlers that accept everything: no hooks, synchronous hooks,
+    hooks returning fired Deferreds.  Each comes with its stored envelopes."""
+    plain: list[Any] = []
+
+    def accept(envelope: Any) -> None:
+        plain.append(envelope)
+
+    accept.supports_dsn = True  # type: ignore[attr-defined]
+
+    class Sync:
+        supports_dsn = True
+
+        def __init__(self) -> None:
+            self.stored: list[Any] = []
+
+        def check_sender(self, envelope: Any) -> None:
+            return None
+
+        def check_recipient(self, envelope: Any, address: str, params: Any) -> None:
+            return None
+
+        def handle_message(self, envelope: Any) -> None:
+            self.stored.append(envelope)
+
+    class Deferring(Sync):
+        def check_sender(self, envelope: Any) -> Any:  # type: ignore[override]
+            return succeed(None)
+
+        def check_recipient(  # type: ignore[override]
+            self, envelope: Any, address: str, params: Any
+        ) -> Any:
+            return succeed(None)
+
+    sync, deferring = Sync(), Deferring()
+    return [
+        ("none", accept, plain),
+        ("sync", sync, sync.stored),
+        ("deferred", deferring, deferring.stored),
+    ]
+
+
+def _run_script(reads: list[bytes]) -> list[tuple[list[bytes], list[Any]]]:
+    """Each handler's replies and stored (sender, recipients, content)."""
+    results = []
+    for _, handler, stored in _hook_handlers():
+        factory = SMTPFactory(
+            handler,
+            hostname="mx.test",
+            reactor=Clock(),
+            limits=Limits(
+                max_recipients=2, max_message_size=1000, max_bad_commands=1000
+            ),
+        )
+        client = connect(factory)
+        for data in reads:
+            client.send(data)
+        # Session ids (and so queue ids) are random per factory.
+        output = client.transport.value().replace(
+            client.protocol.session.session_id.encode(), b"SESSION"
+        )
+        replies = [line for line in output.split(b"\r\n") if line]
+        results.append(
+            (
+                replies,
+                [
+                    (e.mail_from, e.rcpt_tos, e.rcpt_options, e.content, e.mail_options)
+                    for e in stored
+                ],
+            )
+        )
+    return results
+
+
+class TestHooklessPathAgrees:
+    """MAIL and RCPT answer a handler without hooks directly; every reply and
+    stored message must be what a handler with hooks that accept gets."""
+
+    @pytest.mark.parametrize("line", _SCRIPT_LINES)
+    def test_edge_table(self, line: bytes) -> None:
+        """Each line in a transaction, one command per read, then pipelined."""
+        lines = [b"EHLO client.example", line, b"RCPT TO:<b@example.net>"]
+        lines += [b"RCPT TO:<c@example.net>", b"RCPT TO:<d@example.net>", b"DATA"]
+        lines += [_BODY[:-2], b"RSET", b"MAIL FROM:<a@example.org>", line]
+        lines += [b"RCPT TO:<c@example.net>", b"DATA", _BODY[:-2], b"RSET"]
+        lines += [b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@x.y>"]
+        lines += [b"DATA", _BODY[:-2]]
+        reads = [line + b"\r\n" for line in lines]
+        first, *others = _run_script(reads)
+        assert first[1], "no message was stored: the script proves nothing"
+        for other in others:
+            assert first == other
+        assert [first] * 3 == _run_script([b"".join(reads)])
+
+    @given(
+        st.lists(
+            st.one_of(
+                st.sampled_from(_SCRIPT_LINES),
+                st.just(_BODY[:-2]),
+                st.binary(max_size=40).filter(lambda b: b"\r\n" not in b),
+            ),
+            max_size=25,
+        ),
+        st.booleans(),
+    )
+    @settings(max_examples=60, deadline=None)
+    def test_any_script(self, lines: list[bytes], pipelined: bool) -> None:
+        reads = [line + b"\r\n" for line in [b"EHLO client.example", *lines]]
+        if pipelined:
+            reads = [b"".join(reads)]
+        first, *others = _run_script(reads)
+        for other in others:
+            assert first == other

@@ -5,7 +5,7 @@ The handler as the protocol sees it, and the message in flight.
 L{HandlerHooks} reduces any handler (a callable, or an object with some of
 the hooks of L{twisted_smtpd.interfaces.Handler}) to the hooks the protocol
 calls.  L{Message} is one message between C{open_message} and its end: the
-receiver, the envelope, the BDAT bookkeeping, and the receiver's handle on
+receiver, the envelope, and the receiver's handle on
 the connection, a L{ReceiverProducer} that is revoked when the message ends
 (the model is Twisted's C{TransportProxyProducer.stopProxying}): a receiver
 that keeps it can't pause a later message, and only the protocol ever
@@ -113,26 +113,13 @@ class Message:
             L{ReceiverProducer}); only if the receiver registers for them.
     """
 
-    __slots__ = (
-        "receiver",
-        "envelope",
-        "producer",
-        "too_big",
-        "last",
-        "chunk_size",
-        "failure",
-    )
+    __slots__ = ("receiver", "envelope", "producer", "failure")
 
     def __init__(self, receiver: Any, envelope: Envelope, owner: Any) -> None:
         if not callable(getattr(receiver, "write", None)):
             raise TypeError(f"open_message returned {receiver!r}, not a receiver")
         self.receiver = receiver
         self.envelope = envelope
-        #: BDAT: the message went over the size limit (its chunks are dropped)
-        self.too_big = False
-        #: BDAT: the chunk being read is the LAST one, and its size
-        self.last = False
-        self.chunk_size = 0
         #: the receiver's write() raised this (a Failure): answered at the end
         self.failure: Any = None
         register = getattr(receiver, "registerProducer", None)
@@ -150,11 +137,3 @@ class Message:
             unregister = getattr(self.receiver, "unregisterProducer", None)
             if unregister is not None:
                 unregister()
-
-    def add_chunk(self, size: int, last: bool, limit: int) -> None:
-        """BDAT: C{size} more bytes are coming; over C{limit} the rest drops."""
-        envelope = self.envelope
-        envelope.size += size
-        if limit and envelope.size > limit:
-            self.too_big = True
-        self.chunk_size, self.last = size, last

@@ -31,7 +31,13 @@ from .replies import (
     fill,
 )
 
-__all__ = ["Outcome", "RecipientOutcome", "recipient_outcomes", "single_reply"]
+__all__ = [
+    "Outcome",
+    "RecipientOutcome",
+    "outcome_summary",
+    "recipient_outcomes",
+    "single_reply",
+]
 
 #: what a handler may give for one recipient
 Outcome = Union[None, str, SMTPError]
@@ -103,3 +109,14 @@ def single_reply(outcomes: Sequence[RecipientOutcome], default_id: str = "") -> 
             return outcome.reply
     queue_id = next((o.queue_id for o in outcomes if o.queue_id), default_id)
     return fill(R250_QUEUED, queue_id=queue_id)
+
+
+def outcome_summary(stored: int, total: int, per_recipient: bool) -> tuple[str, str]:
+    """What the log line and the events say of a message stored for
+    C{stored} of C{total} recipients; only with C{per_recipient} replies
+    (LMTP) is a partial delivery accepted."""
+    if stored == total:
+        return "accepted", "accepted"
+    if stored and per_recipient:
+        return f"accepted for {stored} of {total}", "accepted"
+    return "refused", "refused"

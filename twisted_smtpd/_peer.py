@@ -12,9 +12,16 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
 from ._session import Session
-from ._xclient import UNKNOWN, AddressList, XClientUpdate
+from ._xclient import UNKNOWN, AddressList, XClientUpdate, parse_xclient
+from .replies import R501_SYNTAX_XCLIENT, R550_XCLIENT_DENIED, SMTPError
 
-__all__ = ["peer_host", "address_text", "forwarded_peer", "forward_client"]
+__all__ = [
+    "peer_host",
+    "address_text",
+    "forwarded_peer",
+    "xclient_update",
+    "forward_client",
+]
 
 _log = Logger(namespace="twisted_smtpd.protocol")
 
@@ -43,6 +50,25 @@ def forwarded_peer(peer: Any, update: XClientUpdate) -> Any:
     if ":" in host:
         return IPv6Address("TCP", host, port)
     return IPv4Address("TCP", host, port)
+
+
+def xclient_update(session: Session, argument: str) -> XClientUpdate:
+    """C{XCLIENT argument} from this session's client: what it says.
+
+    Raises:
+        SMTPError: 501 without attributes or with malformed ones; 550 from a
+            client not allowed to send XCLIENT (logged).
+    """
+    if not argument:
+        raise SMTPError(R501_SYNTAX_XCLIENT)
+    if not session.xclient_allowed:
+        _log.info(
+            "smtpd session {session_id}: XCLIENT refused to {peer}",
+            session_id=session.session_id,
+            peer=address_text(session.peer),
+        )
+        raise SMTPError(R550_XCLIENT_DENIED)
+    return parse_xclient(argument)
 
 
 def forward_client(

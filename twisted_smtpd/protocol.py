@@ -20,11 +20,9 @@ replies), C{pauseProducing}/C{resumeProducing}, and a verb table per class
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from OpenSSL.SSL import Error as TLSError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -37,6 +35,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._bdat import ChunkedMessage, bdat_argument, drop_chunk
 from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
 from ._delivery import HandlerHooks, Message
@@ -48,18 +47,17 @@ from ._hooks import (
     message_outcomes,
     queue_id,
 )
-from ._input import DROP, ChunkMode, DataMode, LineMode, RawMode
-from ._outcomes import single_reply
-from ._peer import address_text, forward_client, peer_host
+from ._input import DROP, DataMode, LineMode, RawMode
+from ._outcomes import outcome_summary, single_reply
+from ._peer import address_text, forward_client, peer_host, xclient_update
 from ._session import Envelope, Session, TLSInfo, received_header
-from ._xclient import parse_xclient
+from ._tlswatch import TLSWatch, current_tls
 from .auth import AuthExchange
 from .fastlog import emit_summary
 from .replies import (
     R214_HELP,
     R220_STARTTLS,
     R221_BYE,
-    R250_CHUNK_OK,
     R250_HELO,
     R250_OK,
     R250_QUEUED,
@@ -77,12 +75,9 @@ from .replies import (
     R500_UNKNOWN_COMMAND,
     R500_USE_LHLO,
     R501_NO_ARGUMENTS,
-    R501_SYNTAX_BDAT,
     R501_SYNTAX_VRFY,
-    R501_SYNTAX_XCLIENT,
     R502_NOT_IMPLEMENTED,
     R503_ALREADY_TLS,
-    R550_XCLIENT_DENIED,
     R552_TOO_BIG,
     Reply,
     SMTPError,
@@ -180,8 +175,8 @@ class _Wire(LineReceiver, TimeoutMixin):
     _pending: Any = None
     _deadline: Optional[float] = None  # a partial line or a body must end by then
     _how = "lost"  # how the session ended, for events
-    _watching_output = False  # an _OutputWatch is registered on the transport
-    _handshake_call: Any = None  # the TLS handshake's deadline
+    _output_watch: Optional[_OutputWatch] = None  # registered on the transport
+    _tls: Optional[TLSWatch] = None  # on a connection that uses TLS
     _abort_call: Any = None  # closing: abort if the last reply is not taken
     _session_call: Any = None  # the session's lifetime bound (max_session_time)
     _drain_reply: Optional[Reply] = None  # the 421 to close with once not busy
@@ -223,8 +218,8 @@ class _Wire(LineReceiver, TimeoutMixin):
         self._direct_write = can_write_directly(self.transport)
         register = getattr(self.transport, "registerProducer", None)
         if register is not None and getattr(self.transport, "producer", None) is None:
-            register(_OutputWatch(self), True)
-            self._watching_output = True
+            self._output_watch = _OutputWatch(self)
+            register(self._output_watch, True)
         if getattr(self.transport, "awaiting_proxy_header", False):
             # Behind a PROXY-protocol listener: greet once the real peer is known.
             self.setTimeout(self.limits.line_timeout)
@@ -238,9 +233,9 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
-        self._watching_output = False  # the transport dropped it already
+        self._output_watch = None  # the transport dropped it already
         self._set_phase_closed()
-        for name in ("_handshake_call", "_abort_call", "_session_call"):
+        for name in ("_abort_call", "_session_call"):
             call = getattr(self, name)
             if call is not None:
                 if call.active():
@@ -254,8 +249,8 @@ class _Wire(LineReceiver, TimeoutMixin):
             if pending.active():
                 pending.cancel()
             self._pending = None
-        if reason is not None and self.session is not None:
-            self._log_tls_failure(reason)
+        if self._tls is not None:
+            self._tls.lost(reason)
 
     def _start_session(self) -> None:
         raise NotImplementedError()
@@ -509,9 +504,11 @@ class _Wire(LineReceiver, TimeoutMixin):
     def _set_phase_closed(self) -> None:
         self._phase = _CLOSED_PHASE
         self._waits |= _CLOSED
-        if self._watching_output:
+        if self._tls is not None:
+            self._tls.cancel()  # closing anyway: the handshake does not matter
+        if self._output_watch is not None:
             # A registered producer keeps a closing TCP transport open.
-            self._watching_output = False
+            self._output_watch = None
             self.transport.unregisterProducer()
 
     def shutdown(self) -> None:
@@ -559,54 +556,27 @@ class _Wire(LineReceiver, TimeoutMixin):
             fill(R421_SESSION_TOO_LONG, hostname=self.factory.hostname), "timeout"
         )
 
-    # -- the TLS handshake's deadline ------------------------------------------
+    # -- TLS: its handshake's deadline and its facts ---------------------------
     def _expect_handshake(self) -> None:
+        """A handshake begins (STARTTLS, or at connect on an C{ssl:} listener)."""
+        if self._tls is None:
+            self._tls = TLSWatch(self.transport, self.session, self._events)
         timeout = self.limits.tls_handshake_timeout
-        if timeout and self._handshake_call is None:
-            self._handshake_call = self.factory.reactor.callLater(
-                timeout, self._handshake_timed_out
-            )
+        self._tls.expect(self.factory.reactor, timeout, self._handshake_timed_out)
 
     def _handshake_timed_out(self) -> None:
-        self._handshake_call = None
-        if self._phase is _CLOSED_PHASE or self._current_tls().cipher:
-            return  # closing anyway, or done (and the callback did not reach us)
-        if self.session is not None:
-            _log.info(
-                "smtpd session {session_id}: TLS handshake timeout",
-                session_id=self.session.session_id,
-            )
-        if self._events is not None:
-            self._events.tls_handshake(False)
         # No reply can reach a client that has not finished the handshake.
         self._set_phase_closed()
         self._how = "timeout"
         self.setTimeout(None)
         self.transport.abortConnection()
 
-    # -- TLS facts and the idle timer ---------------------------------------
     def handshakeCompleted(self) -> None:
         """TLS is up (STARTTLS or an C{ssl:} endpoint): record its facts."""
-        call = self._handshake_call
-        if call is not None:
-            self._handshake_call = None
-            if call.active():
-                call.cancel()
-        if self.session is not None and self.session.tls is not None:
-            self.session.tls = self._current_tls()
-        if self._events is not None:
+        if self._tls is not None:
+            self._tls.completed()
+        elif self._events is not None:  # before the session (behind PROXY)
             self._events.tls_handshake(True)
-
-    def _log_tls_failure(self, reason: Failure) -> None:
-        """A failed TLS handshake is one log line, never a traceback."""
-        if reason.check(TLSError):
-            if self._events is not None:
-                self._events.tls_handshake(False)
-            _log.info(
-                "smtpd session {session_id}: TLS failed: {error}",
-                session_id=self.session.session_id,
-                error=_tls_error_text(reason.value),
-            )
 
     def timeoutConnection(self) -> None:
         if self.session is None:  # no PROXY header in time
@@ -617,24 +587,6 @@ class _Wire(LineReceiver, TimeoutMixin):
             session_id=self.session.session_id,
         )
         self.close_with(fill(R421_TIMEOUT, hostname=self.factory.hostname), "timeout")
-
-    # The LineReceiver contract, for subclasses.
-
-    def _current_tls(self) -> TLSInfo:
-        connection = None
-        get_handle = getattr(self.transport, "getHandle", None)
-        if get_handle is not None:
-            try:
-                connection = get_handle()
-            except Exception:
-                connection = None
-        if connection is None or not hasattr(connection, "get_cipher_name"):
-            return TLSInfo("", "")
-        return TLSInfo(
-            protocol=connection.get_protocol_version_name() or "",
-            cipher=connection.get_cipher_name() or "",
-            peer_certificate=connection.get_peer_certificate(as_cryptography=True),
-        )
 
     # -- waiting for hooks -----------------------------------------------------
     def _run(
@@ -797,7 +749,11 @@ class SMTPServerProtocol(_Wire):
 
     def _start_session(self) -> None:
         peer = self.transport.getPeer()
-        tls = self._current_tls() if ISSLTransport.providedBy(self.transport) else None
+        tls = (
+            current_tls(self.transport)
+            if ISSLTransport.providedBy(self.transport)
+            else None
+        )
         factory = self.factory
         self.session = Session(
             factory.new_session_id(),
@@ -837,7 +793,7 @@ class SMTPServerProtocol(_Wire):
         if name == "check_client" and failure.check(HandlerTimedOut):
             self.failure_reply(failure)  # the log line
             self.reply(fill(R421_HANDLER_TIMEOUT, hostname=self.factory.hostname))
-        elif not (name == "message" and self.lmtp):  # LMTP: one per recipient
+        else:
             self.reply(self.failure_reply(failure))
 
     # -- the client's name: looked up at connect, awaited when a message starts
@@ -974,7 +930,7 @@ class SMTPServerProtocol(_Wire):
     def do_MAIL(self, argument: str) -> None:
         sender, params = parse_mail(argument, self.factory.dsn)
         if self.session.tls is not None:
-            self.session.tls = self._current_tls()
+            self.session.tls = current_tls(self.transport)
         envelope = self.session.begin(sender, params)
         if self._hooks.check_sender is None:
             self._sender_ok(None, envelope)
@@ -994,7 +950,8 @@ class SMTPServerProtocol(_Wire):
     def do_RCPT(self, argument: str) -> None:
         envelope = self.session.envelope
         assert envelope is not None
-        address, params = parse_rcpt(argument, envelope.smtputf8, self.factory.dsn)
+        smtputf8 = "SMTPUTF8" in envelope.mail_options  # (Envelope.smtputf8)
+        address, params = parse_rcpt(argument, smtputf8, self.factory.dsn)
         self.session.check_recipient_count()
         if self._hooks.check_recipient is None:
             self._recipient_ok(None, address, params)
@@ -1037,7 +994,8 @@ class SMTPServerProtocol(_Wire):
             chunked, factory.reactor.seconds(), factory.received_header
         )
         try:
-            message = Message(self._hooks.open_message(envelope), envelope, self)
+            kind = ChunkedMessage if chunked else Message
+            message = kind(self._hooks.open_message(envelope), envelope, self)
         except Exception:
             failure = Failure()
             self._reply_failure(failure)
@@ -1051,49 +1009,27 @@ class SMTPServerProtocol(_Wire):
 
     def do_BDAT(self, argument: str) -> None:
         """BDAT size [LAST] (RFC 3030): the chunk follows, whatever the answer."""
-        size, last = _bdat_argument(argument)
+        size, last = bdat_argument(argument)
         message = self._message
         if message is None:
             if self._wait_for_name(SMTPServerProtocol.do_BDAT, argument):
                 return
             message = self._open_message(chunked=True)
             if message is None:  # the handler's failure is answered
-                self._drop_chunk(size)
+                drop_chunk(self, size)
                 return
-        message.add_chunk(size, last, self.limits.max_message_size)
-        if not size:
-            self._chunk_done()
-            if not last:
-                self._junk()  # an empty chunk moves no mail
-            return
-        write = None if message.too_big or message.failure else _guarded_write(message)
-        self._set_mode(
-            ChunkMode(size, write, self._chunk_done), self.limits.data_timeout
-        )
+        assert isinstance(message, ChunkedMessage)
+        message.read_chunk(self, size, last, _guarded_write)
 
     def _refuse_chunk(self, argument: str, refusal: Reply) -> None:
         try:
-            size, _ = _bdat_argument(argument)
+            size, _ = bdat_argument(argument)
         except SMTPError as error:
             # The chunk size is unknown, so what follows is read as commands.
             self._reply_bad(error.reply)
             return
         self._reply_bad(refusal)
-        self._drop_chunk(size)
-
-    def _drop_chunk(self, size: int) -> None:
-        if size:
-            mode = ChunkMode(size, None, partial(self._set_mode, self._lines))
-            self._set_mode(mode, self.limits.data_timeout)
-
-    def _chunk_done(self) -> None:
-        self._set_mode(self._lines)
-        message = self._message
-        assert message is not None
-        if message.too_big or message.last or message.failure is not None:
-            self._end_of_data(message.envelope.size, message.too_big)
-        else:
-            self.reply(fill(R250_CHUNK_OK, size=message.chunk_size))
+        drop_chunk(self, size)
 
     def _end_of_data(self, size: int, too_big: bool) -> None:
         # The message stays in flight until finish() answers: a client gone
@@ -1125,36 +1061,31 @@ class SMTPServerProtocol(_Wire):
         )
 
     def _stored(self, result: Any, envelope: Envelope, receiver: Any) -> None:
-        """The handler's result: one reply, or one per recipient (LMTP)."""
+        """The handler's result: one reply (in LMTP one per recipient)."""
         session_id = self.session.session_id
-        if not self.lmtp and (result is None or not isinstance(result, Mapping)):
-            queued = queue_id(result, envelope, session_id)
+        if result is None or not isinstance(result, Mapping):
+            if result:
+                queued = queue_id(result, envelope, session_id)
+            else:
+                queued = envelope.message_id  # what queue_id gives, one call less
             self.reply(fill(R250_QUEUED, queue_id=queued))
             self.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
             self._message_done(envelope, "accepted", "accepted")
             return
         outcomes = message_outcomes(result, envelope, session_id)
-        if self.lmtp:
-            for outcome in outcomes:
-                self.reply(outcome.reply)
-        else:
-            self.reply(single_reply(outcomes, envelope.message_id))
+        self.reply(single_reply(outcomes, envelope.message_id))
+        self._outcomes_done(outcomes, envelope)
+
+    def _outcomes_done(self, outcomes: list[Any], envelope: Envelope) -> None:
         stored = sum(outcome.stored for outcome in outcomes)
         if stored:
             self.session.junk_commands = 0
-        if stored == len(outcomes):
-            self._message_done(envelope, "accepted", "accepted")
-        elif stored and self.lmtp:
-            self._message_done(
-                envelope, f"accepted for {stored} of {len(outcomes)}", "accepted"
-            )
-        else:
-            self._message_done(envelope, "refused", "refused")
+        logged, outcome = outcome_summary(stored, len(outcomes), self.lmtp)
+        self._message_done(envelope, logged, outcome)
 
     def _reply_after_data(self, reply: Reply, envelope: Envelope) -> None:
-        """C{reply} to the end of the data: once, or per recipient in LMTP."""
-        for _ in envelope.rcpt_tos if self.lmtp else (None,):
-            self.reply(reply)
+        """C{reply} to the end of the data (in LMTP once per recipient)."""
+        self.reply(reply)
 
     def _not_stored(self, failure: Failure, envelope: Envelope, receiver: Any) -> None:
         if failure.check(HandlerTimedOut) and self._message is not None:
@@ -1249,18 +1180,8 @@ class SMTPServerProtocol(_Wire):
 
     # -- XCLIENT (Postfix's XCLIENT_README): a trusted proxy names the client -
     def do_XCLIENT(self, argument: str) -> None:
-        if not argument:
-            raise SMTPError(R501_SYNTAX_XCLIENT)
         session = self.session
-        if not session.xclient_allowed:
-            _log.info(
-                "smtpd session {session_id}: XCLIENT refused to {peer}",
-                session_id=session.session_id,
-                peer=address_text(session.peer),
-            )
-            self.reply(R550_XCLIENT_DENIED)
-            return
-        update = parse_xclient(argument)
+        update = xclient_update(session, argument)
         self._abort_message()
         old_ip, look_up = forward_client(session, update, self.factory.xclient_hosts)
         if look_up is not None and self._name is not None:
@@ -1356,19 +1277,6 @@ def _verb_table(cls: type) -> dict[str, Callable[..., None]]:
 SMTPServerProtocol._COMMANDS = _verb_table(SMTPServerProtocol)
 
 
-def _bdat_argument(argument: str) -> tuple[int, bool]:
-    """C{size [LAST]} -> (size, last); 501 5.5.4 if malformed."""
-    parts = argument.split()
-    if (
-        not 1 <= len(parts) <= 2
-        or not parts[0].isdigit()
-        or len(parts[0]) > 18
-        or (len(parts) == 2 and parts[1].upper() != "LAST")
-    ):
-        raise SMTPError(R501_SYNTAX_BDAT)
-    return int(parts[0]), len(parts) == 2
-
-
 def _log_message(session_id: str, envelope: Envelope, outcome: str) -> None:
     rcpt_count = len(envelope.rcpt_tos)
     peer = address_text(envelope.peer)
@@ -1412,14 +1320,6 @@ def _abort_receiver(receiver: Any) -> None:
         _log.failure("smtpd: receiver.abort failed")
 
 
-def _tls_error_text(error: Exception) -> str:
-    """OpenSSL's error list as one short line."""
-    parts = []
-    for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
-        parts.append(item[-1] if isinstance(item, tuple) else str(item))
-    return "; ".join(parts) or repr(error)
-
-
 def _mask(line: bytes) -> bytes:
     """AUTH payloads never reach a log, whatever whitespace separates them.
 
@@ -1441,6 +1341,20 @@ class LMTPServerProtocol(SMTPServerProtocol):
     """
 
     lmtp = True
+
+    def _answer_failure(self, name: str, failure: Failure) -> None:
+        if name != "message":  # that one is answered per recipient
+            super()._answer_failure(name, failure)
+
+    def _stored(self, result: Any, envelope: Envelope, receiver: Any) -> None:
+        outcomes = message_outcomes(result, envelope, self.session.session_id)
+        for outcome in outcomes:
+            self.reply(outcome.reply)
+        self._outcomes_done(outcomes, envelope)
+
+    def _reply_after_data(self, reply: Reply, envelope: Envelope) -> None:
+        for _ in envelope.rcpt_tos:
+            self.reply(reply)
 
     def do_LHLO(self, argument: str) -> None:
         SMTPServerProtocol.do_EHLO(self, argument)
