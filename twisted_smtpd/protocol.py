@@ -799,23 +799,10 @@ class SMTPServerProtocol(_Wire):
     # -- the client's name: looked up at connect, awaited when a message starts
     def _look_up_name(self, host: Optional[str]) -> None:
         rdns = self.factory.reverse_dns
-        if rdns is None or host is None:
-            return
-        cached = getattr(rdns, "cached", None)  # a ReverseDNS has it
-        name = None if cached is None else cached(host)
-        if name is not None:  # known now (most clients): no Deferred, no lookup
-            if self._name is not None:
-                self._name.forget()  # XCLIENT: an earlier answer no longer counts
-            session = self.session
-            session.peer_name = name
-            if session.envelope is not None:
-                session.envelope.peer_name = name
-            return
-        if self._name is None:
-            from .rdns import ClientName
+        if rdns is not None and host is not None:
+            from .rdns import name_client
 
-            self._name = ClientName(rdns, self.session)
-        self._name.look_up(host)
+            self._name = name_client(rdns, self.session, host, self._name)
 
     def _wait_for_name(self, method: Callable[..., None], argument: str) -> bool:
         """Run C{method(argument)} again once the client's name is known.
