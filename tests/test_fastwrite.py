@@ -6,13 +6,18 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
+from twisted.internet import reactor, task, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
 from twisted_smtpd import SMTPFactory
-from twisted_smtpd._fastwrite import can_write_directly, write_directly
+from twisted_smtpd._fastwrite import (
+    can_write_directly,
+    send_now,
+    write_directly,
+    write_soon,
+)
 from twisted_smtpd.handlers import MemoryHandler
 from twisted_smtpd.testing import TLSStringTransport, connect
 from twisted_smtpd.tls import TLSPolicy
@@ -35,6 +40,25 @@ def _serve_one():
         0, Factory.forProtocol(lambda: _Recorder(connected)), interface="127.0.0.1"
     )
     return port, connected
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes (or resets) the connection."""
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _turn():
+    """A Deferred that fires after the reactor's current turn."""
+    return task.deferLater(reactor, 0, lambda: None)
 
 
 def _read_until(sock: socket.socket, marker: bytes) -> bytes:
@@ -196,3 +220,164 @@ def test_sessions_on_tcp_write_replies_directly(memory):
     finally:
         sock.close()
         yield port.stopListening()
+
+
+# -- write_soon: held to the end of the reactor turn, then straight to the socket
+
+
+class _Producer:
+    """A streaming producer that records being paused."""
+
+    def __init__(self) -> None:
+        self.paused = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@pytest_twisted.inlineCallbacks
+def test_write_soon_sends_at_the_end_of_the_turn_without_a_write_watch():
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        write_soon(transport, b"220 hello\r\n")
+        write_soon(transport, b"250 more\r\n")
+        # Held in Twisted's own queue, in order, with no write watch asked for.
+        assert transport._tempDataBuffer == [b"220 hello\r\n", b"250 more\r\n"]
+        assert transport not in reactor.getWriters()
+        yield _turn()
+        assert not transport.dataBuffer and not transport._tempDataLen
+        data = yield threads.deferToThread(_read_until, client, b"more\r\n")
+        assert data == b"220 hello\r\n250 more\r\n"
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_write_soon_keeps_order_with_transport_write_and_close():
+    """Bytes from transport.write meanwhile follow; loseConnection sends all first."""
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        write_soon(transport, b"one\r\n")
+        transport.write(b"two\r\n")
+        write_soon(transport, b"three\r\n")
+        transport.loseConnection()
+        # After loseConnection, like transport.write: sent before the close.
+        write_soon(transport, b"four\r\n")
+        data = yield threads.deferToThread(_read_all, client)
+        assert data == b"one\r\ntwo\r\nthree\r\nfour\r\n"
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_send_now_sends_before_an_abort():
+    """What must go out before abortConnection drops the connection does."""
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        write_soon(transport, b"421 bye\r\n")
+        send_now(transport)
+        assert not transport._tempDataLen
+        transport.abortConnection()
+        data = yield threads.deferToThread(_read_all, client)
+        assert data == b"421 bye\r\n"
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_write_soon_many_connections_in_one_turn():
+    """Several connections' bytes of one turn all leave, each in its order."""
+    ports_and_clients = []
+    try:
+        transports = []
+        for _ in range(3):
+            port, connected = _serve_one()
+            client = socket.create_connection(
+                ("127.0.0.1", port.getHost().port), timeout=10
+            )
+            ports_and_clients.append((port, client))
+            transports.append((yield connected))
+        for i, transport in enumerate(transports):
+            write_soon(transport, b"%d-a\r\n" % i)
+        for i, transport in enumerate(transports):
+            write_soon(transport, b"%d-b\r\n" % i)
+        yield _turn()
+        for i, (_, client) in enumerate(ports_and_clients):
+            data = yield threads.deferToThread(_read_until, client, b"-b\r\n")
+            assert data == b"%d-a\r\n%d-b\r\n" % (i, i)
+    finally:
+        for port, client in ports_and_clients:
+            client.close()
+            yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_write_soon_past_the_buffer_size_meets_back_pressure():
+    """A client that does not read: the producer is paused, nothing is lost."""
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        producer = _Producer()
+        transport.registerProducer(producer, True)
+        line = b"250 " + b"x" * 1020 + b"\r\n"
+        count = 4 * transport.bufferSize // len(line)
+        for _ in range(count):
+            write_soon(transport, line)
+        # Sent at once past bufferSize; the rest waits in Twisted's queue.
+        assert producer.paused
+        assert len(transport.dataBuffer) + transport._tempDataLen < count * len(line)
+        transport.unregisterProducer()
+        data = yield threads.deferToThread(_read_until, client, line * count)
+        assert data == line * count
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_write_soon_before_starttls_goes_out_in_plaintext(tls_policy):
+    """Held plaintext precedes the TLS layer's bytes (they share the queue)."""
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        write_soon(transport, b"220 go ahead\r\n")
+        transport.startTLS(tls_policy.context_factory)
+        assert not can_write_directly(transport)
+        data = yield threads.deferToThread(_read_until, client, b"\r\n")
+        assert data == b"220 go ahead\r\n"
+        tls = yield threads.deferToThread(_tls_handshake, client)
+        assert tls
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+def _tls_handshake(sock: socket.socket) -> str:
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    wrapped = context.wrap_socket(sock, server_hostname="mx.test")
+    try:
+        return str(wrapped.version())
+    finally:
+        wrapped.close()

@@ -39,7 +39,7 @@ from ._bdat import ChunkedMessage, bdat_argument, drop_chunk
 from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
 from ._delivery import HandlerHooks, Message
-from ._fastwrite import can_write_directly, write_directly
+from ._fastwrite import can_write_directly, send_now, write_soon
 from ._hooks import (
     HandlerTimedOut,
     deadline_over,
@@ -462,7 +462,7 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def _send(self, data: bytes) -> None:
         if self._direct_write:
-            write_directly(self.transport, data)
+            write_soon(self.transport, data)  # sent at the end of the turn
         else:
             self.transport.write(data)
 
@@ -479,6 +479,8 @@ class _Wire(LineReceiver, TimeoutMixin):
         self.setTimeout(None)
         self._flush()
         transport = self.transport
+        if self._direct_write:
+            send_now(transport)  # now, to know whether the kernel took it
         if self._direct_write and not (transport.dataBuffer or transport._tempDataLen):
             transport.loseConnection()  # nothing unsent: it closes by itself
             return
@@ -531,6 +533,8 @@ class _Wire(LineReceiver, TimeoutMixin):
             self._how = "shutdown"
         self._set_phase_closed()
         self._flush()
+        if self._direct_write:
+            send_now(self.transport)  # the abort would drop it
         self.transport.abortConnection()
 
     def _close_if_draining(self) -> None:
@@ -796,6 +800,16 @@ class SMTPServerProtocol(_Wire):
     def _look_up_name(self, host: Optional[str]) -> None:
         rdns = self.factory.reverse_dns
         if rdns is None or host is None:
+            return
+        cached = getattr(rdns, "cached", None)  # a ReverseDNS has it
+        name = None if cached is None else cached(host)
+        if name is not None:  # known now (most clients): no Deferred, no lookup
+            if self._name is not None:
+                self._name.forget()  # XCLIENT: an earlier answer no longer counts
+            session = self.session
+            session.peer_name = name
+            if session.envelope is not None:
+                session.envelope.peer_name = name
             return
         if self._name is None:
             from .rdns import ClientName
