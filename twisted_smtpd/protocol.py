@@ -60,7 +60,6 @@ from .replies import (
     R221_BYE,
     R250_HELO,
     R250_OK,
-    R250_QUEUED,
     R250_RECIPIENT_OK,
     R250_RESET,
     R250_SENDER_OK,
@@ -82,6 +81,7 @@ from .replies import (
     Reply,
     SMTPError,
     fill,
+    queued_reply,
 )
 
 if TYPE_CHECKING:
@@ -1055,7 +1055,7 @@ class SMTPServerProtocol(_Wire):
                 queued = queue_id(result, envelope, session_id)
             else:
                 queued = envelope.message_id  # what queue_id gives, one call less
-            self.reply(fill(R250_QUEUED, queue_id=queued))
+            self.reply(queued_reply(queued))
             self.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
             self._message_done(envelope, "accepted", "accepted")
             return
