@@ -969,6 +969,8 @@ class TestFastPathAgrees:
             st.sampled_from(_EDGE_PATHS),
             st.text(max_size=30).map(lambda t: f"<{t}>"),
             st.text(max_size=30),
+            # The characters where dot-strings and labels split.
+            st.text(alphabet='aZ9-.@+"\\ _', max_size=20).map(lambda t: f"<{t}>"),
         ),
         st.lists(
             st.one_of(

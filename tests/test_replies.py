@@ -7,6 +7,8 @@ import re
 import string
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from twisted_smtpd import replies
 from twisted_smtpd.replies import (
@@ -307,3 +309,16 @@ class TestSMTPError:
         """An SMTPError made from a table constant also survives pickling."""
         copy = pickle.loads(pickle.dumps(SMTPError(R550_MAILBOX_UNAVAILABLE)))
         assert R550_MAILBOX_UNAVAILABLE == copy.reply
+
+
+class TestQueuedReply:
+    """queued_reply (the 250 after every message) is fill(R250_QUEUED) exactly."""
+
+    @given(st.text(max_size=40))
+    def test_same_as_fill(self, queue_id: str) -> None:
+        from twisted_smtpd.replies import R250_QUEUED, fill, queued_reply
+
+        fast, general = queued_reply(queue_id), fill(R250_QUEUED, queue_id=queue_id)
+        assert general == fast
+        for enhanced in (True, False):
+            assert format_reply(general, enhanced) == fast.encoded(enhanced)

@@ -491,6 +491,30 @@ class TestTransitions:
             envelope.message_id,
         )
 
+    def test_new_envelope_fields_in_order(self) -> None:
+        """new_envelope passes the fields by position: each lands where it
+        belongs (every field distinct), and nothing else is set."""
+        session = Session("S1", ("192.0.2.1", 4321), Limits(), tls_info=TLS, lmtp=True)
+        session.greeted("client.example", esmtp=True)
+        session.authenticated("alice")
+        session.peer_name = "name.example"
+        options = {"SIZE": "10"}
+        envelope = session.begin("a@example.org", options)
+        expected = Envelope(
+            session_id="S1",
+            peer=("192.0.2.1", 4321),
+            helo="client.example",
+            esmtp=True,
+            tls=TLS,
+            auth="alice",
+            peer_name="name.example",
+            mail_from="a@example.org",
+            mail_options=options,
+            lmtp=True,
+        )
+        assert vars(expected) == vars(envelope)
+        assert envelope.mail_options is options
+
     def test_envelopes_independent(self) -> None:
         """Envelopes do not share their lists and dicts."""
         session = session_in(State.GREETED)

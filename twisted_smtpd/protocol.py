@@ -59,7 +59,6 @@ from .replies import (
     R220_STARTTLS,
     R221_BYE,
     R250_OK,
-    R250_QUEUED,
     R250_RECIPIENT_OK,
     R250_RESET,
     R250_SENDER_OK,
@@ -81,6 +80,7 @@ from .replies import (
     Reply,
     SMTPError,
     fill,
+    queued_reply,
 )
 
 if TYPE_CHECKING:
@@ -799,23 +799,10 @@ class SMTPServerProtocol(_Wire):
     # -- the client's name: looked up at connect, awaited when a message starts
     def _look_up_name(self, host: Optional[str]) -> None:
         rdns = self.factory.reverse_dns
-        if rdns is None or host is None:
-            return
-        cached = getattr(rdns, "cached", None)  # a ReverseDNS has it
-        name = None if cached is None else cached(host)
-        if name is not None:  # known now (most clients): no Deferred, no lookup
-            if self._name is not None:
-                self._name.forget()  # XCLIENT: an earlier answer no longer counts
-            session = self.session
-            session.peer_name = name
-            if session.envelope is not None:
-                session.envelope.peer_name = name
-            return
-        if self._name is None:
-            from .rdns import ClientName
+        if rdns is not None and host is not None:
+            from .rdns import name_client
 
-            self._name = ClientName(rdns, self.session)
-        self._name.look_up(host)
+            self._name = name_client(rdns, self.session, host, self._name)
 
     def _wait_for_name(self, method: Callable[..., None], argument: str) -> bool:
         """Run C{method(argument)} again once the client's name is known.
@@ -1068,7 +1055,7 @@ class SMTPServerProtocol(_Wire):
                 queued = queue_id(result, envelope, session_id)
             else:
                 queued = envelope.message_id  # what queue_id gives, one call less
-            self.reply(fill(R250_QUEUED, queue_id=queued))
+            self.reply(queued_reply(queued))
             self.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
             self._message_done(envelope, "accepted", "accepted")
             return

@@ -28,7 +28,7 @@ from twisted.names.error import DNSNameError
 
 from ._xclient import UNKNOWN, normalize_address, valid_hostname
 
-__all__ = ["ReverseDNS", "ClientName", "UNKNOWN"]
+__all__ = ["ReverseDNS", "ClientName", "name_client", "UNKNOWN"]
 
 _log = Logger(namespace="twisted_smtpd.rdns")
 
@@ -230,6 +230,30 @@ class ClientName:
         wait, self._wait = self._wait, None
         if wait is not None:
             wait.callback(None)
+
+
+def name_client(
+    rdns: Any, session: Any, host: str, previous: Optional[ClientName]
+) -> Optional[ClientName]:
+    """Name the session's client at C{host}: at once if the cache knows it
+    (most clients: no Deferred, no lookup), else by a lookup.
+
+    Returns:
+        What to wait on for the name, or None if it is known now.
+        C{previous} (XCLIENT naming another client) no longer counts.
+    """
+    cached = getattr(rdns, "cached", None)  # a stand-in may have only lookup
+    name = None if cached is None else cached(host)
+    if name is not None:
+        if previous is not None:
+            previous.forget()  # its answer, still to come, no longer counts
+        session.peer_name = name
+        if session.envelope is not None:
+            session.envelope.peer_name = name
+        return None
+    client = previous if previous is not None else ClientName(rdns, session)
+    client.look_up(host)
+    return client
 
 
 def _record_address(payload: Any) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Reply", "SMTPError", "format_reply", "fill"]
+__all__ = ["Reply", "SMTPError", "format_reply", "fill", "queued_reply"]
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,28 @@ def _same_codes(reply: Reply, text: str) -> Reply:
     cost of the 250 after each message): the codes are a checked pair.
     """
     new = object.__new__(Reply)
-    new.__dict__.update(code=reply.code, enhanced=reply.enhanced, text=text)
+    fields = new.__dict__
+    fields["code"] = reply.code
+    fields["enhanced"] = reply.enhanced
+    fields["text"] = text
     return new
+
+
+def queued_reply(queue_id: str) -> Reply:
+    """C{fill(R250_QUEUED, queue_id=queue_id)}, made for once per message.
+
+    The text is joined rather than formatted and both wire forms are joined
+    from bytes made once, so L{Reply.encoded} finds them: a third of the cost
+    of the general path.
+    """
+    if "\n" in queue_id:  # (never from the server: safe_queue_id drops it)
+        return fill(R250_QUEUED, queue_id=queue_id)
+    reply = _same_codes(R250_QUEUED, _QUEUED_TEXT + queue_id)
+    tail = queue_id.encode("utf-8", "surrogateescape") + b"\r\n"
+    fields = reply.__dict__
+    fields["_wire"] = _QUEUED_WIRE + tail
+    fields["_wire_enhanced"] = _QUEUED_WIRE_ENHANCED + tail
+    return reply
 
 
 class SMTPError(Exception):
@@ -126,6 +146,11 @@ R250_OK = Reply(250, "2.0.0", "OK")
 R250_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 R250_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 R250_QUEUED = Reply(250, "2.0.0", "OK: queued as {queue_id}")
+# queued_reply's pieces: R250_QUEUED with the queue id left off.
+_QUEUED_TEXT = R250_QUEUED.text.replace("{queue_id}", "")
+_QUEUED_WIRE = format_reply(R250_QUEUED.with_text(_QUEUED_TEXT), False)[:-2]
+_QUEUED_WIRE_ENHANCED = format_reply(R250_QUEUED.with_text(_QUEUED_TEXT), True)[:-2]
+assert R250_QUEUED.text == _QUEUED_TEXT + "{queue_id}"
 #: LMTP: one recipient's reply after the data (RFC 2033 section 4.2)
 R250_RECIPIENT_QUEUED = Reply(250, "2.0.0", "<{recipient}> OK: queued as {queue_id}")
 R250_RECIPIENT_DELIVERED = Reply(250, "2.0.0", "<{recipient}> OK: delivered")
