@@ -427,7 +427,10 @@ class _Wire(LineReceiver, TimeoutMixin):
         if self._events is not None:
             self._events.reply_sent(reply.code)
         session = self.session
-        data = reply.encoded(session is not None and session.esmtp)
+        if session is not None and session.esmtp:
+            data = reply.__dict__.get("_wire_enhanced") or reply.encoded(True)
+        else:
+            data = reply.__dict__.get("_wire") or reply.encoded(False)
         out = self._out
         if out is None or self._debug:
             self._reply_bytes(data)
