@@ -802,39 +802,13 @@ class SMTPServerProtocol(_Wire):
     # -- the client's name: looked up at connect, awaited when a message starts
     def _look_up_name(self, host: Optional[str]) -> None:
         rdns = self.factory.reverse_dns
-        if rdns is None or host is None:
-            return
-        cached = getattr(rdns, "cached", None)  # a ReverseDNS has it
-        name = None if cached is None else cached(host)
-        if name is not None:  # known now (most clients): no Deferred, no lookup
-            if self._name is not None:
-                self._name.forget()  # XCLIENT: an earlier answer no longer counts
-            session = self.session
-            session.peer_name = name
-            if session.envelope is not None:
-                session.envelope.peer_name = name
-            return
-        if self._name is None:
-            from .rdns import ClientName
+        if rdns is not None and host is not None:
+            from .rdns import name_client
 
-            self._name = ClientName(rdns, self.session)
-        self._name.look_up(host)
-
-    def _wait_for_name(self, method: Callable[..., None], argument: str) -> bool:
-        """Run C{method(argument)} again once the client's name is known.
-
-        The C{Received:} header of the message needs it; input is held until
-        then (the lookup ends within its own timeout).
-        """
-        wait = None if self._name is None else self._name.wait()
-        if wait is None:
-            return False
-        self._hold(wait)
-        wait.addCallback(self._complete, self._run_again, method, argument)
-        wait.addErrback(self._unexpected)
-        return True
+            self._name = name_client(rdns, self.session, host, self._name)
 
     def _run_again(self, _: Any, method: Callable[..., None], argument: str) -> None:
+        """C{method(argument)} again, after a wait that held input (the name)."""
         if self._phase is _CLOSED_PHASE:
             return
         try:
@@ -974,8 +948,8 @@ class SMTPServerProtocol(_Wire):
     def do_DATA(self, argument: str) -> None:
         if argument:
             raise SMTPError(fill(R501_NO_ARGUMENTS, verb="DATA"))
-        if self._name is not None and self._wait_for_name(
-            SMTPServerProtocol.do_DATA, argument
+        if self._name is not None and self._name.hold(
+            self, SMTPServerProtocol.do_DATA, argument
         ):
             return
         message = self._open_message(chunked=False)
@@ -1015,7 +989,9 @@ class SMTPServerProtocol(_Wire):
         size, last = bdat_argument(argument)
         message = self._message
         if message is None:
-            if self._wait_for_name(SMTPServerProtocol.do_BDAT, argument):
+            if self._name is not None and self._name.hold(
+                self, SMTPServerProtocol.do_BDAT, argument
+            ):
                 return
             message = self._open_message(chunked=True)
             if message is None:  # the handler's failure is answered

@@ -28,7 +28,7 @@ from twisted.names.error import DNSNameError
 
 from ._xclient import UNKNOWN, normalize_address, valid_hostname
 
-__all__ = ["ReverseDNS", "ClientName", "UNKNOWN"]
+__all__ = ["ReverseDNS", "ClientName", "name_client", "UNKNOWN"]
 
 _log = Logger(namespace="twisted_smtpd.rdns")
 
@@ -212,12 +212,21 @@ class ClientName:
         """The name is known another way (XCLIENT): ignore the lookup."""
         self._lookup = None
 
-    def wait(self) -> Optional[Deferred[None]]:
-        """A Deferred that fires once the name is known; None if it is."""
+    def hold(self, protocol: Any, method: Any, argument: str) -> bool:
+        """If the name is still coming: hold C{protocol}'s input, and run
+        C{method(protocol, argument)} again once the name is known.
+
+        The C{Received:} header of the message needs it; the lookup ends
+        within its own timeout.  False if the name is known now.
+        """
         if self._lookup is None:
-            return None
-        wait = self._wait = Deferred()
-        return wait
+            return False
+        wait: Deferred[None] = Deferred()
+        self._wait = wait
+        protocol._hold(wait)
+        wait.addCallback(protocol._complete, protocol._run_again, method, argument)
+        wait.addErrback(protocol._unexpected)
+        return True
 
     def _named(self, name: str, lookup: Deferred[str]) -> None:
         if self._lookup is not lookup:
@@ -230,6 +239,30 @@ class ClientName:
         wait, self._wait = self._wait, None
         if wait is not None:
             wait.callback(None)
+
+
+def name_client(
+    rdns: Any, session: Any, host: str, previous: Optional[ClientName]
+) -> Optional[ClientName]:
+    """Name the session's client at C{host}: at once if the cache knows it
+    (most clients: no Deferred, no lookup), else by a lookup.
+
+    Returns:
+        What to wait on for the name, or None if it is known now.
+        C{previous} (XCLIENT naming another client) no longer counts.
+    """
+    cached = getattr(rdns, "cached", None)  # a stand-in may have only lookup
+    name = None if cached is None else cached(host)
+    if name is not None:
+        if previous is not None:
+            previous.forget()  # its answer, still to come, no longer counts
+        session.peer_name = name
+        if session.envelope is not None:
+            session.envelope.peer_name = name
+        return None
+    client = previous if previous is not None else ClientName(rdns, session)
+    client.look_up(host)
+    return client
 
 
 def _record_address(payload: Any) -> str:
