@@ -426,7 +426,10 @@ class _Wire(LineReceiver, TimeoutMixin):
         if self._events is not None:
             self._events.reply_sent(reply.code)
         session = self.session
-        data = reply.encoded(session is not None and session.esmtp)
+        if session is not None and session.esmtp:
+            data = reply.__dict__.get("_wire_enhanced") or reply.encoded(True)
+        else:
+            data = reply.__dict__.get("_wire") or reply.encoded(False)
         out = self._out
         if out is None or self._debug:
             self._reply_bytes(data)
@@ -804,21 +807,8 @@ class SMTPServerProtocol(_Wire):
 
             self._name = name_client(rdns, self.session, host, self._name)
 
-    def _wait_for_name(self, method: Callable[..., None], argument: str) -> bool:
-        """Run C{method(argument)} again once the client's name is known.
-
-        The C{Received:} header of the message needs it; input is held until
-        then (the lookup ends within its own timeout).
-        """
-        wait = None if self._name is None else self._name.wait()
-        if wait is None:
-            return False
-        self._hold(wait)
-        wait.addCallback(self._complete, self._run_again, method, argument)
-        wait.addErrback(self._unexpected)
-        return True
-
     def _run_again(self, _: Any, method: Callable[..., None], argument: str) -> None:
+        """C{method(argument)} again, after a wait that held input (the name)."""
         if self._phase is _CLOSED_PHASE:
             return
         try:
@@ -958,8 +948,8 @@ class SMTPServerProtocol(_Wire):
     def do_DATA(self, argument: str) -> None:
         if argument:
             raise SMTPError(fill(R501_NO_ARGUMENTS, verb="DATA"))
-        if self._name is not None and self._wait_for_name(
-            SMTPServerProtocol.do_DATA, argument
+        if self._name is not None and self._name.hold(
+            self, SMTPServerProtocol.do_DATA, argument
         ):
             return
         message = self._open_message(chunked=False)
@@ -999,7 +989,9 @@ class SMTPServerProtocol(_Wire):
         size, last = bdat_argument(argument)
         message = self._message
         if message is None:
-            if self._wait_for_name(SMTPServerProtocol.do_BDAT, argument):
+            if self._name is not None and self._name.hold(
+                self, SMTPServerProtocol.do_BDAT, argument
+            ):
                 return
             message = self._open_message(chunked=True)
             if message is None:  # the handler's failure is answered

@@ -212,12 +212,21 @@ class ClientName:
         """The name is known another way (XCLIENT): ignore the lookup."""
         self._lookup = None
 
-    def wait(self) -> Optional[Deferred[None]]:
-        """A Deferred that fires once the name is known; None if it is."""
+    def hold(self, protocol: Any, method: Any, argument: str) -> bool:
+        """If the name is still coming: hold C{protocol}'s input, and run
+        C{method(protocol, argument)} again once the name is known.
+
+        The C{Received:} header of the message needs it; the lookup ends
+        within its own timeout.  False if the name is known now.
+        """
         if self._lookup is None:
-            return None
-        wait = self._wait = Deferred()
-        return wait
+            return False
+        wait: Deferred[None] = Deferred()
+        self._wait = wait
+        protocol._hold(wait)
+        wait.addCallback(protocol._complete, protocol._run_again, method, argument)
+        wait.addErrback(protocol._unexpected)
+        return True
 
     def _named(self, name: str, lookup: Deferred[str]) -> None:
         if self._lookup is not lookup:
