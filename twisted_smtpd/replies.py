@@ -39,7 +39,11 @@ class Reply:
                 )
 
     def encoded(self, enhanced: bool) -> bytes:
-        """L{format_reply}, computed once per reply and kept (the hot path)."""
+        """L{format_reply}, computed once per reply and kept (the hot path).
+
+        Kept in the instance's C{_wire_enhanced} or C{_wire} (the protocol
+        reads them there first, saving the call).
+        """
         key = "_wire_enhanced" if enhanced else "_wire"
         data = self.__dict__.get(key)
         if data is None:
@@ -99,9 +103,12 @@ def queued_reply(queue_id: str) -> Reply:
     """
     if "\n" in queue_id:  # (never from the server: safe_queue_id drops it)
         return fill(R250_QUEUED, queue_id=queue_id)
-    reply = _same_codes(R250_QUEUED, _QUEUED_TEXT + queue_id)
+    reply = object.__new__(Reply)
     tail = queue_id.encode("utf-8", "surrogateescape") + b"\r\n"
     fields = reply.__dict__
+    fields["code"] = R250_QUEUED.code
+    fields["enhanced"] = R250_QUEUED.enhanced
+    fields["text"] = _QUEUED_TEXT + queue_id
     fields["_wire"] = _QUEUED_WIRE + tail
     fields["_wire_enhanced"] = _QUEUED_WIRE_ENHANCED + tail
     return reply
