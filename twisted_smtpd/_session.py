@@ -275,6 +275,22 @@ class Session:
         lmtp: the session speaks LMTP (its envelopes say so).
     """
 
+    # Class defaults: a new session (one per connection) stores only what
+    # differs, which is cheaper to build and smaller while idle.
+    state = State.CONNECTED
+    helo = ""
+    esmtp = False
+    auth: Any = None
+    bad_commands = 0
+    junk_commands = 0
+    auth_failures = 0
+    messages = 0
+    envelope: Optional[Envelope] = None
+    #: see L{Envelope.peer_name}; set when the lookup (or XCLIENT) answers
+    peer_name: Optional[str] = None
+    #: the client may send XCLIENT (and EHLO advertises it)
+    xclient_allowed = False
+
     def __init__(
         self,
         session_id: str,
@@ -293,19 +309,6 @@ class Session:
         self.tls_required = tls_required
         self.auth_required = auth_required
         self.tls: Optional[TLSInfo] = tls_info
-        self.state = State.CONNECTED
-        self.helo = ""
-        self.esmtp = False
-        self.auth: Any = None
-        self.bad_commands = 0
-        self.junk_commands = 0
-        self.auth_failures = 0
-        self.messages = 0
-        self.envelope: Optional[Envelope] = None
-        #: see L{Envelope.peer_name}; set when the lookup (or XCLIENT) answers
-        self.peer_name: Optional[str] = None
-        #: the client may send XCLIENT (and EHLO advertises it)
-        self.xclient_allowed = False
 
     # -- gates -----------------------------------------------------------------
     def check(self, verb: str) -> Optional[Reply]:

@@ -27,6 +27,7 @@ from .protocol import LMTPServerProtocol, SMTPServerProtocol
 from .replies import (
     R220_LMTP_READY,
     R220_READY,
+    R250_HELO,
     R421_AUTH_RATE_LIMITED,
     R421_SHUTTING_DOWN,
     R421_TOO_MANY_CONNECTIONS,
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from .tls import TLSPolicy
 
 __all__ = ["SMTPFactory"]
+
+#: HELO/EHLO replies kept (each encoded once); past it the cache starts over
+_HELO_CACHE_SIZE = 512
 
 
 class SMTPFactory(ServerFactory):
@@ -125,6 +129,7 @@ class SMTPFactory(ServerFactory):
         self.sessions: set[SMTPServerProtocol] = set()
         self._per_ip: Counter[str] = Counter()
         self._ehlo_cache: dict[tuple[str, ...], bytes] = {}
+        self._helo_cache: dict[tuple[str, str], Reply] = {}
         self._greeting: Optional[tuple[tuple[str, str], Reply]] = None
         self.shutting_down = False
         self._drained: Optional[Deferred[None]] = None
@@ -166,6 +171,17 @@ class SMTPFactory(ServerFactory):
                 ),
             )
         return self._greeting[1]
+
+    def helo_reply(self, name: str) -> Reply:
+        """The 250 to HELO/EHLO C{name} (cached: clients mostly send one name)."""
+        key = (self.hostname, name)
+        reply = self._helo_cache.get(key)
+        if reply is None:
+            if len(self._helo_cache) >= _HELO_CACHE_SIZE:
+                self._helo_cache.clear()  # names are the client's: stay bounded
+            reply = fill(R250_HELO, hostname=self.hostname, name=name)
+            self._helo_cache[key] = reply
+        return reply
 
     def ehlo_keywords(self, session: Session) -> bytes:
         """The EHLO reply after its first line, as bytes (cached per variant)."""

@@ -58,7 +58,6 @@ from .replies import (
     R214_HELP,
     R220_STARTTLS,
     R221_BYE,
-    R250_HELO,
     R250_OK,
     R250_RECIPIENT_OK,
     R250_RESET,
@@ -777,8 +776,9 @@ class SMTPServerProtocol(_Wire):
         if refusal is not None:
             self.close_with(refusal)
             return
-        self.session.xclient_allowed = peer_host(peer) in factory.xclient_hosts
-        self._look_up_name(peer_host(peer))
+        host = peer_host(peer)
+        self.session.xclient_allowed = host in factory.xclient_hosts
+        self._look_up_name(host)
         self.setTimeout(self.limits.timeout)
         if tls is not None:  # an ssl: listener: the handshake began at connect
             self._expect_handshake()
@@ -886,13 +886,13 @@ class SMTPServerProtocol(_Wire):
         name = parse_helo(argument)
         self._abort_message()
         self.session.greeted(name, esmtp=False)
-        self.reply(fill(R250_HELO, hostname=self.factory.hostname, name=name))
+        self.reply(self.factory.helo_reply(name))
 
     def do_EHLO(self, argument: str) -> None:
         name = parse_helo(argument)
         self._abort_message()
         self.session.greeted(name, esmtp=True)
-        hello = fill(R250_HELO, hostname=self.factory.hostname, name=name)
+        hello = self.factory.helo_reply(name)
         if self._events is not None:
             self._events.reply_sent(250)
         # Only the first line varies per client; the keywords are cached bytes.
