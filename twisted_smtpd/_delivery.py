@@ -182,8 +182,8 @@ class Message:
             self._reply_after_data(R552_TOO_BIG)
             self._done("too big", "too_big")
         else:
-            run = owner._run
-            run("message", self.receiver.finish, (), self._stored, self._not_stored)
+            finish = self.receiver.finish
+            owner._run("message", finish, (), self._stored, self._not_stored)
 
     def _stored(self, result: Any) -> None:
         """The handler's result: one reply (in LMTP one per recipient)."""
@@ -243,7 +243,8 @@ class Message:
         session.message_done()
         if owner._events is not None and not aborted:
             owner._events.message_received(outcome, self.envelope.size)
-        owner._close_if_draining()
+        if owner._phase == "draining":  # (protocol._DRAINING) close once answered
+            owner._close_if_draining()
         if not (owner.factory.quiet and outcome == "accepted"):
             log_message(session.session_id, self.envelope, logged)
 
