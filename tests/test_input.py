@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -139,6 +141,33 @@ class TestBodyModes:
         owner.feed(b"..a\r\nb\r\n.\r\nNEXT")
         assert [b".a\r\nb\r\n"] == [b"".join(body)]
         assert [7] == ends
+        assert [b"NEXT"] == owner.events
+
+    def test_data_mode_write_failure_drops_the_rest(self) -> None:
+        """A write that raises calls failed() once, inside the handler; the
+        rest of the body is read and dropped and done() still runs."""
+        owner = Owner()
+        calls: list[bytes] = []
+        failures: list[BaseException] = []
+        ends: list[int] = []
+
+        def write(data: bytes) -> None:
+            calls.append(data)
+            raise RuntimeError("receiver broke")
+
+        def failed() -> None:
+            failures.append(sys.exc_info()[1])  # type: ignore[arg-type]
+
+        def done(reader: DataReader) -> None:
+            ends.append(reader.size)
+            owner._mode = RawMode(owner, lambda data: owner.events.append(data))
+
+        owner._mode = DataMode(DataReader(), write, done, failed)
+        for piece in (b"line one\r\n", b"line two\r\n", b".\r\nNEXT"):
+            owner.feed(piece)
+        assert 1 == len(calls) and 1 == len(failures)
+        assert isinstance(failures[0], RuntimeError)
+        assert [20] == ends
         assert [b"NEXT"] == owner.events
 
     @given(st.lists(st.integers(1, 29), max_size=10))

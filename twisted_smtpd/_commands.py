@@ -97,6 +97,8 @@ _XTEXT_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
+#: a mailbox this long has no part over its own limit
+_SHORTEST_LIMIT = min(MAX_LOCAL_PART, MAX_DOMAIN, MAX_PATH)
 
 
 def parse_helo(argument: str) -> str:
@@ -298,24 +300,22 @@ _SIMPLE_MAIL = re.compile(rf"[Ff][Rr][Oo][Mm]:<(?:{_SIMPLE_MAILBOX})?>(?: (.*))?
 _SIMPLE_RCPT = re.compile(rf"[Tt][Oo]:<{_SIMPLE_MAILBOX}>(?: (.*))?\Z")
 
 
-def _simple_path(
-    match: re.Match[str], offered: dict[str, Callable[[str | None], str | None]]
-) -> tuple[str, dict[str, str | None]] | None:
-    """The result of a fast-path match, or None to leave it to the full parser."""
-    mailbox, local, domain, param_text = match.groups()
-    if mailbox is None:  # the null path <>
-        mailbox = ""
-    elif (
+def _over_limit(mailbox: str, local: str, domain: str) -> bool:
+    """Whether a fast-path mailbox is over a length limit (the full parser
+    then says which reply)."""
+    return (
         len(mailbox) > MAX_PATH
         or len(local) > MAX_LOCAL_PART
         or len(domain) > MAX_DOMAIN
-    ):
-        return None  # over a length limit: the full parser says which reply
-    if not param_text:
-        return mailbox, {}
-    params = parse_parameters(param_text)
+    )
+
+
+def _checked_parameters(
+    text: str, offered: dict[str, Callable[[str | None], str | None]]
+) -> dict[str, str | None]:
+    params = parse_parameters(text)
     _check_parameters(params, offered)
-    return mailbox, params
+    return params
 
 
 def parse_mail(argument: str, dsn: bool = True) -> tuple[str, dict[str, str | None]]:
@@ -326,9 +326,15 @@ def parse_mail(argument: str, dsn: bool = True) -> tuple[str, dict[str, str | No
     """
     match = _SIMPLE_MAIL.match(argument)
     if match is not None:
-        simple = _simple_path(match, MAIL_PARAMETERS if dsn else _MAIL_WITHOUT_DSN)
-        if simple is not None:
-            return simple
+        mailbox, local, domain, param_text = match.groups()
+        if mailbox is None:  # the null path <>
+            mailbox = ""
+        elif len(mailbox) > _SHORTEST_LIMIT and _over_limit(mailbox, local, domain):
+            return _parse_mail_full(argument, dsn)
+        if not param_text:
+            return mailbox, {}
+        offered = MAIL_PARAMETERS if dsn else _MAIL_WITHOUT_DSN
+        return mailbox, _checked_parameters(param_text, offered)
     return _parse_mail_full(argument, dsn)
 
 
@@ -361,9 +367,13 @@ def parse_rcpt(
     """
     match = _SIMPLE_RCPT.match(argument)
     if match is not None:
-        simple = _simple_path(match, RCPT_PARAMETERS if dsn else _RCPT_WITHOUT_DSN)
-        if simple is not None:
-            return simple
+        mailbox, local, domain, param_text = match.groups()
+        if len(mailbox) > _SHORTEST_LIMIT and _over_limit(mailbox, local, domain):
+            return _parse_rcpt_full(argument, smtputf8, dsn)
+        if not param_text:
+            return mailbox, {}
+        offered = RCPT_PARAMETERS if dsn else _RCPT_WITHOUT_DSN
+        return mailbox, _checked_parameters(param_text, offered)
     return _parse_rcpt_full(argument, smtputf8, dsn)
 
 

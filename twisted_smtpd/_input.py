@@ -112,10 +112,13 @@ class DataMode:
     """The DATA body through a L{DataReader}, until C{<CRLF>.<CRLF>}.
 
     C{write} gets the unstuffed body; C{done(reader)} runs once the end
-    marker is in, with the owner's mode still this one (it switches).
+    marker is in, with the owner's mode still this one (it switches).  With
+    C{failed}, a C{write} that raises calls C{failed()} inside the handler
+    (so it can capture the exception) and the rest of the body is read and
+    dropped; without it the exception propagates.
     """
 
-    __slots__ = ("reader", "_write", "_done")
+    __slots__ = ("reader", "_write", "_done", "_failed")
     busy = True
 
     def __init__(
@@ -123,17 +126,26 @@ class DataMode:
         reader: DataReader,
         write: Callable[[bytes], Any],
         done: Callable[[DataReader], Any],
+        failed: Optional[Callable[[], Any]] = None,
     ) -> None:
         self.reader = reader
-        self._write = write
+        self._write: Optional[Callable[[bytes], Any]] = write
         self._done = done
+        self._failed = failed
 
     def consume(self, buffer: bytes, pos: int) -> int:
         # The reader works on whole reads: the tail is sliced once per read
         # of the body, not per line.
         body, leftover = self.reader.feed(buffer[pos:] if pos else buffer)
-        if body:
-            self._write(body)
+        if body and self._write is not None:
+            if self._failed is None:
+                self._write(body)
+            else:
+                try:
+                    self._write(body)
+                except Exception:
+                    self._write = None
+                    self._failed()
         if leftover is None:
             return len(buffer)
         self._done(self.reader)

@@ -956,9 +956,20 @@ class SMTPServerProtocol(_Wire):
         if message is None:
             return
         reader = DataReader(self.limits.max_message_size)
-        mode = DataMode(reader, _guarded_write(message), self._data_done)
+        # A receiver whose write() raises gets _body_failed (see _guarded_write).
+        mode = DataMode(
+            reader, message.receiver.write, self._data_done, self._body_failed
+        )
         self._set_mode(mode, self.limits.data_timeout)
         self.reply(R354_START_INPUT)
+
+    def _body_failed(self) -> None:
+        """The receiver's write() raised (called inside the handler): a 451
+        at the end of the data, the receiver aborted, the rest dropped."""
+        message = self._message
+        assert message is not None
+        message.failure = Failure()
+        _abort_receiver(message.receiver)
 
     def _data_done(self, reader: DataReader) -> None:
         self._set_mode(self._lines)
