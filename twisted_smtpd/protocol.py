@@ -38,7 +38,7 @@ from ._bdat import ChunkedMessage, bdat_argument, drop_chunk
 from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
 from ._delivery import HandlerHooks, Message
-from ._fastwrite import can_write_directly, send_now, write_soon
+from ._fastwrite import can_write_directly, close_soon, send_now, write_soon
 from ._hooks import HandlerTimedOut, deadline_over, failure_reply
 from ._hooks import abort_receiver as _abort_receiver
 from ._input import DROP, DataMode, LineMode, RawMode
@@ -475,7 +475,7 @@ class _Wire(LineReceiver, TimeoutMixin):
         if self._direct_write:
             send_now(transport)  # now, to know whether the kernel took it
         if self._direct_write and not (transport.dataBuffer or transport._tempDataLen):
-            transport.loseConnection()  # nothing unsent: it closes by itself
+            close_soon(transport)  # nothing unsent: it closes by itself
             return
         # A client that does not read would keep the connection open for
         # good (the last reply never flushed): it gets CLOSE_GRACE seconds.
