@@ -612,11 +612,28 @@ class _Wire(LineReceiver, TimeoutMixin):
         started = self.factory.reactor.seconds() if self._events is not None else 0.0
         try:
             result = hook(*args)
-            if isinstance(result, CoroutineType):
-                result = Deferred.fromCoroutine(result)
         except Exception:
             self._hook_failed(Failure(), name, started, failed, context)
             return
+        self._hook_answered(result, name, started, succeeded, failed, context)
+
+    def _hook_answered(
+        self,
+        result: Any,
+        name: str,
+        started: float,
+        succeeded: Callable[..., None],
+        failed: Optional[Callable[..., None]],
+        context: tuple[Any, ...],
+    ) -> None:
+        """What L{_run} does with the hook's result: answer it now, or hold
+        input until its Deferred (or coroutine) fires."""
+        if isinstance(result, CoroutineType):
+            try:
+                result = Deferred.fromCoroutine(result)
+            except Exception:
+                self._hook_failed(Failure(), name, started, failed, context)
+                return
         # (None first: Deferred is an ABC, its isinstance is the slow kind.)
         if result is None or not isinstance(result, Deferred):
             if self._events is None:
@@ -1041,14 +1058,31 @@ class SMTPServerProtocol(_Wire):
             self._reply_after_data(R552_TOO_BIG, envelope)
             self._message_done(envelope, "too big", "too_big")
             return
-        self._run(
-            "message",
-            message.receiver.finish,
-            (),
-            self._stored,
-            self._not_stored,
-            (envelope, message.receiver),
-        )
+        receiver = message.receiver
+        context = (envelope, receiver)
+        if self._events is not None:
+            self._run(
+                "message",
+                receiver.finish,
+                (),
+                self._stored,
+                self._not_stored,
+                context,
+            )
+            return
+        # What _run does, with no hook timing to take: a message stored at
+        # once (finish() gave None) goes straight to _stored.
+        try:
+            result = receiver.finish()
+        except Exception:
+            self._hook_failed(Failure(), "message", 0.0, self._not_stored, context)
+            return
+        if result is None:
+            self._stored(None, envelope, receiver)
+        else:
+            self._hook_answered(
+                result, "message", 0.0, self._stored, self._not_stored, context
+            )
 
     def _stored(self, result: Any, envelope: Envelope, receiver: Any) -> None:
         """The handler's result: one reply (in LMTP one per recipient)."""
