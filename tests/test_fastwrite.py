@@ -8,12 +8,14 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task, threads
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
 from twisted_smtpd import SMTPFactory
 from twisted_smtpd._fastwrite import (
     can_write_directly,
+    close_soon,
     send_now,
     write_directly,
     write_soon,
@@ -24,13 +26,18 @@ from twisted_smtpd.tls import TLSPolicy
 
 
 class _Recorder(Protocol):
-    """Hands its transport to the test once connected."""
+    """Hands its transport to the test once connected; records the loss."""
 
     def __init__(self, on_connect: Deferred) -> None:
         self.on_connect = on_connect
+        self.lost: list = []
 
     def connectionMade(self) -> None:
+        self.transport.recorder = self
         self.on_connect.callback(self.transport)
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost.append(reason)
 
 
 def _serve_one():
@@ -252,10 +259,11 @@ def test_write_soon_sends_at_the_end_of_the_turn_without_a_write_watch():
         # Held in Twisted's own queue, in order, with no write watch asked for.
         assert transport._tempDataBuffer == [b"220 hello\r\n", b"250 more\r\n"]
         assert transport not in reactor.getWriters()
-        yield _turn()
-        assert not transport.dataBuffer and not transport._tempDataLen
         data = yield threads.deferToThread(_read_until, client, b"more\r\n")
         assert data == b"220 hello\r\n250 more\r\n"
+        # Sent straight from the queue: nothing left there, no watch started.
+        assert not transport.dataBuffer and not transport._tempDataLen
+        assert transport not in reactor.getWriters()
     finally:
         client.close()
         yield port.stopListening()
@@ -316,7 +324,6 @@ def test_write_soon_many_connections_in_one_turn():
             write_soon(transport, b"%d-a\r\n" % i)
         for i, transport in enumerate(transports):
             write_soon(transport, b"%d-b\r\n" % i)
-        yield _turn()
         for i, (_, client) in enumerate(ports_and_clients):
             data = yield threads.deferToThread(_read_until, client, b"-b\r\n")
             assert data == b"%d-a\r\n%d-b\r\n" % (i, i)
@@ -381,3 +388,95 @@ def _tls_handshake(sock: socket.socket) -> str:
         return str(wrapped.version())
     finally:
         wrapped.close()
+
+
+# -- close_soon: loseConnection without the write watch when nothing is queued
+
+
+def _read_to_eof(sock: socket.socket) -> tuple[bytes, bool]:
+    """(everything read, whether it ended in an orderly EOF, not a reset)."""
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return bytes(data), False
+        if not chunk:
+            return bytes(data), True
+        data += chunk
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_soon_closes_at_the_end_of_the_turn_in_order():
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        recorder = transport.recorder
+        write_soon(transport, b"250 ok\r\n")
+        send_now(transport)
+        close_soon(transport)
+        # No write watch, and written meanwhile still goes out before the close.
+        assert transport not in reactor.getWriters()
+        assert transport not in reactor.getReaders()
+        write_soon(transport, b"221 bye\r\n")
+        data, orderly = yield threads.deferToThread(_read_to_eof, client)
+        assert (data, orderly) == (b"250 ok\r\n221 bye\r\n", True)
+        yield _turn()
+        assert len(recorder.lost) == 1
+        assert recorder.lost[0].check(ConnectionDone)
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_soon_with_nothing_written_meanwhile_is_one_clean_close():
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        recorder = transport.recorder
+        transport.loseConnection = None  # must not be needed: nothing is queued
+        close_soon(transport)
+        data, orderly = yield threads.deferToThread(_read_to_eof, client)
+        assert (data, orderly) == (b"", True)
+        yield _turn()
+        assert len(recorder.lost) == 1 and recorder.lost[0].check(ConnectionDone)
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_soon_with_bytes_queued_is_loseconnection():
+    """Bytes the kernel has not taken: Twisted's own loseConnection sends them."""
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        transport.write(b"queued\r\n")  # in Twisted's queue, writer started
+        close_soon(transport)
+        assert transport.disconnecting
+        data, orderly = yield threads.deferToThread(_read_to_eof, client)
+        assert (data, orderly) == (b"queued\r\n", True)
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_abort_after_close_soon_loses_the_connection_once():
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        recorder = transport.recorder
+        close_soon(transport)
+        transport.abortConnection()
+        yield _turn()
+        yield _turn()
+        assert len(recorder.lost) == 1
+    finally:
+        client.close()
+        yield port.stopListening()

@@ -9,8 +9,7 @@ sizes so far against the limit and whether the LAST chunk came.  Once it is
 over the limit, or the receiver failed, its remaining chunks are read and
 dropped, and the message is answered at the end of that chunk.
 
-Nothing here imports Twisted; the protocol is passed in (its input modes and
-its end of data).
+Nothing here imports Twisted; the protocol is passed in (its input modes).
 """
 
 from __future__ import annotations
@@ -87,6 +86,6 @@ class ChunkedMessage(Message):
     def _chunk_read(self, protocol: Any) -> None:
         protocol._set_mode(protocol._lines)
         if self.too_big or self.last or self.failure is not None:
-            protocol._end_of_data(self.envelope.size, self.too_big)
+            self.end_of_data(self.envelope.size, self.too_big)
         else:
             protocol.reply(fill(R250_CHUNK_OK, size=self.chunk_size))

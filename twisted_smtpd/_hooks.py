@@ -17,15 +17,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._outcomes import RecipientOutcome, recipient_outcomes
+from ._peer import address_text
 from ._sanitize import safe_queue_id, safe_reply
 from ._session import Envelope
+from .fastlog import emit_summary
 from .replies import R451_HANDLER_TIMEOUT, R451_LOCAL_ERROR, Reply, SMTPError
 
 __all__ = [
     "HandlerTimedOut",
+    "abort_receiver",
     "deadline_over",
     "failure_reply",
     "handler_reply",
+    "log_message",
     "message_outcomes",
     "queue_id",
 ]
@@ -136,3 +140,34 @@ def _safe_outcome(outcome: Any, envelope: Envelope, session_id: str) -> Any:
     if isinstance(outcome, BaseException) or not outcome:
         return outcome
     return queue_id(outcome, envelope, session_id)
+
+
+def abort_receiver(receiver: Any) -> None:
+    """C{receiver.abort()}; its failure is logged, not raised."""
+    try:
+        receiver.abort()
+    except Exception:
+        _log.failure("smtpd: receiver.abort failed")
+
+
+def log_message(session_id: str, envelope: Envelope, outcome: str) -> None:
+    """The one line per message."""
+    rcpt_count = len(envelope.rcpt_tos)
+    peer = address_text(envelope.peer)
+    # The text is made here in one f-string: twisted.logger's formatter
+    # costs about 10 us per {field}. The fields stay in the event.
+    emit_summary(
+        _log,
+        {
+            "summary": f"smtpd {session_id} message {envelope.message_id} from"
+            f" <{envelope.mail_from}> ({peer}) to {rcpt_count} recipients,"
+            f" {envelope.size} bytes: {outcome}",
+            "session_id": session_id,
+            "peer": peer,
+            "message_id": envelope.message_id,
+            "mail_from": envelope.mail_from,
+            "rcpt_count": rcpt_count,
+            "size": envelope.size,
+            "outcome": outcome,
+        },
+    )

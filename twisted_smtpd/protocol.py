@@ -19,7 +19,6 @@ replies), C{pauseProducing}/C{resumeProducing}, and a verb table per class
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -39,16 +38,10 @@ from ._bdat import ChunkedMessage, bdat_argument, drop_chunk
 from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
 from ._delivery import HandlerHooks, Message
-from ._fastwrite import can_write_directly, send_now, write_soon
-from ._hooks import (
-    HandlerTimedOut,
-    deadline_over,
-    failure_reply,
-    message_outcomes,
-    queue_id,
-)
+from ._fastwrite import can_write_directly, close_soon, send_now, write_soon
+from ._hooks import HandlerTimedOut, deadline_over, failure_reply
+from ._hooks import abort_receiver as _abort_receiver
 from ._input import DROP, DataMode, LineMode, RawMode
-from ._outcomes import outcome_summary, single_reply
 from ._peer import address_text, forward_client, peer_host, xclient_update
 from ._session import Envelope, Session, TLSInfo, received_header
 from ._tlswatch import TLSWatch, current_tls
@@ -76,11 +69,9 @@ from .replies import (
     R501_SYNTAX_VRFY,
     R502_NOT_IMPLEMENTED,
     R503_ALREADY_TLS,
-    R552_TOO_BIG,
     Reply,
     SMTPError,
     fill,
-    queued_reply,
 )
 
 if TYPE_CHECKING:
@@ -484,7 +475,7 @@ class _Wire(LineReceiver, TimeoutMixin):
         if self._direct_write:
             send_now(transport)  # now, to know whether the kernel took it
         if self._direct_write and not (transport.dataBuffer or transport._tempDataLen):
-            transport.loseConnection()  # nothing unsent: it closes by itself
+            close_soon(transport)  # nothing unsent: it closes by itself
             return
         # A client that does not read would keep the connection open for
         # good (the last reply never flushed): it gets CLOSE_GRACE seconds.
@@ -612,28 +603,11 @@ class _Wire(LineReceiver, TimeoutMixin):
         started = self.factory.reactor.seconds() if self._events is not None else 0.0
         try:
             result = hook(*args)
+            if isinstance(result, CoroutineType):
+                result = Deferred.fromCoroutine(result)
         except Exception:
             self._hook_failed(Failure(), name, started, failed, context)
             return
-        self._hook_answered(result, name, started, succeeded, failed, context)
-
-    def _hook_answered(
-        self,
-        result: Any,
-        name: str,
-        started: float,
-        succeeded: Callable[..., None],
-        failed: Optional[Callable[..., None]],
-        context: tuple[Any, ...],
-    ) -> None:
-        """What L{_run} does with the hook's result: answer it now, or hold
-        input until its Deferred (or coroutine) fires."""
-        if isinstance(result, CoroutineType):
-            try:
-                result = Deferred.fromCoroutine(result)
-            except Exception:
-                self._hook_failed(Failure(), name, started, failed, context)
-                return
         # (None first: Deferred is an ABC, its isinstance is the slow kind.)
         if result is None or not isinstance(result, Deferred):
             if self._events is None:
@@ -990,7 +964,9 @@ class SMTPServerProtocol(_Wire):
 
     def _data_done(self, reader: DataReader) -> None:
         self._set_mode(self._lines)
-        self._end_of_data(reader.size, reader.too_big)
+        message = self._message
+        assert message is not None
+        message.end_of_data(reader.size, reader.too_big)
 
     def _open_message(self, chunked: bool) -> Optional[Message]:
         """Start the message (DATA or first BDAT); None if the handler failed."""
@@ -1038,110 +1014,10 @@ class SMTPServerProtocol(_Wire):
         self._reply_bad(refusal)
         drop_chunk(self, size)
 
-    def _end_of_data(self, size: int, too_big: bool) -> None:
-        # The message stays in flight until finish() answers: a client gone
-        # meanwhile aborts it (a 250 it never sees would make it resend).
-        message = self._message
-        assert message is not None
-        if message.producer is not None:
-            message.detach()
-            self._set_pauses(self._pauses & ~_RECEIVER)
-        envelope = message.envelope
-        envelope.size = size
-        if message.failure is not None:  # the receiver's write() raised
-            self._reply_after_data(self.failure_reply(message.failure), envelope)
-            failed = "refused" if message.failure.check(SMTPError) else "failed"
-            self._message_done(envelope, "refused", failed)
-            return
-        if too_big:
-            _abort_receiver(message.receiver)
-            self._reply_after_data(R552_TOO_BIG, envelope)
-            self._message_done(envelope, "too big", "too_big")
-            return
-        receiver = message.receiver
-        context = (envelope, receiver)
-        if self._events is not None:
-            self._run(
-                "message",
-                receiver.finish,
-                (),
-                self._stored,
-                self._not_stored,
-                context,
-            )
-            return
-        # What _run does, with no hook timing to take: a message stored at
-        # once (finish() gave None) goes straight to _stored.
-        try:
-            result = receiver.finish()
-        except Exception:
-            self._hook_failed(Failure(), "message", 0.0, self._not_stored, context)
-            return
-        if result is None:
-            self._stored(None, envelope, receiver)
-        else:
-            self._hook_answered(
-                result, "message", 0.0, self._stored, self._not_stored, context
-            )
-
-    def _stored(self, result: Any, envelope: Envelope, receiver: Any) -> None:
-        """The handler's result: one reply (in LMTP one per recipient)."""
-        session_id = self.session.session_id
-        if result is None or not isinstance(result, Mapping):
-            if result:
-                queued = queue_id(result, envelope, session_id)
-            else:
-                queued = envelope.message_id  # what queue_id gives, one call less
-            self.reply(queued_reply(queued))
-            self.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
-            self._message_done(envelope, "accepted", "accepted")
-            return
-        outcomes = message_outcomes(result, envelope, session_id)
-        self.reply(single_reply(outcomes, envelope.message_id))
-        self._outcomes_done(outcomes, envelope)
-
-    def _outcomes_done(self, outcomes: list[Any], envelope: Envelope) -> None:
-        stored = sum(outcome.stored for outcome in outcomes)
-        if stored:
-            self.session.junk_commands = 0
-        logged, outcome = outcome_summary(stored, len(outcomes), self.lmtp)
-        self._message_done(envelope, logged, outcome)
-
-    def _reply_after_data(self, reply: Reply, envelope: Envelope) -> None:
-        """C{reply} to the end of the data (in LMTP once per recipient)."""
-        self.reply(reply)
-
-    def _not_stored(self, failure: Failure, envelope: Envelope, receiver: Any) -> None:
-        if failure.check(HandlerTimedOut) and self._message is not None:
-            _abort_receiver(receiver)  # (a lost connection aborted it already)
-        if self.lmtp:
-            self._reply_after_data(self.failure_reply(failure), envelope)
-        failed = "refused" if failure.check(SMTPError) else "failed"
-        self._message_done(envelope, "refused", failed)
-
     def _abort_message(self) -> None:
         """RSET, a new greeting or a lost connection drops the message in flight."""
-        message = self._message
-        if message is None:
-            return
-        self._message = None
-        if message.producer is not None:
-            message.detach()
-            self._set_pauses(self._pauses & ~_RECEIVER)
-        _abort_receiver(message.receiver)
-        if self._events is not None:
-            self._events.message_received("aborted", message.envelope.size)
-
-    def _message_done(self, envelope: Envelope, logged: str, outcome: str) -> None:
-        aborted = self._message is None  # the connection was lost meanwhile
-        self._message = None
-        self.session.message_done()
-        if self._events is not None and not aborted:
-            self._events.message_received(outcome, envelope.size)
-        if self._phase is _DRAINING:
-            self._close_if_draining()
-        if not (self.factory.quiet and outcome == "accepted"):
-            _log_message(self.session.session_id, envelope, logged)
+        if self._message is not None:
+            self._message.abort()
 
     def do_RSET(self, argument: str) -> None:
         if argument:
@@ -1301,28 +1177,6 @@ def _verb_table(cls: type) -> dict[str, Callable[..., None]]:
 SMTPServerProtocol._COMMANDS = _verb_table(SMTPServerProtocol)
 
 
-def _log_message(session_id: str, envelope: Envelope, outcome: str) -> None:
-    rcpt_count = len(envelope.rcpt_tos)
-    peer = address_text(envelope.peer)
-    # The text is made here in one f-string: twisted.logger's formatter
-    # costs about 10 us per {field}. The fields stay in the event.
-    emit_summary(
-        _log,
-        {
-            "summary": f"smtpd {session_id} message {envelope.message_id} from"
-            f" <{envelope.mail_from}> ({peer}) to {rcpt_count} recipients,"
-            f" {envelope.size} bytes: {outcome}",
-            "session_id": session_id,
-            "peer": peer,
-            "message_id": envelope.message_id,
-            "mail_from": envelope.mail_from,
-            "rcpt_count": rcpt_count,
-            "size": envelope.size,
-            "outcome": outcome,
-        },
-    )
-
-
 def _log_session_closed(session: Session) -> None:
     peer = address_text(session.peer)
     emit_summary(
@@ -1335,13 +1189,6 @@ def _log_session_closed(session: Session) -> None:
             "messages": session.messages,
         },
     )
-
-
-def _abort_receiver(receiver: Any) -> None:
-    try:
-        receiver.abort()
-    except Exception:
-        _log.failure("smtpd: receiver.abort failed")
 
 
 def _mask(line: bytes) -> bytes:
@@ -1369,16 +1216,6 @@ class LMTPServerProtocol(SMTPServerProtocol):
     def _answer_failure(self, name: str, failure: Failure) -> None:
         if name != "message":  # that one is answered per recipient
             super()._answer_failure(name, failure)
-
-    def _stored(self, result: Any, envelope: Envelope, receiver: Any) -> None:
-        outcomes = message_outcomes(result, envelope, self.session.session_id)
-        for outcome in outcomes:
-            self.reply(outcome.reply)
-        self._outcomes_done(outcomes, envelope)
-
-    def _reply_after_data(self, reply: Reply, envelope: Envelope) -> None:
-        for _ in envelope.rcpt_tos:
-            self.reply(reply)
 
     def do_LHLO(self, argument: str) -> None:
         SMTPServerProtocol.do_EHLO(self, argument)
