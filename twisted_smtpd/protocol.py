@@ -628,6 +628,13 @@ class _Wire(LineReceiver, TimeoutMixin):
         )
         result.addErrback(self._unexpected)
 
+    def _hook_raised(
+        self, name: str, failed: Optional[Callable[..., None]] = None
+    ) -> None:
+        """Inside an C{except}: the hook C{name}, called by its caller, raised
+        (answered as L{_run} answers it, without hook timing)."""
+        self._hook_failed(Failure(), name, 0.0, failed, ())
+
     def _hold(self, pending: Any) -> None:
         """Dispatch nothing more until C{pending} completes: keeps replies in order.
 
