@@ -74,9 +74,9 @@ class Deadlines:
     def _arm(self) -> None:
         head = next(iter(self._due.values()))
         delay = max(0.0, head - self._clock.seconds())
-        self._call = self._clock.callLater(delay, self._fire)
+        self._call = self._clock.callLater(delay, self._expire_due)
 
-    def _fire(self) -> None:
+    def _expire_due(self) -> None:
         self._call = None
         now = self._clock.seconds()
         due = self._due
