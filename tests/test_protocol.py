@@ -533,7 +533,7 @@ class TestSlowClients:
             client.command(b"NOOP")
         assert not client.closed
         # Only the idle timer and the session's lifetime bound are armed.
-        lifetime = client.protocol._session_call
+        lifetime = factory.session_deadlines.timer
         assert [] == [c for c in clock.getDelayedCalls()[1:] if c is not lifetime]
 
     def test_dripped_data(self, factory: SMTPFactory, clock: Clock) -> None:
