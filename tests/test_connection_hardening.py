@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 from zope.interface import alsoProvides
 
 from twisted_smtpd import Limits, SMTPFactory
+from twisted_smtpd._deadlines import GRANULARITY
 from twisted_smtpd.handlers import MemoryHandler
 from twisted_smtpd.protocol import CLOSE_GRACE
 from twisted_smtpd.testing import FakeClient, TLSStringTransport, connect
@@ -273,10 +274,37 @@ class TestSessionTime:
         ]
         assert client.closed
 
+    def test_sessions_share_one_timer_and_each_ends_on_time(self) -> None:
+        """One timer for the factory's sessions; each gets its 421 at its own
+        lifetime (at most GRANULARITY late), and a closed one is forgotten."""
+        clock = Clock()
+        factory = make_factory(clock, max_session_time=100, timeout=300)
+        first = greeted(factory)
+        clock.advance(30)
+        second, gone = greeted(factory), greeted(factory)
+        gone.protocol.connectionLost(None)
+        assert gone.protocol not in factory.session_deadlines
+        lifetimes = [
+            c for c in clock.getDelayedCalls() if c is factory.session_deadlines.timer
+        ]
+        assert 1 == len(lifetimes)
+        clock.advance(70)
+        assert first.closed and not second.closed
+        clock.advance(29)
+        assert not second.closed
+        clock.advance(GRANULARITY)
+        assert second.closed
+        assert second.replies()[-1].startswith(b"421 4.4.2 mx.test Session time")
+        for client in (first, second):
+            client.protocol.connectionLost(None)
+        assert factory.session_deadlines.timer is None
+
     def test_zero_means_no_lifetime_bound(self) -> None:
         clock = Clock()
-        client = greeted(make_factory(clock, max_session_time=0))
-        assert client.protocol._session_call is None
+        factory = make_factory(clock, max_session_time=0)
+        client = greeted(factory)
+        assert client.protocol not in factory.session_deadlines
+        assert factory.session_deadlines.timer is None
 
 
 # -- real sockets ------------------------------------------------------------

@@ -533,7 +533,7 @@ class TestSlowClients:
             client.command(b"NOOP")
         assert not client.closed
         # Only the idle timer and the session's lifetime bound are armed.
-        lifetime = client.protocol._session_call
+        lifetime = factory.session_deadlines.timer
         assert [] == [c for c in clock.getDelayedCalls()[1:] if c is not lifetime]
 
     def test_dripped_data(self, factory: SMTPFactory, clock: Clock) -> None:
@@ -1139,3 +1139,79 @@ class TestHooklessPathAgrees:
         first, *others = _run_script(reads)
         for other in others:
             assert first == other
+
+
+# -- without an events observer, finish() is called without the hook runner ---
+def _finish_results() -> list[tuple[str, Any]]:
+    """Handler results of every kind: (name, a function giving one)."""
+
+    async def coroutine_none() -> None:
+        return None
+
+    async def coroutine_raises() -> None:
+        raise SMTPError(554, "5.7.1", "refused later")
+
+    def raise_smtp() -> None:
+        raise SMTPError(550, "5.7.1", "no thanks")
+
+    def raise_other() -> None:
+        raise RuntimeError("handler bug")
+
+    return [
+        ("none", lambda: None),
+        ("queue id", lambda: "QID7"),
+        ("unsafe queue id", lambda: "Q\r\nX"),
+        ("empty string", lambda: ""),
+        ("deferred", lambda: succeed("QD")),
+        ("pending deferred", lambda: Deferred()),
+        ("coroutine", coroutine_none),
+        ("coroutine raises", coroutine_raises),
+        ("smtp error", raise_smtp),
+        ("other error", raise_other),
+        ("mapping", lambda: {"b@example.net": None}),
+        ("mapping refused", lambda: {"b@example.net": SMTPError(550, "5.1.1", "x")}),
+    ]
+
+
+class TestSynchronousFinishAgrees:
+    """With no events observer the end of data calls finish() itself; with
+    one it goes through the hook runner.  The replies must not differ."""
+
+    @pytest.mark.parametrize("name, result", _finish_results())
+    def test_same_replies(self, name: str, result: Any) -> None:
+        from twisted_smtpd._events import SessionEvents
+
+        outputs = []
+        for events in (None, SessionEvents()):
+
+            class Receiver:
+                def write(self, data: bytes) -> None:
+                    pass
+
+                def finish(self) -> Any:
+                    return result()
+
+                def abort(self) -> None:
+                    pass
+
+            class Handler:
+                def open_message(self, envelope: Any) -> Any:
+                    return Receiver()
+
+            clock = Clock()
+            factory = SMTPFactory(
+                Handler(), hostname="mx.test", reactor=clock, events=events
+            )
+            client = connect(factory)
+            replies = transaction(client)
+            clock.advance(factory.limits.handler_timeout + 1)
+            replies += client.command(b"NOOP")
+            replies += client.command(b"MAIL FROM:<a@example.org>")
+            outputs.append(
+                [
+                    r.replace(client.protocol.session.session_id.encode(), b"S")
+                    for r in replies
+                ]
+            )
+        assert outputs[0] == outputs[1]
+        assert [b"250 2.0.0 OK", b"250 2.1.0 Sender OK"] == outputs[0][-2:]

@@ -182,8 +182,25 @@ class Message:
             self._reply_after_data(R552_TOO_BIG)
             self._done("too big", "too_big")
         else:
-            finish = self.receiver.finish
-            owner._run("message", finish, (), self._stored, self._not_stored)
+            receiver = self.receiver
+            if owner._events is not None:
+                owner._run(
+                    "message", receiver.finish, (), self._stored, self._not_stored
+                )
+                return
+            # What the hook runner does when there is no timing to take: a
+            # message stored at once (finish() gave None) is answered here;
+            # an exception or any other result goes to the runner as before.
+            try:
+                result = receiver.finish()
+            except Exception:
+                owner._hook_raised("message", self._not_stored)
+                return
+            if result is None:
+                self._stored(None)
+            else:
+                given = lambda: result  # noqa: E731 - finish() already ran
+                owner._run("message", given, (), self._stored, self._not_stored)
 
     def _stored(self, result: Any) -> None:
         """The handler's result: one reply (in LMTP one per recipient)."""

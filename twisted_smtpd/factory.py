@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from ._deadlines import Deadlines
 from ._delivery import HandlerHooks
 from ._events import SessionEvents
 from ._ratelimit import FailureLimiter, parse_limit
@@ -127,6 +128,7 @@ class SMTPFactory(ServerFactory):
         self.debug = debug
         self.quiet = quiet
         self.sessions: set[SMTPServerProtocol] = set()
+        self._deadlines: Optional[Deadlines] = None  # max_session_time, one timer
         self._per_ip: Counter[str] = Counter()
         self._ehlo_cache: dict[tuple[str, ...], bytes] = {}
         self._helo_cache: dict[tuple[str, str], Reply] = {}
@@ -247,7 +249,16 @@ class SMTPFactory(ServerFactory):
             return self._refuse("auth_rate_limit", R421_AUTH_RATE_LIMITED)
         self.sessions.add(protocol)
         self._per_ip[ip] += 1
+        if limits.max_session_time:
+            self.session_deadlines.add(protocol, limits.max_session_time)
         return None
+
+    @property
+    def session_deadlines(self) -> Deadlines:
+        """Every admitted session's C{max_session_time}, on one timer."""
+        if self._deadlines is None:
+            self._deadlines = Deadlines(self.reactor, _session_expired)
+        return self._deadlines
 
     def auth_locked_out(self, ip: str) -> bool:
         """AUTH is required and C{ip} is over the AUTH failure limit: refuse it."""
@@ -281,6 +292,8 @@ class SMTPFactory(ServerFactory):
     def release(self, protocol: SMTPServerProtocol) -> None:
         if protocol in self.sessions:
             self.sessions.discard(protocol)
+            if self._deadlines is not None:
+                self._deadlines.discard(protocol)
             ip = _client_address(protocol)
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
@@ -327,6 +340,10 @@ class SMTPFactory(ServerFactory):
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         return self.protocol(self)
+
+
+def _session_expired(protocol: SMTPServerProtocol) -> None:
+    protocol._session_expired()
 
 
 def _client_address(protocol: SMTPServerProtocol) -> str:

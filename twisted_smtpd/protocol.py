@@ -168,7 +168,6 @@ class _Wire(LineReceiver, TimeoutMixin):
     _output_watch: Optional[_OutputWatch] = None  # registered on the transport
     _tls: Optional[TLSWatch] = None  # on a connection that uses TLS
     _abort_call: Any = None  # closing: abort if the last reply is not taken
-    _session_call: Any = None  # the session's lifetime bound (max_session_time)
     _drain_reply: Optional[Reply] = None  # the 421 to close with once not busy
     _drain_how = "shutdown"
 
@@ -225,12 +224,11 @@ class _Wire(LineReceiver, TimeoutMixin):
         self.setTimeout(None)
         self._output_watch = None  # the transport dropped it already
         self._set_phase_closed()
-        for name in ("_abort_call", "_session_call"):
-            call = getattr(self, name)
-            if call is not None:
-                if call.active():
-                    call.cancel()
-                setattr(self, name, None)
+        call = self._abort_call
+        if call is not None:
+            if call.active():
+                call.cancel()
+            self._abort_call = None
         # The modes hold the protocol: let it go by reference counting.
         self._mode = self._lines = DROP  # type: ignore[assignment]
         pending = self._pending
@@ -537,8 +535,10 @@ class _Wire(LineReceiver, TimeoutMixin):
             self.close_with(reply, self._drain_how)
 
     def _session_expired(self) -> None:
-        """C{max_session_time} is up: no loop of commands may hold a slot."""
-        self._session_call = None
+        """C{max_session_time} is up: no loop of commands may hold a slot.
+
+        Called by the factory's L{Deadlines}, at most C{GRANULARITY} late.
+        """
         if self._phase is not _OPEN:
             return
         _log.info(
@@ -627,6 +627,13 @@ class _Wire(LineReceiver, TimeoutMixin):
             errbackArgs=(self._hook_failed, name, started, failed, context),
         )
         result.addErrback(self._unexpected)
+
+    def _hook_raised(
+        self, name: str, failed: Optional[Callable[..., None]] = None
+    ) -> None:
+        """Inside an C{except}: the hook C{name}, called by its caller, raised
+        (answered as L{_run} answers it, without hook timing)."""
+        self._hook_failed(Failure(), name, 0.0, failed, ())
 
     def _hold(self, pending: Any) -> None:
         """Dispatch nothing more until C{pending} completes: keeps replies in order.
@@ -773,10 +780,6 @@ class SMTPServerProtocol(_Wire):
         self.setTimeout(self.limits.timeout)
         if tls is not None:  # an ssl: listener: the handshake began at connect
             self._expect_handshake()
-        if self.limits.max_session_time:
-            self._session_call = factory.reactor.callLater(
-                self.limits.max_session_time, self._session_expired
-            )
         # The greeting waits for the handler's verdict on the client (and any
         # early talker's bytes wait with it).
         self._run(
