@@ -480,3 +480,21 @@ def test_abort_after_close_soon_loses_the_connection_once():
     finally:
         client.close()
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_soon_after_starttls_is_loseconnection(tls_policy):
+    """TLS closes through its own layer (close_notify), never around it."""
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        transport.startTLS(tls_policy.context_factory)
+        closed = []
+        transport.protocol.loseConnection = lambda: closed.append(True)
+        close_soon(transport)
+        assert closed == [True]
+        assert transport in reactor.getReaders()  # not taken apart underneath
+    finally:
+        client.close()
+        yield port.stopListening()

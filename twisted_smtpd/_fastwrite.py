@@ -164,12 +164,14 @@ def close_soon(transport: Any) -> None:
     C{ConnectionDone}: shutdown and close), instead of through
     C{loseConnection}'s write watch, which costs two C{epoll_ctl}, one more
     turn and an empty C{send} per connection.  Anything written meanwhile is
-    sent first, as with C{loseConnection}.
+    sent first, as with C{loseConnection}; a TLS transport always takes
+    C{loseConnection} (its close_notify).
     """
     t = transport
     if (
         not t.connected
         or t.disconnecting
+        or t.TLS  # TLS closes with its close_notify first
         or t.dataBuffer
         or t._tempDataLen
         or t._writeDisconnected
