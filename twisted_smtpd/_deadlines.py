@@ -18,7 +18,6 @@ C{Clock}); nothing here imports Twisted.
 
 from __future__ import annotations
 
-from math import ceil
 from typing import Any, Callable
 
 __all__ = ["GRANULARITY", "Deadlines"]
@@ -56,12 +55,18 @@ class Deadlines:
 
     def add(self, session: Any, seconds: float) -> None:
         """C{session} must end within C{seconds} from now."""
-        deadline = ceil((self._clock.seconds() + seconds) / GRANULARITY) * GRANULARITY
+        clock = self._clock
+        now = clock.seconds()
+        # Rounded up to the step (ceil without a call): shared while it lasts.
+        deadline = -(-(now + seconds) // GRANULARITY) * GRANULARITY
         if deadline != self._last:
             self._last = deadline
-        self._due[session] = self._last
+        due = self._due
+        due[session] = self._last
         if self._call is None:
-            self._arm()
+            head = next(iter(due.values()))
+            delay = head - now if head > now else 0.0
+            self._call = clock.callLater(delay, self._expire_due)
 
     def discard(self, session: Any) -> None:
         """C{session} is over: no deadline for it (no timer once none is left)."""

@@ -250,7 +250,10 @@ class SMTPFactory(ServerFactory):
         self.sessions.add(protocol)
         self._per_ip[ip] += 1
         if limits.max_session_time:
-            self.session_deadlines.add(protocol, limits.max_session_time)
+            deadlines = self._deadlines
+            if deadlines is None:
+                deadlines = self.session_deadlines
+            deadlines.add(protocol, limits.max_session_time)
         return None
 
     @property
