@@ -58,25 +58,6 @@ class TestCloseAborts:
         clock.advance(CLOSE_GRACE)
         assert client.transport.disconnected  # aborted
 
-    def test_closing_connections_share_one_grace_timer(self) -> None:
-        """Each closing connection is aborted CLOSE_GRACE after its close (at
-        most GRANULARITY later), on one timer; one lost meanwhile is not."""
-        clock = Clock()
-        factory = make_factory(clock)
-        first, second, third = (greeted(factory) for _ in range(3))
-        first.command(b"QUIT")
-        clock.advance(2.5)
-        second.command(b"QUIT")
-        third.command(b"QUIT")
-        third.protocol.connectionLost(None)
-        grace = factory.closing_deadlines.timer
-        assert [grace] == [c for c in clock.getDelayedCalls() if c is grace]
-        clock.advance(CLOSE_GRACE - 2.5)
-        assert first.transport.disconnected and not second.transport.disconnected
-        clock.advance(2.5 + GRANULARITY)
-        assert second.transport.disconnected
-        assert not third.transport.disconnected
-
     def test_a_connection_that_closes_in_time_is_not_aborted(self) -> None:
         clock = Clock()
         client = greeted(make_factory(clock))

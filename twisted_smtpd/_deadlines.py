@@ -1,7 +1,6 @@
 # -*- test-case-name: tests.test_deadlines -*-
 """
-Session deadlines on one timer: every session's C{max_session_time}, or the
-grace of every closing session.
+Session deadlines on one timer: every session's C{max_session_time}.
 
 A DelayedCall per connection costs every idle session about 350 bytes and
 the reactor a heap push and a cancel.  Sessions of one factory start in time

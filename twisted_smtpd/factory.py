@@ -129,7 +129,6 @@ class SMTPFactory(ServerFactory):
         self.quiet = quiet
         self.sessions: set[SMTPServerProtocol] = set()
         self._deadlines: Optional[Deadlines] = None  # max_session_time, one timer
-        self._closing: Optional[Deadlines] = None  # CLOSE_GRACE, one timer
         self._per_ip: Counter[str] = Counter()
         self._ehlo_cache: dict[tuple[str, ...], bytes] = {}
         self._helo_cache: dict[tuple[str, str], Reply] = {}
@@ -264,13 +263,6 @@ class SMTPFactory(ServerFactory):
             self._deadlines = Deadlines(self.reactor, _session_expired)
         return self._deadlines
 
-    @property
-    def closing_deadlines(self) -> Deadlines:
-        """Closing sessions with output unsent: aborted after C{CLOSE_GRACE}."""
-        if self._closing is None:
-            self._closing = Deadlines(self.reactor, _abort_unflushed)
-        return self._closing
-
     def auth_locked_out(self, ip: str) -> bool:
         """AUTH is required and C{ip} is over the AUTH failure limit: refuse it."""
         limiter = self.auth_limiter
@@ -301,8 +293,6 @@ class SMTPFactory(ServerFactory):
         return fill(reply, hostname=self.hostname)
 
     def release(self, protocol: SMTPServerProtocol) -> None:
-        if self._closing is not None:
-            self._closing.discard(protocol)
         if protocol in self.sessions:
             self.sessions.discard(protocol)
             if self._deadlines is not None:
@@ -357,10 +347,6 @@ class SMTPFactory(ServerFactory):
 
 def _session_expired(protocol: SMTPServerProtocol) -> None:
     protocol._session_expired()
-
-
-def _abort_unflushed(protocol: SMTPServerProtocol) -> None:
-    protocol._abort_unflushed()
 
 
 def _client_address(protocol: SMTPServerProtocol) -> str:

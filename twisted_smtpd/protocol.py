@@ -167,6 +167,7 @@ class _Wire(LineReceiver, TimeoutMixin):
     _how = "lost"  # how the session ended, for events
     _output_watch: Optional[_OutputWatch] = None  # registered on the transport
     _tls: Optional[TLSWatch] = None  # on a connection that uses TLS
+    _abort_call: Any = None  # closing: abort if the last reply is not taken
     _drain_reply: Optional[Reply] = None  # the 421 to close with once not busy
     _drain_how = "shutdown"
 
@@ -223,6 +224,11 @@ class _Wire(LineReceiver, TimeoutMixin):
         self.setTimeout(None)
         self._output_watch = None  # the transport dropped it already
         self._set_phase_closed()
+        call = self._abort_call
+        if call is not None:
+            if call.active():
+                call.cancel()
+            self._abort_call = None
         # The modes hold the protocol: let it go by reference counting.
         self._mode = self._lines = DROP  # type: ignore[assignment]
         pending = self._pending
@@ -471,11 +477,14 @@ class _Wire(LineReceiver, TimeoutMixin):
             return
         # A client that does not read would keep the connection open for
         # good (the last reply never flushed): it gets CLOSE_GRACE seconds.
-        # (The factory's closing_deadlines; release() forgets it.)
         transport.loseConnection()
-        self.factory.closing_deadlines.add(self, CLOSE_GRACE)
+        if self._abort_call is None:
+            self._abort_call = self.factory.reactor.callLater(
+                CLOSE_GRACE, self._abort_unflushed
+            )
 
     def _abort_unflushed(self) -> None:
+        self._abort_call = None
         if self.session is not None:
             _log.info(
                 "smtpd session {session_id}: last reply not taken, aborting",
