@@ -64,7 +64,7 @@ class Deadlines:
         due = self._due
         due[session] = self._last
         if self._call is None:
-            head = next(iter(due.values()))
+            head = self._last if len(due) == 1 else next(iter(due.values()))
             delay = head - now if head > now else 0.0
             self._call = clock.callLater(delay, self._expire_due)
 
