@@ -479,6 +479,87 @@ class TestTimeout:
         assert [b"421 4.4.2 mx.test Timeout, closing connection"] == client.replies()
         assert client.closed
 
+    @pytest.mark.parametrize(
+        "gaps", [[299.0], [1.0, 299.0, 0.5], [0.1, 0.2, 0.3, 123.456], [299.999]]
+    )
+    def test_timeout_exactly_after_the_last_input(
+        self, factory: SMTPFactory, clock: Clock, gaps: list[float]
+    ) -> None:
+        """However many reads came, and when, the 421 comes exactly
+        C{timeout} seconds after the last one: not a moment before or after."""
+        client = connect(factory)
+        client.replies()
+        client.command(b"EHLO c.example")
+        for gap in gaps:
+            clock.advance(gap)
+            assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
+        last = clock.seconds()
+        deadline = last + 300
+        while (
+            clock.getDelayedCalls()
+            and min(call.getTime() for call in clock.getDelayedCalls()) < deadline
+        ):
+            clock.advance(
+                min(call.getTime() for call in clock.getDelayedCalls())
+                - clock.seconds()
+            )
+            assert not client.closed, clock.seconds()
+        clock.advance(deadline - clock.seconds())
+        assert deadline == clock.seconds()
+        assert [b"421 4.4.2 mx.test Timeout, closing connection"] == client.replies()
+        assert client.closed
+
+    def test_timeout_rearmed_after_a_wait_counts_from_then(
+        self, factory: SMTPFactory, clock: Clock
+    ) -> None:
+        """Input while the timer runs, then setTimeout (a hook's wait ends):
+        the timeout counts from setTimeout, and later input moves it again."""
+        client = connect(factory)
+        client.replies()
+        client.command(b"EHLO c.example")
+        proto = client.protocol
+        clock.advance(100)
+        client.command(b"NOOP")
+        clock.advance(50)
+        proto.setTimeout(10)  # shorter than what is left: due earlier
+        clock.advance(9.5)
+        assert [b"250 2.0.0 OK"] == client.command(b"NOOP")
+        clock.advance(9.75)
+        assert not client.closed
+        clock.advance(0.25)
+        assert [b"421 4.4.2 mx.test Timeout, closing connection"] == client.replies()
+        assert client.closed
+
+    def test_no_timeout_after_set_timeout_none(
+        self, factory: SMTPFactory, clock: Clock
+    ) -> None:
+        """setTimeout(None) cancels; input then does not bring it back."""
+        client = connect(factory)
+        client.replies()
+        client.command(b"EHLO c.example")
+        proto = client.protocol
+        clock.advance(10)
+        client.command(b"NOOP")
+        assert 300 == proto.setTimeout(None)
+        client.command(b"NOOP")
+        clock.advance(1000)
+        assert not client.closed
+
+    def test_reads_do_not_add_timers(self, factory: SMTPFactory, clock: Clock) -> None:
+        """The idle timer stays one call however many reads reset it."""
+        client = connect(factory)
+        client.replies()
+        client.command(b"EHLO c.example")
+        before = len(clock.getDelayedCalls())
+        for _ in range(50):
+            clock.advance(7)
+            client.command(b"NOOP")
+        assert before == len(clock.getDelayedCalls())
+        clock.advance(299)
+        assert not client.closed
+        clock.advance(1)
+        assert client.closed
+
     def test_bytes_reset_timer_during_data(
         self, factory: SMTPFactory, clock: Clock
     ) -> None:
