@@ -135,6 +135,22 @@ class TestParseCommand:
             command.argument.encode("utf-8", "surrogateescape"),
         )
 
+    @given(
+        st.sampled_from(["DATA", "QUIT", "RSET", "NOOP", "HELP", "STARTTLS"]),
+        st.lists(st.booleans(), min_size=8, max_size=8),
+        st.sampled_from(["", " ", "  x", "\t", "X"]),
+    )
+    def test_bare_commands_as_split(
+        self, verb: str, upper: list[bool], tail: str
+    ) -> None:
+        """The commands without an argument (looked up, not split) come out
+        as splitting would make them, in any case and with anything after."""
+        spelled = "".join(c if up else c.lower() for c, up in zip(verb, upper))
+        line = (spelled + tail).encode("ascii")
+        verb_part, _, argument = (spelled + tail).partition(" ")
+        assert (verb_part.upper(), argument.strip(" ")) == parse_command(line)
+        assert isinstance(parse_command(line), Command)
+
     def test_command_is_frozen(self) -> None:
         """Commands are immutable values."""
         with pytest.raises(AttributeError):

@@ -56,8 +56,20 @@ def decode_line(line: bytes) -> str:
 _new_command = tuple.__new__
 
 
+#: the commands without an argument, as sent: their Command (a shared tuple)
+#: without decoding and splitting the line, one dict look-up per line instead
+_BARE_COMMANDS: dict[bytes, Command] = {
+    spelled: _new_command(Command, (verb, ""))
+    for verb in ("DATA", "QUIT", "RSET", "NOOP", "HELP", "STARTTLS")
+    for spelled in (verb.encode("ascii"), verb.lower().encode("ascii"))
+}
+
+
 def parse_command(line: bytes) -> Command:
     """Split a command line (without CRLF) into verb and argument."""
+    bare = _BARE_COMMANDS.get(line)
+    if bare is not None:
+        return bare
     try:
         text = line.decode("ascii")
     except UnicodeDecodeError:
