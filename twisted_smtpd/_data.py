@@ -60,6 +60,22 @@ class DataReader:
         """
         if self.done:
             raise RuntimeError("DataReader.feed after the end of data")
+        if self._skip == 2 and self._pending == _CRLF and not data.startswith(b"."):
+            # The first read (behind the virtual CRLF): with no dot at its
+            # start, the first CRLF-dot of CRLF + data is data's own, 2 on;
+            # the usual cases are answered from data, without that copy.
+            found = _find_stuffed(data)
+            if found is None:
+                hold = 2 if data.endswith(_CRLF) else 1 if data.endswith(b"\r") else 0
+                if len(data) > hold:
+                    self._pending = data[-hold:] if hold else b""
+                    return self._count(data[:-hold] if hold else data), None
+            elif data.startswith(_END, found.start()):
+                # No line before the end starts with a dot: nothing to unstuff.
+                end = found.start()
+                self.done = True
+                self._pending = b""
+                return self._count(data[: end + 2]), data[end + 5 :]
         buffer = self._pending + data if self._pending else data
         found = _find_stuffed(buffer)
         if found is None:
