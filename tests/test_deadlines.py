@@ -92,3 +92,22 @@ def test_an_expire_that_raises_keeps_the_others(clock: Clock) -> None:
         clock.advance(10)
     clock.advance(10)
     assert [("good", 20)] == log
+
+
+def test_an_expire_that_raises_spares_none_due_with_it(clock: Clock) -> None:
+    """Sessions due in the same call as one whose expiry raises are still
+    told (they are out of the queue already); the error still propagates."""
+    log: list = []
+
+    def fragile(session: Session) -> None:
+        if session.name == "bad":
+            raise RuntimeError("boom")
+        expire(session)
+
+    deadlines = Deadlines(clock, fragile)
+    for name in ("first", "bad", "last"):
+        deadlines.add(Session(name, clock, log), 10)
+    with pytest.raises(RuntimeError):
+        clock.advance(10)
+    assert [("first", 10), ("last", 10)] == log
+    assert 0 == len(deadlines) and [] == clock.getDelayedCalls()

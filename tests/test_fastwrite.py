@@ -498,3 +498,60 @@ def test_close_soon_after_starttls_is_loseconnection(tls_policy):
     finally:
         client.close()
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_held_plaintext_the_kernel_defers_stays_plaintext_after_starttls(tls_policy):
+    """Replies held for the end of the turn, then STARTTLS: what the kernel
+    does not take at once is still sent as it was (plaintext), not through
+    the TLS layer, so the client reads its 220 and can start the handshake."""
+    port, connected = _serve_one()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    client.connect(("127.0.0.1", port.getHost().port))
+    try:
+        transport = yield connected
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        line = b"250 " + b"x" * 1020 + b"\r\n"
+        for _ in range(40):  # pipelined replies the client has not read yet
+            write_soon(transport, line)
+        write_soon(transport, b"220 2.0.0 Ready to start TLS\r\n")
+        transport.startTLS(tls_policy.context_factory)
+        expected = line * 40 + b"220 2.0.0 Ready to start TLS\r\n"
+        yield _turn()
+        assert transport.dataBuffer or transport._tempDataLen  # kernel was full
+        data = yield threads.deferToThread(_read_until, client, b"TLS\r\n")
+        assert data == expected
+        tls = yield threads.deferToThread(_tls_handshake, client)
+        assert tls
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_soon_then_unread_bytes_is_aborted_after_the_grace(monkeypatch):
+    """Written to after close_soon, to a client that never reads: the
+    connection is aborted after the close grace, not kept open for good."""
+    import twisted_smtpd._fastwrite as fastwrite
+
+    monkeypatch.setattr(fastwrite, "CLOSE_GRACE", 0.2)
+    port, connected = _serve_one()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", port.getHost().port))
+    try:
+        transport = yield connected
+        recorder = transport.recorder
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        close_soon(transport)
+        transport.write(b"x" * (4 * 1024 * 1024))  # more than the kernel holds
+        for _ in range(40):
+            if recorder.lost:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        assert len(recorder.lost) == 1
+    finally:
+        client.close()
+        yield port.stopListening()

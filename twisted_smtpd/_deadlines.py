@@ -92,9 +92,14 @@ class Deadlines:
             expired.append(session)
         for session in expired:
             del due[session]
-        try:
-            for session in expired:
+        failed: list[Exception] = []
+        for session in expired:
+            try:
                 self._expire(session)
-        finally:
-            if due and self._call is None:
-                self._arm()
+            except Exception as error:
+                # Out of the queue already: the others must still be told.
+                failed.append(error)
+        if due and self._call is None:
+            self._arm()
+        if failed:
+            raise failed[0]  # the clock's caller logs it (the reactor does)

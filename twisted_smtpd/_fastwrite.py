@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,6 +53,10 @@ __all__ = [
 ]
 
 _log = Logger(namespace="twisted_smtpd.protocol")
+
+#: seconds a closing connection's last bytes may wait for the client to
+#: read them before the connection is aborted
+CLOSE_GRACE = 5.0
 
 # What FileDescriptor.write/doWrite keep their queue and state in.
 _REQUIRED = (
@@ -142,16 +147,18 @@ def send_now(transport: Any) -> None:
         return
     queued = t._tempDataBuffer
     data = queued[0] if len(queued) == 1 else b"".join(queued)
+    sent = t.writeSomeData(data)  # if it raises, the bytes are still queued
     t._tempDataBuffer = []
     t._tempDataLen = 0
-    sent = t.writeSomeData(data)
     if isinstance(sent, int) and sent > 0:
         if sent == len(data):
             return
         data = data[sent:]
     # 0 (would block) or a lost connection: queue it; the reactor sends it
-    # or reports the loss as usual.
-    t.write(data)
+    # or reports the loss as usual.  These are wire bytes already: after
+    # startTLS, transport.write would encrypt the plaintext 220 that
+    # precedes the handshake.
+    FileDescriptor.write(t, data)
 
 
 def close_soon(transport: Any) -> None:
@@ -190,13 +197,20 @@ def _close_now(transport: Any) -> None:
         return  # gone, or aborted, meanwhile
     if t.dataBuffer or t._tempDataLen or t.producer is not None:
         # Written to meanwhile: Twisted's writer sends it, then closes
-        # (the transport is disconnecting), as after loseConnection.
+        # (the transport is disconnecting), as after loseConnection; a client
+        # that never reads it is aborted after the same grace.
         t.startWriting()
+        t.reactor.callLater(CLOSE_GRACE, _abort_if_open, t)
         return
     reactor = t.reactor
     reactor.removeReader(t)
     reactor.removeWriter(t)
     t.connectionLost(Failure(CONNECTION_DONE))
+
+
+def _abort_if_open(transport: Any) -> None:
+    if transport.connected and not transport.disconnected:
+        transport.abortConnection()
 
 
 class _Outbox(list[Any]):

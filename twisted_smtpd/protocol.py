@@ -38,7 +38,13 @@ from ._bdat import ChunkedMessage, bdat_argument, drop_chunk
 from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
 from ._data import DataReader
 from ._delivery import HandlerHooks, Message
-from ._fastwrite import can_write_directly, close_soon, send_now, write_soon
+from ._fastwrite import (
+    CLOSE_GRACE,
+    can_write_directly,
+    close_soon,
+    send_now,
+    write_soon,
+)
 from ._hooks import HandlerTimedOut, deadline_over, failure_reply
 from ._hooks import abort_receiver as _abort_receiver
 from ._input import DROP, DataMode, LineMode, RawMode
@@ -97,7 +103,6 @@ _MAX_HELD_INPUT = 256 * 1024
 #: that does not read meets the transport's back-pressure within one read)
 _MAX_BATCH = 64
 #: seconds a closing connection gets to take its last reply; then it is aborted
-CLOSE_GRACE = 5.0
 
 # Why input is not dispatched now: bits of SMTPServerProtocol._waits.
 _HOOK = 1  # a hook's answer, or the AUTH failure delay, is pending
