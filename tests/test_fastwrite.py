@@ -17,7 +17,6 @@ from twisted_smtpd._fastwrite import (
     can_write_directly,
     close_soon,
     send_now,
-    write_directly,
     write_soon,
 )
 from twisted_smtpd.handlers import MemoryHandler
@@ -86,14 +85,16 @@ def test_test_transports_keep_transport_write():
 
 @pytest_twisted.inlineCallbacks
 def test_plain_tcp_qualifies_and_sends_at_once():
-    """With this Twisted, a TCP server transport qualifies; bytes leave at once."""
+    """With this Twisted, a TCP server transport qualifies; bytes leave at the
+    end of the turn, straight from the queue (no write watch)."""
     port, connected = _serve_one()
     client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
     try:
         transport = yield connected
         assert can_write_directly(transport)
-        write_directly(transport, b"220 hello\r\n")
-        # Sent inside the call: nothing waits in Twisted's queue.
+        write_soon(transport, b"220 hello\r\n")
+        yield _turn()
+        # Sent by then: nothing waits in Twisted's queue.
         assert not transport.dataBuffer and not transport._tempDataLen
         data = yield threads.deferToThread(_read_until, client, b"\r\n")
         assert data == b"220 hello\r\n"
@@ -111,9 +112,9 @@ def test_order_kept_when_the_kernel_buffer_fills():
         transport = yield connected
         transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
         big = bytes(range(256)) * 4096  # 1 MiB: more than the kernel takes at once
-        write_directly(transport, big)
+        write_soon(transport, big)  # past bufferSize: sent at once
         assert transport.dataBuffer or transport._tempDataLen  # the fallback ran
-        write_directly(transport, b"250 after\r\n")
+        write_soon(transport, b"250 after\r\n")
         data = yield threads.deferToThread(_read_until, client, b"250 after\r\n")
         assert data == big + b"250 after\r\n"
     finally:

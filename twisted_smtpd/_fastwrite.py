@@ -6,12 +6,12 @@ C{transport.write} on a TCP connection only queues the bytes and asks the
 reactor to watch for writability: every reply then costs an C{epoll_ctl} to
 add the watch, one more turn of the reactor loop, the C{send}, and an
 C{epoll_ctl} to remove the watch.  SMTP is lock-step, so almost every reply
-meets an empty send buffer and could go out at once; that is what
-L{write_directly} does.  It falls back to C{transport.write} for whatever the
-kernel does not take, and whenever anything is already queued, so the byte
-order and Twisted's own buffering and producer logic are unchanged.
+meets an empty send buffer and could go out at once, falling back to
+Twisted's writer for whatever the kernel does not take, and whenever anything
+is already queued, so the byte order and Twisted's own buffering and
+producer logic are unchanged.
 
-L{write_soon} goes one step further: the bytes wait in the transport's own
+L{write_soon} does that one step later: the bytes wait in the transport's own
 queue until the end of the reactor turn, and then every connection's replies
 of that turn are sent back to back.  On loopback (benchmarks, a proxy or a
 filter on the same host) a C{send} also runs the receiving side and wakes the
@@ -48,7 +48,6 @@ __all__ = [
     "can_write_directly",
     "close_soon",
     "send_now",
-    "write_directly",
     "write_soon",
 ]
 
@@ -75,7 +74,7 @@ _REQUIRED = (
 
 
 def can_write_directly(transport: Any) -> bool:
-    """Whether L{write_directly} may be used for C{transport}."""
+    """Whether L{write_soon} and L{close_soon} may be used for C{transport}."""
     return (
         isinstance(transport, tcp.Connection)
         and not getattr(transport, "TLS", True)
@@ -83,37 +82,13 @@ def can_write_directly(transport: Any) -> bool:
     )
 
 
-def write_directly(transport: Any, data: bytes) -> None:
-    """C{transport.write(data)}, trying the socket first when nothing is queued.
-
-    Only for a transport L{can_write_directly} accepted.  A module function,
-    not a closure per connection: an idle session must stay small.
-    """
-    t = transport
-    if (
-        t.connected
-        and not t.disconnecting
-        and not t.TLS
-        and not t.dataBuffer
-        and not t._tempDataLen
-        and not t._writeDisconnected
-    ):
-        sent = t.writeSomeData(data)
-        if isinstance(sent, int) and sent > 0:
-            if sent == len(data):
-                return
-            data = data[sent:]
-        # 0 (would block) or a lost connection: queue it; the reactor sends
-        # it or reports the loss as usual.
-    t.write(data)
-
-
 def write_soon(transport: Any, data: bytes) -> None:
     """C{transport.write(data)}, sent straight to the socket at the end of this
     reactor turn together with the other connections' output.
 
     Only for a transport L{can_write_directly} accepted.  Falls back to
-    C{transport.write} whenever L{write_directly} would.
+    C{transport.write} when the transport is closing, TLS, or has bytes in
+    Twisted's own writer.
     """
     t = transport
     if (
