@@ -86,3 +86,14 @@ def require_program(name: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is missing although .ci/run installs it")
         pytest.skip(f"{name} is not installed (apt-get install {name})")
+
+
+def stop_process(process: subprocess.Popen, grace: float = 10) -> None:
+    """Terminate C{process} if it still runs; kill it after C{grace} seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .helpers import free_port, require_program
+from .helpers import free_port, require_program, stop_process
 
 
 def _wait_for(condition, what: str, seconds: float = 20.0) -> None:
@@ -147,13 +147,7 @@ service lmtp {{
         return killed
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -200,6 +194,24 @@ class PrivatePostfix:
         shutil.chown(self.data, "postfix")
         self.port = free_port()
         self.maillog = self.root / "maillog"
+
+    def main_cf_head(self) -> str:
+        """The main.cf lines every private Postfix here starts with: its own
+        queue and data directories, loopback only, no DNS for peers."""
+        return (
+            "compatibility_level = 3.6\n"
+            f"queue_directory = {self.root}/queue\n"
+            f"data_directory = {self.data}\n"
+            "mail_owner = postfix\n"
+            "setgid_group = postdrop\n"
+            "myhostname = relay.test\n"
+            "mydomain = test\n"
+            "mydestination =\n"
+            "inet_interfaces = 127.0.0.1\n"
+            "inet_protocols = ipv4\n"
+            "mynetworks = 127.0.0.0/8\n"
+            "smtpd_peername_lookup = no\n"
+        )
 
     def _start(self, main_cf: str, master_cf: str, ready) -> None:
         """Write the configuration, start Postfix, wait until C{ready()}."""
@@ -253,7 +265,7 @@ class Postfix(PrivatePostfix):
         self, users: list[str], cert: Path | None = None, key: Path | None = None
     ) -> None:
         super().__init__("postfix-")
-        conf, data = self.conf, self.data
+        conf = self.conf
         self.mail = self.root / "mail"
         self.mail.mkdir()
         self.mail.chmod(0o777)
@@ -267,19 +279,8 @@ class Postfix(PrivatePostfix):
                 "smtpd_tls_security_level = may\nsmtpd_tls_received_header = yes\n"
             )
         self._start(
-            f"""\
-compatibility_level = 3.6
-queue_directory = {self.root}/queue
-data_directory = {data}
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = relay.test
-mydomain = test
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_peername_lookup = no
+            self.main_cf_head()
+            + f"""\
 smtpd_relay_restrictions = reject_unauth_destination
 virtual_mailbox_domains = example.net
 virtual_mailbox_base = {self.mail}

@@ -14,7 +14,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .helpers import free_port
+from .helpers import free_port, stop_process
 
 MAIL_MODULE = Path("/usr/lib/nginx/modules/ngx_mail_module.so")
 
@@ -102,13 +102,7 @@ class NginxMailProxy:
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._http.shutdown()
         self._http.server_close()
         shutil.rmtree(self.prefix, ignore_errors=True)

@@ -49,21 +49,9 @@ class PostfixToLMTP(PrivatePostfix):
 
     def __init__(self, lmtp: str) -> None:
         super().__init__("postfix-lmtp-")
-        data = self.data
         self._start(
-            f"""\
-compatibility_level = 3.6
-queue_directory = {self.root}/queue
-data_directory = {data}
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = relay.test
-mydomain = test
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_peername_lookup = no
+            self.main_cf_head()
+            + f"""\
 smtpd_relay_restrictions = permit_mynetworks, reject
 default_transport = lmtp:{lmtp}
 relay_transport = lmtp:{lmtp}
