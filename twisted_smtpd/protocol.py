@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._bdat import ChunkedMessage, bdat_argument, drop_chunk
-from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
+from ._commands import parse_helo, parse_mail, parse_rcpt, split_command
 from ._data import DataReader
 from ._delivery import HandlerHooks, Message
 from ._fastwrite import (
@@ -917,7 +917,7 @@ class SMTPServerProtocol(_Wire):
         self._reply_bad(R500_LINE_TOO_LONG)
 
     def lineReceived(self, line: bytes) -> None:
-        verb, argument = parse_command(line)
+        verb, argument = split_command(line)
         if self._debug:
             _log.info(
                 "smtpd {session_id} <<< {line}",
@@ -995,13 +995,15 @@ class SMTPServerProtocol(_Wire):
         self.reply(R250_SENDER_OK)
 
     def do_RCPT(self, argument: str) -> None:
-        envelope = self.session.envelope
+        session = self.session
+        envelope = session.envelope
         assert envelope is not None
         smtputf8 = "SMTPUTF8" in envelope.mail_options  # (Envelope.smtputf8)
         address, params = parse_rcpt(argument, smtputf8, self.factory.dsn)
-        self.session.check_recipient_count()
-        if self._hooks.check_recipient is None:
-            self._recipient_ok(None, address, params)
+        session.check_recipient_count()
+        if self._hooks.check_recipient is None:  # (_recipient_ok, inline)
+            session.rcpt(address, params)
+            self.reply(R250_RECIPIENT_OK)
             return
         self._run(
             "check_recipient",
