@@ -325,6 +325,10 @@ class Session:
     peer_name: Optional[str] = None
     #: the client may send XCLIENT (and EHLO advertises it)
     xclient_allowed = False
+    tls: Optional[TLSInfo] = None
+    tls_required = False
+    auth_required = False
+    lmtp = False
 
     def __init__(
         self,
@@ -338,12 +342,17 @@ class Session:
         lmtp: bool = False,
     ) -> None:
         self.session_id = session_id
-        self.lmtp = lmtp
         self.peer = peer
         self.limits = limits
-        self.tls_required = tls_required
-        self.auth_required = auth_required
-        self.tls: Optional[TLSInfo] = tls_info
+        # Only what differs from the class defaults (one Session per connection).
+        if tls_info is not None:
+            self.tls = tls_info
+        if tls_required:
+            self.tls_required = True
+        if auth_required:
+            self.auth_required = True
+        if lmtp:
+            self.lmtp = True
 
     # -- gates -----------------------------------------------------------------
     def check(self, verb: str) -> Optional[Reply]:
