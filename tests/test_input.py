@@ -137,7 +137,7 @@ class TestBodyModes:
             ends.append(reader.size)
             owner._mode = RawMode(owner, lambda data: owner.events.append(data))
 
-        owner._mode = DataMode(DataReader(), body.append, done)
+        owner._mode = DataMode(body.append, done)
         owner.feed(b"..a\r\nb\r\n.\r\nNEXT")
         assert [b".a\r\nb\r\n"] == [b"".join(body)]
         assert [7] == ends
@@ -162,7 +162,7 @@ class TestBodyModes:
             ends.append(reader.size)
             owner._mode = RawMode(owner, lambda data: owner.events.append(data))
 
-        owner._mode = DataMode(DataReader(), write, done, failed)
+        owner._mode = DataMode(write, done, failed)
         for piece in (b"line one\r\n", b"line two\r\n", b".\r\nNEXT"):
             owner.feed(piece)
         assert 1 == len(calls) and 1 == len(failures)

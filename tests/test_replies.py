@@ -322,3 +322,12 @@ class TestQueuedReply:
         assert general == fast
         for enhanced in (True, False):
             assert format_reply(general, enhanced) == fast.encoded(enhanced)
+
+    @given(st.text(max_size=40))
+    def test_wire_same_as_fill(self, queue_id: str) -> None:
+        """queued_wire (the protocol's 250 without a Reply) is its wire form."""
+        from twisted_smtpd.replies import R250_QUEUED, fill, queued_wire
+
+        general = fill(R250_QUEUED, queue_id=queue_id)
+        for enhanced in (True, False):
+            assert format_reply(general, enhanced) == queued_wire(queue_id, enhanced)

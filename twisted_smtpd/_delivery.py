@@ -31,7 +31,7 @@ from ._hooks import (
 )
 from ._outcomes import outcome_summary, single_reply
 from ._session import Envelope
-from .replies import R552_TOO_BIG, Reply, SMTPError, queued_reply
+from .replies import R552_TOO_BIG, Reply, SMTPError
 
 __all__ = ["HandlerHooks", "Message", "ReceiverProducer"]
 
@@ -255,7 +255,7 @@ class Message:
                 queued = queue_id(result, envelope, owner.session.session_id)
             else:
                 queued = envelope.message_id  # what queue_id gives, one call less
-            owner.reply(queued_reply(queued))
+            owner.reply_queued(queued)
             owner.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
             self._done("accepted", "accepted")
             return

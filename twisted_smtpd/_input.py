@@ -108,27 +108,31 @@ class DiscardLine:
         return end + 2
 
 
-class DataMode:
-    """The DATA body through a L{DataReader}, until C{<CRLF>.<CRLF>}.
+class DataMode(DataReader):
+    """The DATA body, until C{<CRLF>.<CRLF>}: a L{DataReader} that is also the mode.
 
-    C{write} gets the unstuffed body; C{done(reader)} runs once the end
-    marker is in, with the owner's mode still this one (it switches).  With
-    C{failed}, a C{write} that raises calls C{failed()} inside the handler
-    (so it can capture the exception) and the rest of the body is read and
-    dropped; without it the exception propagates.
+    One object per message, not a reader and a mode around it: one
+    allocation and one indirection less per message and per read.
+
+    C{write} gets the unstuffed body; C{done(mode)} runs once the end
+    marker is in (the mode is the reader: C{size}, C{too_big}), with the
+    owner's mode still this one (it switches).  With C{failed}, a C{write}
+    that raises calls C{failed()} inside the handler (so it can capture the
+    exception) and the rest of the body is read and dropped; without it the
+    exception propagates.
     """
 
-    __slots__ = ("reader", "_write", "_done", "_failed")
+    __slots__ = ("_write", "_done", "_failed")
     busy = True
 
     def __init__(
         self,
-        reader: DataReader,
         write: Callable[[bytes], Any],
         done: Callable[[DataReader], Any],
         failed: Optional[Callable[[], Any]] = None,
+        max_size: int = 0,
     ) -> None:
-        self.reader = reader
+        DataReader.__init__(self, max_size)
         self._write: Optional[Callable[[bytes], Any]] = write
         self._done = done
         self._failed = failed
@@ -136,7 +140,7 @@ class DataMode:
     def consume(self, buffer: bytes, pos: int) -> int:
         # The reader works on whole reads: the tail is sliced once per read
         # of the body, not per line.
-        body, leftover = self.reader.feed(buffer[pos:] if pos else buffer)
+        body, leftover = self.feed(buffer[pos:] if pos else buffer)
         if body and self._write is not None:
             if self._failed is None:
                 self._write(body)
@@ -148,7 +152,7 @@ class DataMode:
                     self._failed()
         if leftover is None:
             return len(buffer)
-        self._done(self.reader)
+        self._done(self)
         return len(buffer) - len(leftover)
 
 

@@ -78,6 +78,8 @@ from .replies import (
     Reply,
     SMTPError,
     fill,
+    queued_reply,
+    queued_wire,
 )
 
 if TYPE_CHECKING:
@@ -296,10 +298,14 @@ class _Wire(LineReceiver, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self.session is None:  # bytes right behind a PROXY header
             self._start_session()
-        if self._deadline is not None and self._deadline_passed():
+        deadline = self._deadline
+        if deadline is not None and self.factory.reactor.seconds() > deadline:
+            self._too_slow()  # a body or a partial line took too long
             return
         if data and self._idle_call is not None:
-            self._idle_since = self._idle_call.seconds()  # resetTimeout, inline
+            # resetTimeout, inline (on the call's clock: callLater may be
+            # replaced, as TimeoutMixin allows)
+            self._idle_since = self._idle_call.seconds()
         if self._waits or self._busy:
             if not self._waits & _CLOSED:
                 self._buffer += data  # appending keeps _pos valid
@@ -353,7 +359,11 @@ class _Wire(LineReceiver, TimeoutMixin):
             self._busy = False
             if batch:
                 if out:
-                    self._send(out[0] if len(out) == 1 else b"".join(out))
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    if self._direct_write:  # (_send, inline: once per read)
+                        write_soon(self.transport, data)
+                    else:
+                        self.transport.write(data)
                 self._out = None
         if self._phase is _DRAINING:
             self._close_if_draining()
@@ -365,17 +375,15 @@ class _Wire(LineReceiver, TimeoutMixin):
             None if deadline is None else self.factory.reactor.seconds() + deadline
         )
 
-    def _deadline_passed(self) -> bool:
-        """Checked as bytes arrive: silence is the idle timer's job, not this."""
-        if self.factory.reactor.seconds() <= self._deadline:
-            return False
+    def _too_slow(self) -> None:
+        """The line or body deadline passed (checked as bytes arrive: silence
+        is the idle timer's job, not this)."""
         self._deadline = None
         _log.info(
             "smtpd session {session_id}: too slow, closing",
             session_id=self.session.session_id,
         )
         self.close_with(fill(R421_TIMEOUT, hostname=self.factory.hostname), "timeout")
-        return True
 
     def _set_pauses(self, pauses: int) -> None:
         """The one place the transport is paused or resumed, from its reasons."""
@@ -474,6 +482,25 @@ class _Wire(LineReceiver, TimeoutMixin):
             return
         # What _reply_bytes does without --debug, one call less per reply.
         out.append(data)
+        if len(out) >= _MAX_BATCH:
+            self._flush()
+
+    def reply_queued(self, queue_id: str) -> None:
+        """C{reply(queued_reply(queue_id))}: the 250 after a stored message.
+
+        Once per message, so the wire bytes are made directly, without the
+        L{Reply} and its two encodings.
+        """
+        if self._phase is _CLOSED_PHASE:
+            return
+        out = self._out
+        if out is None or self._debug:
+            self.reply(queued_reply(queue_id))
+            return
+        if self._events is not None:
+            self._events.reply_sent(250)
+        session = self.session
+        out.append(queued_wire(queue_id, session is not None and session.esmtp))
         if len(out) >= _MAX_BATCH:
             self._flush()
 
@@ -1000,10 +1027,12 @@ class SMTPServerProtocol(_Wire):
         message = self._open_message(chunked=False)
         if message is None:
             return
-        reader = DataReader(self.limits.max_message_size)
         # A receiver whose write() raises gets _body_failed (see _guarded_write).
         mode = DataMode(
-            reader, message.receiver.write, self._data_done, self._body_failed
+            message.receiver.write,
+            self._data_done,
+            self._body_failed,
+            self.limits.max_message_size,
         )
         self._set_mode(mode, self.limits.data_timeout)
         self.reply(R354_START_INPUT)
@@ -1017,7 +1046,8 @@ class SMTPServerProtocol(_Wire):
         _abort_receiver(message.receiver)
 
     def _data_done(self, reader: DataReader) -> None:
-        self._set_mode(self._lines)
+        self._mode = self._lines  # (_set_mode with no deadline)
+        self._deadline = None
         message = self._message
         assert message is not None
         message.end_of_data(reader.size, reader.too_big)

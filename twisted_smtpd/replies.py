@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Reply", "SMTPError", "format_reply", "fill", "queued_reply"]
+__all__ = [
+    "Reply",
+    "SMTPError",
+    "format_reply",
+    "fill",
+    "queued_reply",
+    "queued_wire",
+]
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,19 @@ def queued_reply(queue_id: str) -> Reply:
     fields["_wire"] = _QUEUED_WIRE + tail
     fields["_wire_enhanced"] = _QUEUED_WIRE_ENHANCED + tail
     return reply
+
+
+def queued_wire(queue_id: str, enhanced: bool) -> bytes:
+    """C{queued_reply(queue_id).encoded(enhanced)}, without the L{Reply}.
+
+    The protocol's answer to a stored message when nothing needs the reply
+    object (no C{--debug}): one concatenation instead of a reply and both of
+    its wire forms.
+    """
+    if "\n" in queue_id:  # (never from the server: safe_queue_id drops it)
+        return queued_reply(queue_id).encoded(enhanced)
+    head = _QUEUED_WIRE_ENHANCED if enhanced else _QUEUED_WIRE
+    return head + queue_id.encode("utf-8", "surrogateescape") + b"\r\n"
 
 
 class SMTPError(Exception):
