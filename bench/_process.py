@@ -137,6 +137,9 @@ class Server:
             variant = {
                 "twisted_smtpd_quiet": ["--quiet"],
                 "twisted_smtpd_textlog": ["--twistd-log"],
+                "twisted_smtpd_baseline": (
+                    ["--quiet"] if getattr(self.opts, "baseline_quiet", False) else []
+                ),
             }.get(self.name, [])
             argv = [
                 *twistd(),

@@ -125,6 +125,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="source tree of another twisted_smtpd (e.g. a git worktree) to run"
         " as the twisted_smtpd_baseline server, to A/B a change in one run",
     )
+    p.add_argument(
+        "--baseline-quiet",
+        action="store_true",
+        help="run twisted_smtpd_baseline with --quiet (to A/B against"
+        " twisted_smtpd_quiet like for like)",
+    )
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument(
         "--profile-server",

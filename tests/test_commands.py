@@ -21,6 +21,7 @@ from twisted_smtpd._commands import (
     parse_mail,
     parse_parameters,
     parse_rcpt,
+    split_command,
 )
 from twisted_smtpd.replies import (
     R501_BAD_RECIPIENT,
@@ -150,6 +151,18 @@ class TestParseCommand:
         verb_part, _, argument = (spelled + tail).partition(" ")
         assert (verb_part.upper(), argument.strip(" ")) == parse_command(line)
         assert isinstance(parse_command(line), Command)
+
+    @given(st.binary(max_size=40))
+    def test_split_command_agrees(self, line: bytes) -> None:
+        """split_command (the protocol's form) is parse_command as a tuple."""
+        assert tuple(parse_command(line)) == split_command(line)
+
+    @pytest.mark.parametrize("verb", ["MAIL", "Rcpt", "helo", "DATA", "noop"])
+    @pytest.mark.parametrize("tail", ["", " ", " x ", "  TO:<a@b>  X=1", "\t"])
+    def test_split_command_agrees_on_commands(self, verb: str, tail: str) -> None:
+        """The same on lines shaped like commands (random bytes rarely are)."""
+        line = (verb + tail).encode("ascii")
+        assert tuple(parse_command(line)) == split_command(line)
 
     def test_command_is_frozen(self) -> None:
         """Commands are immutable values."""

@@ -556,3 +556,61 @@ def test_close_soon_then_unread_bytes_is_aborted_after_the_grace(monkeypatch):
     finally:
         client.close()
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_send_now_kernel_full_queues_in_order():
+    """send_now's own send meets a full kernel buffer (would block): the
+    bytes are queued for Twisted's writer and arrive, in order, once read."""
+    port, connected = _serve_one()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", port.getHost().port))
+    try:
+        transport = yield connected
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        filler = bytearray()
+        while True:  # fill the kernel's buffers behind Twisted's back
+            try:
+                filler += b"f" * transport.socket.send(b"f" * 4096)
+            except BlockingIOError:
+                break
+        write_soon(transport, b"250 queued\r\n")
+        send_now(transport)
+        assert transport.dataBuffer or transport._tempDataLen  # kept, not lost
+        write_soon(transport, b"250 after\r\n")
+        data = yield threads.deferToThread(_read_until, client, b"250 after\r\n")
+        assert data == bytes(filler) + b"250 queued\r\n250 after\r\n"
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_send_now_to_a_reset_connection_reports_the_loss():
+    """The client reset the connection: send_now's own send fails, and the
+    loss reaches the protocol as with Twisted's writer (once, no exception)."""
+    import struct
+
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        recorder = transport.recorder
+        transport.stopReading()  # the loss must come from the write side
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        for _ in range(3):  # the first send after a RST may still succeed
+            write_soon(transport, b"250 nobody\r\n")
+            send_now(transport)
+            yield _turn()
+            if recorder.lost:
+                break
+        for _ in range(40):
+            if recorder.lost:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        assert len(recorder.lost) == 1
+    finally:
+        client.close()
+        yield port.stopListening()

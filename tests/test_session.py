@@ -492,8 +492,9 @@ class TestTransitions:
         )
 
     def test_new_envelope_fields_in_order(self) -> None:
-        """new_envelope passes the fields by position: each lands where it
-        belongs (every field distinct), and nothing else is set."""
+        """new_envelope stores every field of a keyword-built Envelope: each
+        lands where it belongs (every field distinct), in the same order, and
+        nothing else is set."""
         session = Session("S1", ("192.0.2.1", 4321), Limits(), tls_info=TLS, lmtp=True)
         session.greeted("client.example", esmtp=True)
         session.authenticated("alice")
@@ -513,7 +514,9 @@ class TestTransitions:
             lmtp=True,
         )
         assert vars(expected) == vars(envelope)
+        assert list(vars(expected)) == list(vars(envelope))  # the same order
         assert envelope.mail_options is options
+        assert type(envelope) is Envelope
 
     def test_envelopes_independent(self) -> None:
         """Envelopes do not share their lists and dicts."""

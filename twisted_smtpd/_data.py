@@ -58,6 +58,13 @@ class DataReader:
             passed), and C{None} while the message goes on, or the bytes that
             followed the end marker once it is found.
         """
+        body, end = self.take(data)
+        return body, (None if end < 0 else data[end:])
+
+    def take(self, data: bytes) -> tuple[bytes, int]:
+        """L{feed}, but the end as an offset: where in C{data} the bytes after
+        the end marker begin, or -1 while the message goes on (the DATA mode
+        needs only that, not a copy of the rest)."""
         if self.done:
             raise RuntimeError("DataReader.feed after the end of data")
         if self._skip == 2 and self._pending == _CRLF and not data.startswith(b"."):
@@ -69,14 +76,15 @@ class DataReader:
                 hold = 2 if data.endswith(_CRLF) else 1 if data.endswith(b"\r") else 0
                 if len(data) > hold:
                     self._pending = data[-hold:] if hold else b""
-                    return self._count(data[:-hold] if hold else data), None
+                    return self._count(data[:-hold] if hold else data), -1
             elif data.startswith(_END, found.start()):
                 # No line before the end starts with a dot: nothing to unstuff.
                 end = found.start()
                 self.done = True
                 self._pending = b""
-                return self._count(data[: end + 2]), data[end + 5 :]
-        buffer = self._pending + data if self._pending else data
+                return self._count(data[: end + 2]), end + 5
+        held = len(self._pending)  # before data in buffer
+        buffer = self._pending + data if held else data
         found = _find_stuffed(buffer)
         if found is None:
             # Fast path, one scan: no line in here starts with a dot, so there
@@ -90,29 +98,30 @@ class DataReader:
                 hold = 0
             if len(buffer) - hold <= self._skip:
                 self._pending = buffer
-                return b"", None
+                return b"", -1
             if hold:
                 self._pending = buffer[-hold:]
-                return self._count(buffer[self._skip : -hold]), None
+                return self._count(buffer[self._skip : -hold]), -1
             self._pending = b""
-            return self._count(buffer[self._skip :] if self._skip else buffer), None
+            return self._count(buffer[self._skip :] if self._skip else buffer), -1
         # The end marker begins with CRLF-dot: it is at or after the first one.
         stuffed = found.start()
         end = buffer.find(_END, stuffed)
         if end >= 0:
-            # Keep the CRLF that ends the last line; drop ". CRLF".
-            leftover = buffer[end + 5 :]
+            # Keep the CRLF that ends the last line; drop ". CRLF".  The
+            # marker ends in data: what is held back can't hold all of it.
+            after = end + 5 - held
             self.done = True
             self._pending = b""
             if end == stuffed:
                 # No line before the end starts with a dot: nothing to
                 # unstuff (a small message in one read: no replace pass).
-                return self._count(buffer[self._skip : end + 2]), leftover
-            return self._emit(buffer[: end + 2]), leftover
+                return self._count(buffer[self._skip : end + 2]), after
+            return self._emit(buffer[: end + 2]), after
         cut = len(buffer) - _HOLD
         if cut <= self._skip:
             self._pending = buffer
-            return b"", None
+            return b"", -1
         # Never cut through a CRLF-dot: the dot would lose its line start.
         if buffer[cut - 2 : cut + 1] == _STUFFED:
             cut -= 2
@@ -120,9 +129,9 @@ class DataReader:
             cut -= 1
         if cut <= self._skip:
             self._pending = buffer
-            return b"", None
+            return b"", -1
         self._pending = buffer[cut:]
-        return self._emit(buffer[:cut]), None
+        return self._emit(buffer[:cut]), -1
 
     def _emit(self, raw: bytes) -> bytes:
         body = raw.replace(_STUFFED, _CRLF)

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_deadlines -*-
 """
-Session deadlines on one timer: every session's C{max_session_time}.
+Session deadlines on one timer: every session's C{max_session_time}
+(L{Deadlines}), and every session's idle timeout (L{IdleTimers}).
 
 A DelayedCall per connection costs every idle session about 350 bytes and
 the reactor a heap push and a cancel.  Sessions of one factory start in time
@@ -18,9 +19,10 @@ C{Clock}); nothing here imports Twisted.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from heapq import heapify, heappop, heappush
+from typing import Any, Callable, Optional
 
-__all__ = ["GRANULARITY", "Deadlines"]
+__all__ = ["GRANULARITY", "Deadlines", "IdleTimers"]
 
 #: deadlines are rounded up to a multiple of this: the most one fires late
 GRANULARITY = 1.0
@@ -103,3 +105,109 @@ class Deadlines:
             self._arm()
         if failed:
             raise failed[0]  # the clock's caller logs it (the reactor does)
+
+
+#: IdleTimers compacts its heap when it holds more entries than this and
+#: over half of them are disarmed (as the reactor does with cancelled calls)
+_COMPACT_AT = 64
+
+
+class IdleTimers:
+    """Idle deadlines of many sessions on one timer, each exact.
+
+    One C{DelayedCall} per session costs an idle session about 350 bytes and
+    every connection a C{callLater} and a cancel; it also makes the reactor's
+    heap deeper for every other call.  Here a session's deadline is an entry
+    C{[when, seq, session]} in one heap (lists compare in C: C{when}, then
+    the unique C{seq}), and one timer is armed for the earliest entry, at
+    exactly its time.  L{disarm} marks an entry dead (O(1)); dead entries
+    are dropped when due, compacted away when they are over half of the heap,
+    and the timer is cancelled as soon as no live entry is left, so a
+    factory with no session holds no timer.  When an entry comes due,
+    C{expire(session)} is called (once per L{arm}); it decides whether the
+    session's time is really up or arms it again.
+
+    The clock is passed in (C{seconds()} and C{callLater}, a reactor or a
+    C{Clock}).
+    """
+
+    __slots__ = ("_clock", "_expire", "_heap", "_live", "_seq", "_call", "_call_at")
+
+    def __init__(self, clock: Any, expire: Callable[[Any], None]) -> None:
+        self._clock = clock
+        self._expire = expire
+        self._heap: list[list[Any]] = []
+        self._live = 0
+        self._seq = 0
+        self._call: Any = None
+        self._call_at = 0.0  # when the armed call is due
+
+    def __len__(self) -> int:
+        """Live (armed) entries."""
+        return self._live
+
+    @property
+    def timer(self) -> Any:
+        """The one DelayedCall (None when no session is armed)."""
+        return self._call
+
+    def arm(self, session: Any, when: float) -> list[Any]:
+        """C{expire(session)} at C{when} (clock seconds); the entry, to L{disarm}."""
+        seq = self._seq = self._seq + 1
+        entry = [when, seq, session]
+        heappush(self._heap, entry)
+        self._live += 1
+        if self._call is None or when < self._call_at:
+            self._schedule(when)
+        return entry
+
+    def disarm(self, entry: list[Any]) -> None:
+        """The entry's session is no longer due (closed, or re-armed)."""
+        if entry[2] is None:
+            return
+        entry[2] = None
+        self._live -= 1
+        heap = self._heap
+        if not self._live:
+            heap.clear()
+            call, self._call = self._call, None
+            if call is not None and call.active():
+                call.cancel()
+        elif len(heap) > _COMPACT_AT and self._live < len(heap) >> 1:
+            heap[:] = [live for live in heap if live[2] is not None]
+            heapify(heap)
+
+    def _schedule(self, when: float) -> None:
+        call = self._call
+        if call is not None and call.active():
+            call.cancel()
+        now = self._clock.seconds()
+        self._call_at = when
+        self._call = self._clock.callLater(when - now if when > now else 0.0, self._due)
+
+    def _due(self) -> None:
+        self._call = None
+        heap = self._heap
+        now = self._clock.seconds()
+        expired = []
+        while heap and heap[0][0] <= now:
+            entry = heappop(heap)
+            session = entry[2]
+            if session is not None:
+                entry[2] = None
+                self._live -= 1
+                expired.append(session)
+        failed: Optional[Exception] = None
+        for session in expired:
+            try:
+                self._expire(session)  # may arm it (or others) again
+            except Exception as error:
+                # Out of the heap already: the others must still be told.
+                failed = failed or error
+        while heap and heap[0][2] is None:
+            heappop(heap)
+        # For the head, whatever expire() armed meanwhile.
+        if heap and (self._call is None or self._call_at != heap[0][0]):
+            self._schedule(heap[0][0])
+        if failed is not None:
+            raise failed  # the clock's caller logs it (the reactor does)

@@ -73,13 +73,27 @@ _REQUIRED = (
 )
 
 
+#: what send_now inlines, and up to how many bytes (a plain TCP connection's)
+_TCP_WRITE_SOME = tcp.Connection.writeSomeData
+_SEND_LIMIT = tcp.Connection.SEND_LIMIT
+
+#: transport classes checked by can_write_directly: whether they qualify
+_qualified: dict[type, bool] = {}
+
+
 def can_write_directly(transport: Any) -> bool:
     """Whether L{write_soon} and L{close_soon} may be used for C{transport}."""
-    return (
-        isinstance(transport, tcp.Connection)
-        and not getattr(transport, "TLS", True)
-        and all(hasattr(transport, name) for name in _REQUIRED)
-    )
+    cls = type(transport)
+    qualifies = _qualified.get(cls)
+    if qualifies is None:
+        # Per class, once: the attributes are the class's or set by its
+        # __init__ (FileDescriptor's), so one instance answers for all.
+        qualifies = isinstance(transport, tcp.Connection) and all(
+            hasattr(transport, name) for name in _REQUIRED
+        )
+        if len(_qualified) < 64:
+            _qualified[cls] = qualifies
+    return qualifies and not getattr(transport, "TLS", True)
 
 
 def write_soon(transport: Any, data: bytes) -> None:
@@ -99,7 +113,13 @@ def write_soon(transport: Any, data: bytes) -> None:
         and not t._writeDisconnected
     ):
         if not t._tempDataLen:
-            _outbox(t.reactor).append(t)
+            # (_outbox and its schedule, inline: once per reply write)
+            outbox = _outboxes.get(t.reactor)
+            if outbox is None:
+                outbox = _outbox(t.reactor)
+            outbox.append(t)
+            if not outbox.scheduled:
+                outbox.schedule()
         # Behind whatever transport.write queued: the order stays.
         t._tempDataBuffer.append(data)
         t._tempDataLen += len(data)
@@ -122,7 +142,18 @@ def send_now(transport: Any) -> None:
         return
     queued = t._tempDataBuffer
     data = queued[0] if len(queued) == 1 else b"".join(queued)
-    sent = t.writeSomeData(data)  # if it raises, the bytes are still queued
+    if type(t).writeSomeData is _TCP_WRITE_SOME and len(data) <= _SEND_LIMIT:
+        # tcp.Connection.writeSomeData, inline (once per connection and turn):
+        # without its memoryview and retry loop (Python retries EINTR
+        # itself).  Would block, no buffers or lost: queued below, where
+        # Twisted's writer sends it or finds the loss, as after its 0 or
+        # CONNECTION_LOST.
+        try:
+            sent = t.socket.send(data)
+        except OSError:
+            sent = 0
+    else:
+        sent = t.writeSomeData(data)  # if it raises, the bytes are still queued
     t._tempDataBuffer = []
     t._tempDataLen = 0
     if isinstance(sent, int) and sent > 0:
@@ -180,7 +211,13 @@ def _close_now(transport: Any) -> None:
     reactor = t.reactor
     reactor.removeReader(t)
     reactor.removeWriter(t)
-    t.connectionLost(Failure(CONNECTION_DONE))
+    t.connectionLost(_CONNECTION_DONE)
+
+
+#: One failure for every connection closed here, as the reactor shares one
+#: per reason (PosixReactorBase._disconnectSelectable): building a Failure
+#: and its parents for each costs ~1.6 us.
+_CONNECTION_DONE = Failure(CONNECTION_DONE)
 
 
 def _abort_if_open(transport: Any) -> None:
@@ -200,15 +237,16 @@ class _Outbox(list[Any]):
         self.scheduled = False
         self.closing: list[Any] = []
 
-    def append(self, transport: Any) -> None:
-        super().append(transport)
-        self._schedule()
-
     def close_later(self, transport: Any) -> None:
         self.closing.append(transport)
-        self._schedule()
+        self.schedule()
 
-    def _schedule(self) -> None:
+    def schedule(self) -> None:
+        """Send (and close) at the end of this reactor turn.
+
+        L{write_soon} appends its transport itself (C{list.append}) and
+        calls this only when nothing is scheduled yet.
+        """
         if not self.scheduled:
             self.scheduled = True
             # Runs once this turn's events are handled, before the next poll.

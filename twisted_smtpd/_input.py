@@ -132,7 +132,13 @@ class DataMode(DataReader):
         failed: Optional[Callable[[], Any]] = None,
         max_size: int = 0,
     ) -> None:
-        DataReader.__init__(self, max_size)
+        # DataReader.__init__, inline (once per message)
+        self._pending = b"\r\n"
+        self._skip = 2
+        self.max_size = max_size
+        self.size = 0
+        self.too_big = False
+        self.done = False
         self._write: Optional[Callable[[bytes], Any]] = write
         self._done = done
         self._failed = failed
@@ -140,7 +146,7 @@ class DataMode(DataReader):
     def consume(self, buffer: bytes, pos: int) -> int:
         # The reader works on whole reads: the tail is sliced once per read
         # of the body, not per line.
-        body, leftover = self.feed(buffer[pos:] if pos else buffer)
+        body, end = self.take(buffer[pos:] if pos else buffer)
         if body and self._write is not None:
             if self._failed is None:
                 self._write(body)
@@ -150,10 +156,10 @@ class DataMode(DataReader):
                 except Exception:
                     self._write = None
                     self._failed()
-        if leftover is None:
+        if end < 0:
             return len(buffer)
         self._done(self)
-        return len(buffer) - len(leftover)
+        return pos + end
 
 
 class ChunkMode:

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from ._deadlines import Deadlines
+from ._deadlines import Deadlines, IdleTimers
 from ._delivery import HandlerHooks
 from ._events import SessionEvents
 from ._ratelimit import FailureLimiter, parse_limit
@@ -129,6 +129,7 @@ class SMTPFactory(ServerFactory):
         self.quiet = quiet
         self.sessions: set[SMTPServerProtocol] = set()
         self._deadlines: Optional[Deadlines] = None  # max_session_time, one timer
+        self._idle_timers: Optional[IdleTimers] = None  # every idle timeout
         self._per_ip: Counter[str] = Counter()
         self._ehlo_cache: dict[tuple[str, ...], bytes] = {}
         self._helo_cache: dict[tuple[str, str], Reply] = {}
@@ -263,6 +264,15 @@ class SMTPFactory(ServerFactory):
             self._deadlines = Deadlines(self.reactor, _session_expired)
         return self._deadlines
 
+    @property
+    def idle_timers(self) -> IdleTimers:
+        """Every session's idle timeout, on one timer (made on first use, so
+        that a reactor set after the factory was made is the one used)."""
+        timers = self._idle_timers
+        if timers is None:
+            timers = self._idle_timers = IdleTimers(self.reactor, _idle_expired)
+        return timers
+
     def auth_locked_out(self, ip: str) -> bool:
         """AUTH is required and C{ip} is over the AUTH failure limit: refuse it."""
         limiter = self.auth_limiter
@@ -347,6 +357,10 @@ class SMTPFactory(ServerFactory):
 
 def _session_expired(protocol: SMTPServerProtocol) -> None:
     protocol._session_expired()
+
+
+def _idle_expired(protocol: SMTPServerProtocol) -> None:
+    protocol._idle_due()
 
 
 def _client_address(protocol: SMTPServerProtocol) -> str:

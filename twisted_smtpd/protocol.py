@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._bdat import ChunkedMessage, bdat_argument, drop_chunk
-from ._commands import parse_command, parse_helo, parse_mail, parse_rcpt
+from ._commands import parse_helo, parse_mail, parse_rcpt, split_command
 from ._data import DataReader
 from ._delivery import HandlerHooks, Message
 from ._fastwrite import (
@@ -96,6 +96,8 @@ __all__ = [
 
 # A module logger: a Logger class attribute builds a new Logger on every access.
 _log = Logger(namespace="twisted_smtpd.protocol")
+#: rdns.name_client, imported on first use (importing per connection costs ~0.7 us)
+_name_client: Optional[Callable[..., Any]] = None
 
 #: replies that count against the bad-command budget
 _BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 530, 555})
@@ -177,19 +179,19 @@ class _Wire(LineReceiver, TimeoutMixin):
     _abort_call: Any = None  # closing: abort if the last reply is not taken
     _drain_reply: Optional[Reply] = None  # the 421 to close with once not busy
     _drain_how = "shutdown"
+    _buffer = b""
+    _pos = 0
+    _waits = 0
+    _pauses = 0
+    _phase = _OPEN
+    _busy = False  # inside a read: new bytes are appended, not read
+    _direct_write = False  # replies may go straight to the socket
 
     def __init__(self, factory: SMTPFactory) -> None:
         self.factory = factory
         self.limits = factory.limits
         self._events = factory.events
         self._debug = factory.debug
-        self._buffer = b""
-        self._pos = 0
-        self._waits = 0
-        self._pauses = 0
-        self._phase = _OPEN
-        self._busy = False  # inside a read: new bytes are appended, not read
-        self._direct_write = False  # replies may go straight to the socket
         if not self.MAX_LENGTH:
             self.MAX_LENGTH = self.limits.max_line
         cls = type(self)
@@ -207,51 +209,55 @@ class _Wire(LineReceiver, TimeoutMixin):
     def callLater(  # type: ignore[override]
         self, delay: float, fn: Callable[..., Any], *a: Any, **kw: Any
     ) -> Any:
-        """TimeoutMixin's clock: the factory's reactor, so tests can use a Clock."""
+        """TimeoutMixin's clock: the factory's reactor, so tests can use a Clock.
+
+        (Kept for subclasses; the idle timer itself is on the factory's
+        L{IdleTimers <twisted_smtpd._deadlines.IdleTimers>}, on its reactor.)
+        """
         return self.factory.reactor.callLater(delay, fn, *a, **kw)
 
-    # -- the idle timer: TimeoutMixin's API, a cheaper reset ---------------------
-    # A read only stores when it came (_idle_since) instead of moving a
-    # DelayedCall (DelayedCall.reset, then the reactor re-sorting it).  When
-    # the call comes due before the timeout, it is armed again for the rest:
-    # the timeout still comes exactly timeOut seconds after the last input.
-    _idle_call: Any = None  # the DelayedCall, due at or before the timeout
-    _idle_since = 0.0  # the last input (or setTimeout), on the call's clock
+    # -- the idle timer: TimeoutMixin's API, on the factory's IdleTimers ------
+    # No DelayedCall per connection: the factory's IdleTimers holds one heap
+    # entry per armed session and one timer for them all.  A read only
+    # stores when it came (_idle_since); when the entry comes due before the
+    # timeout, it is armed again for the rest, so the timeout still comes
+    # exactly timeOut seconds after the last input.
+    _idle_entry: Optional[list[Any]] = None  # in the factory's IdleTimers
+    _idle_since = 0.0  # the last input (or setTimeout), on the factory's clock
 
     def setTimeout(self, period: Optional[float]) -> Optional[float]:
         """Time out C{period} seconds from now (L{None}: never), as TimeoutMixin."""
         prev = self.timeOut
         self.timeOut = period  # type: ignore[assignment]
-        call = self._idle_call
+        entry = self._idle_entry
         if period is None:
-            if call is not None:
-                self._idle_call = None
-                if call.active():
-                    call.cancel()
-        elif call is None:
-            call = self._idle_call = self.callLater(period, self._idle_due)
-            self._idle_since = call.seconds()
-        else:
-            call.reset(period)
-            self._idle_since = call.seconds()
+            if entry is not None:
+                self._idle_entry = None
+                self.factory.idle_timers.disarm(entry)
+            return prev
+        now = self.factory.reactor.seconds()
+        self._idle_since = now
+        if entry is not None:
+            if entry[0] <= now + period:
+                return prev  # due no later than the new deadline: re-armed then
+            self.factory.idle_timers.disarm(entry)
+        self._idle_entry = self.factory.idle_timers.arm(self, now + period)
         return prev
 
     def resetTimeout(self) -> None:
         """Restart the countdown (no-op once timed out or with no timeout)."""
-        call = self._idle_call
-        if call is not None and self.timeOut is not None:
-            self._idle_since = call.seconds()
+        if self._idle_entry is not None and self.timeOut is not None:
+            self._idle_since = self.factory.reactor.seconds()
 
     def _idle_due(self) -> None:
-        call = self._idle_call
-        now = call.seconds()
-        deadline = self._idle_since + (self.timeOut or 0)
-        if now < deadline:  # input came since the call was armed
-            # Exact: the call was due timeOut after an earlier input, so
-            # now <= deadline < 2 * now, and now + (deadline - now) == deadline.
-            self._idle_call = self.callLater(deadline - now, self._idle_due)
+        """The factory's IdleTimers: this session's entry is due."""
+        self._idle_entry = None
+        if self.timeOut is None:
             return
-        self._idle_call = None
+        deadline = self._idle_since + self.timeOut
+        if self.factory.reactor.seconds() < deadline:  # input came since
+            self._idle_entry = self.factory.idle_timers.arm(self, deadline)
+            return
         self.timeoutConnection()
 
     def connectionMade(self) -> None:
@@ -272,9 +278,12 @@ class _Wire(LineReceiver, TimeoutMixin):
             self._start_session()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.setTimeout(None)
-        self._output_watch = None  # the transport dropped it already
-        self._set_phase_closed()
+        if self._idle_entry is not None:
+            self.setTimeout(None)
+        if self._output_watch is not None:
+            self._output_watch = None  # the transport dropped it already
+        if self._phase is not _CLOSED_PHASE:
+            self._set_phase_closed()
         call = self._abort_call
         if call is not None:
             if call.active():
@@ -302,10 +311,10 @@ class _Wire(LineReceiver, TimeoutMixin):
         if deadline is not None and self.factory.reactor.seconds() > deadline:
             self._too_slow()  # a body or a partial line took too long
             return
-        if data and self._idle_call is not None:
-            # resetTimeout, inline (on the call's clock: callLater may be
-            # replaced, as TimeoutMixin allows)
-            self._idle_since = self._idle_call.seconds()
+        if data and self._idle_entry is not None:
+            # resetTimeout, inline (the idle timer runs on the factory's
+            # reactor: see IdleTimers)
+            self._idle_since = self.factory.reactor.seconds()
         if self._waits or self._busy:
             if not self._waits & _CLOSED:
                 self._buffer += data  # appending keeps _pos valid
@@ -813,9 +822,10 @@ class SMTPServerProtocol(_Wire):
         super().__init_subclass__(**kwargs)
         cls._COMMANDS = _verb_table(cls)
 
+    session = None  # type: ignore[assignment]  # until _start_session
+
     def __init__(self, factory: SMTPFactory) -> None:
         super().__init__(factory)
-        self.session = None  # type: ignore[assignment]
         self._hooks: HandlerHooks = factory.hooks
 
     @property
@@ -851,16 +861,20 @@ class SMTPServerProtocol(_Wire):
             self.close_with(refusal)
             return
         host = peer_host(peer)
-        self.session.xclient_allowed = host in factory.xclient_hosts
-        self._look_up_name(host)
+        if factory.xclient_hosts and host in factory.xclient_hosts:
+            self.session.xclient_allowed = True
+        if factory.reverse_dns is not None:
+            self._look_up_name(host)
         self.setTimeout(self.limits.timeout)
         if tls is not None:  # an ssl: listener: the handshake began at connect
             self._expect_handshake()
         # The greeting waits for the handler's verdict on the client (and any
         # early talker's bytes wait with it).
-        self._run(
-            "check_client", self._hooks.check_client, (peer,), self._greet, self._shun
-        )
+        check_client = self._hooks.check_client
+        if check_client is None:
+            self._greet(None)  # what _run does with no hook, one call less
+            return
+        self._run("check_client", check_client, (peer,), self._greet, self._shun)
 
     def _answer_failure(self, name: str, failure: Failure) -> None:
         if name == "check_client" and failure.check(HandlerTimedOut):
@@ -873,9 +887,12 @@ class SMTPServerProtocol(_Wire):
     def _look_up_name(self, host: Optional[str]) -> None:
         rdns = self.factory.reverse_dns
         if rdns is not None and host is not None:
-            from .rdns import name_client
+            global _name_client
+            if _name_client is None:  # imported on first use: twisted.names
+                from .rdns import name_client
 
-            self._name = name_client(rdns, self.session, host, self._name)
+                _name_client = name_client
+            self._name = _name_client(rdns, self.session, host, self._name)
 
     def _run_again(self, _: Any, method: Callable[..., None], argument: str) -> None:
         """C{method(argument)} again, after a wait that held input (the name)."""
@@ -917,7 +934,7 @@ class SMTPServerProtocol(_Wire):
         self._reply_bad(R500_LINE_TOO_LONG)
 
     def lineReceived(self, line: bytes) -> None:
-        verb, argument = parse_command(line)
+        verb, argument = split_command(line)
         if self._debug:
             _log.info(
                 "smtpd {session_id} <<< {line}",
@@ -997,13 +1014,15 @@ class SMTPServerProtocol(_Wire):
             self._abandon()  # accepted after the connection closed
 
     def do_RCPT(self, argument: str) -> None:
-        envelope = self.session.envelope
+        session = self.session
+        envelope = session.envelope
         assert envelope is not None
         smtputf8 = "SMTPUTF8" in envelope.mail_options  # (Envelope.smtputf8)
         address, params = parse_rcpt(argument, smtputf8, self.factory.dsn)
-        self.session.check_recipient_count()
-        if self._hooks.check_recipient is None:
-            self._recipient_ok(None, address, params)
+        session.check_recipient_count()
+        if self._hooks.check_recipient is None:  # (_recipient_ok, inline)
+            session.rcpt(address, params)
+            self.reply(R250_RECIPIENT_OK)
             return
         self._run(
             "check_recipient",
