@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import smtplib
 import socket
 import time
@@ -11,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import pytest_twisted
 from twisted.internet import threads
+from twisted.internet.defer import Deferred
 from twisted.protocols.basic import LineReceiver
 
 from twisted_smtpd import Limits, SMTPError
@@ -193,12 +193,34 @@ def test_bounded_pool_serves_many_clients(listen, relay):
     assert handler.pool.open <= 2
 
 
+def telling(handler, count):
+    """Deferreds that fire, in turn, when C{transaction_abandoned} has run
+    and the downstream it released is back in the pool."""
+    from twisted.internet import reactor
+
+    told_for = []
+    # Bounded: a hook that is never called fails the test, never hangs it.
+    waiting = [Deferred().addTimeout(20, reactor) for _ in range(count)]
+    told = handler.transaction_abandoned
+
+    def spy(envelope):
+        done = waiting[len(told_for)]
+        told_for.append(envelope)
+        reset = told(envelope)
+        reset.addCallback(lambda _: done.callback(envelope))
+        return reset
+
+    handler.transaction_abandoned = spy
+    return waiting
+
+
 @pytest_twisted.inlineCallbacks
 def test_lost_client_after_rcpt_gives_the_connection_back(listen, relay):
-    """A client that vanishes after RCPT: the downstream transaction is reset
-    and its connection reused (fallback while the protocol has no hook)."""
+    """A client that vanishes after RCPT: the server's transaction_abandoned
+    resets the downstream transaction and its connection is reused."""
     memory = MemoryHandler()
     handler = relay(listen(memory))
+    released = telling(handler, 1)
     port = listen(handler)
 
     def vanish():
@@ -217,13 +239,10 @@ def test_lost_client_after_rcpt_gives_the_connection_back(listen, relay):
         sock.close()
 
     yield in_thread(vanish)
-    assert 0 == handler.pool.idle_count
-    for _ in range(100):
-        gc.collect()
-        if handler.pool.idle_count:
-            break
-        yield in_thread(time.sleep, 0.02)
+    envelope = yield released[0]
+    assert ["a@x.example"] == envelope.rcpt_tos
     assert 1 == handler.pool.idle_count and 1 == handler.pool.open
+    assert {} == handler._transactions
 
     def client():
         with smtplib.SMTP("127.0.0.1", port) as smtp:
@@ -232,6 +251,43 @@ def test_lost_client_after_rcpt_gives_the_connection_back(listen, relay):
     yield in_thread(client)
     assert ["b@x.example"] == [r for e in memory.messages for r in e.rcpt_tos]
     assert 1 == handler.pool.open
+
+
+@pytest_twisted.inlineCallbacks
+def test_rset_quit_and_ehlo_give_the_connection_back(listen, relay):
+    """Each way a client drops a transaction before DATA: the downstream
+    is reset and its one connection serves the next transaction."""
+    memory = MemoryHandler()
+    handler = relay(listen(memory))
+    released = telling(handler, 3)
+    port = listen(handler)
+
+    def rset_then_ehlo():
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.ehlo("c.example")
+            smtp.mail("s@example.org")
+            smtp.rcpt("a@x.example")
+            smtp.rset()
+            smtp.mail("s@example.org")
+            smtp.rcpt("b@x.example")
+            smtp.ehlo("again.example")
+
+    def quit_after_rcpt():
+        smtp = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        smtp.ehlo("c.example")
+        smtp.mail("s@example.org")
+        smtp.rcpt("c@x.example")
+        smtp.quit()
+
+    yield in_thread(rset_then_ehlo)
+    yield in_thread(quit_after_rcpt)
+    abandoned = []
+    for waiting in released:
+        envelope = yield waiting
+        abandoned += envelope.rcpt_tos
+    assert ["a@x.example", "b@x.example", "c@x.example"] == abandoned
+    assert 1 == handler.pool.open and 1 == handler.pool.idle_count
+    assert [] == memory.messages
 
 
 @pytest_twisted.inlineCallbacks

@@ -27,6 +27,7 @@ from ._hooks import (
     log_message,
     message_outcomes,
     queue_id,
+    tell_abandoned,
 )
 from ._outcomes import outcome_summary, single_reply
 from ._session import Envelope
@@ -59,15 +60,49 @@ class _CollectingReceiver:
         self._chunks = []
 
 
+class _AbandoningReceiver(_CollectingReceiver):
+    """The whole-message form for a handler with C{transaction_abandoned}:
+    a message dropped before C{handle_message} abandons its transaction."""
+
+    __slots__ = ("_abandoned",)
+
+    def __init__(
+        self,
+        envelope: Envelope,
+        handle: Callable[[Envelope], Any],
+        abandoned: Callable[[Envelope], Any],
+    ) -> None:
+        super().__init__(envelope, handle)
+        self._abandoned: Optional[Callable[[Envelope], Any]] = abandoned
+
+    def finish(self) -> Any:
+        self._abandoned = None  # handed over: an abort now is no abandonment
+        return super().finish()
+
+    def abort(self) -> None:
+        self._chunks = []
+        abandoned, self._abandoned = self._abandoned, None
+        if abandoned is not None:
+            tell_abandoned(abandoned, self._envelope)
+
+
 class HandlerHooks:
     """A user's handler reduced to the hooks the protocol calls."""
 
-    __slots__ = ("check_client", "check_sender", "check_recipient", "open_message")
+    __slots__ = (
+        "check_client",
+        "check_sender",
+        "check_recipient",
+        "open_message",
+        "transaction_abandoned",
+    )
 
     def __init__(self, handler: Any) -> None:
         self.check_client = getattr(handler, "check_client", None)
         self.check_sender = getattr(handler, "check_sender", None)
         self.check_recipient = getattr(handler, "check_recipient", None)
+        abandoned = getattr(handler, "transaction_abandoned", None)
+        self.transaction_abandoned = abandoned
         open_message = getattr(handler, "open_message", None)
         handle = getattr(handler, "handle_message", None)
         if open_message is None:
@@ -79,9 +114,17 @@ class HandlerHooks:
                     )
                 handle = handler
             whole: Callable[[Envelope], Any] = handle
+            if abandoned is None:
 
-            def open_message(envelope: Envelope) -> _CollectingReceiver:
-                return _CollectingReceiver(envelope, whole)
+                def open_message(envelope: Envelope) -> _CollectingReceiver:
+                    return _CollectingReceiver(envelope, whole)
+
+            else:
+                # (a separate receiver: no cost for handlers without the hook)
+                tell: Callable[[Envelope], Any] = abandoned
+
+                def open_message(envelope: Envelope) -> _CollectingReceiver:
+                    return _AbandoningReceiver(envelope, whole, tell)
 
         self.open_message = open_message
 

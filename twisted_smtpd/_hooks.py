@@ -10,9 +10,10 @@ them.  Each one that changes what the handler said leaves a log line.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from types import CoroutineType
+from typing import Any, Callable
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -32,6 +33,7 @@ __all__ = [
     "log_message",
     "message_outcomes",
     "queue_id",
+    "tell_abandoned",
 ]
 
 _log = Logger(namespace="twisted_smtpd.protocol")
@@ -170,4 +172,30 @@ def log_message(session_id: str, envelope: Envelope, outcome: str) -> None:
             "size": envelope.size,
             "outcome": outcome,
         },
+    )
+
+
+def tell_abandoned(hook: Callable[[Envelope], Any], envelope: Envelope) -> None:
+    """C{hook(envelope)}: the handler's C{transaction_abandoned}.
+
+    A notice, not a question: nothing waits for it (a Deferred or coroutine
+    it returns runs on its own) and nothing it does reaches the client; its
+    failure, raised or asynchronous, is logged.
+    """
+    try:
+        result = hook(envelope)
+        if isinstance(result, CoroutineType):
+            result = Deferred.fromCoroutine(result)
+    except Exception:
+        _abandon_failed(Failure(), envelope)
+        return
+    if result is not None and isinstance(result, Deferred):
+        result.addErrback(_abandon_failed, envelope)
+
+
+def _abandon_failed(failure: Failure, envelope: Envelope) -> None:
+    _log.failure(
+        "smtpd {session_id}: handler transaction_abandoned failed",
+        failure,
+        session_id=envelope.session_id,
     )

@@ -88,3 +88,27 @@ class Handler(Protocol):
 
     def open_message(self, envelope: Envelope) -> MessageReceiver:
         """Stream the message instead: return a L{MessageReceiver}."""
+
+    def transaction_abandoned(self, envelope: Envelope) -> Any:
+        """The transaction of C{envelope} ended before its message was handed over.
+
+        Called exactly once for each transaction that began (MAIL accepted:
+        C{check_sender} returned) and ended before the handler was given its
+        message, i.e. before C{open_message(envelope)} was called or, for a
+        handler with C{handle_message} instead, before C{handle_message}.
+        The ends: RSET, HELO/EHLO/LHLO, the connection closing (QUIT, idle or
+        session timeout, too many errors, shutdown, lost); for the
+        whole-message form also a message dropped on the way (too big, the
+        connection lost during DATA or between BDAT chunks, RSET or a new
+        greeting between BDAT chunks).  A streaming receiver learns of these
+        from its C{abort()} instead, so this is not called once
+        C{open_message} was.  Never called after a message was handed over,
+        whatever its outcome.  (STARTTLS, AUTH and XCLIENT are refused inside
+        a transaction, so they never end one.)
+
+        Called at once, before the command that ended the transaction is
+        answered (so before the next C{check_sender} of the session).  A
+        notice: the return value is ignored, a returned Deferred or
+        coroutine runs on its own and is not waited for; a failure is
+        logged and never reaches the client.
+        """

@@ -45,7 +45,7 @@ from ._fastwrite import (
     send_now,
     write_soon,
 )
-from ._hooks import HandlerTimedOut, deadline_over, failure_reply
+from ._hooks import HandlerTimedOut, deadline_over, failure_reply, tell_abandoned
 from ._hooks import abort_receiver as _abort_receiver
 from ._input import DROP, DataMode, LineMode, RawMode
 from ._peer import address_text, forward_client, peer_host, xclient_update
@@ -920,7 +920,7 @@ class SMTPServerProtocol(_Wire):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
-        if self._message is not None:
+        if self._message is not None or self._hooks.transaction_abandoned:
             self._abort_message()
         self.factory.release(self)
         session = self.session
@@ -1014,6 +1014,8 @@ class SMTPServerProtocol(_Wire):
     def _sender_ok(self, _: Any, envelope: Envelope) -> None:
         self.session.mail(envelope)
         self.reply(R250_SENDER_OK)
+        if self._phase is _CLOSED_PHASE and self._hooks.transaction_abandoned:
+            self._abandon()  # accepted after the connection closed
 
     def do_RCPT(self, argument: str) -> None:
         session = self.session
@@ -1120,9 +1122,22 @@ class SMTPServerProtocol(_Wire):
         drop_chunk(self, size)
 
     def _abort_message(self) -> None:
-        """RSET, a new greeting or a lost connection drops the message in flight."""
+        """RSET, a new greeting or a lost connection drops the message in
+        flight, or else abandons the open transaction."""
         if self._message is not None:
             self._message.abort()
+        elif self._hooks.transaction_abandoned is not None:
+            self._abandon()
+
+    _abandoned: Optional[Envelope] = None  # the last transaction_abandoned told
+
+    def _abandon(self) -> None:
+        """The handler's C{transaction_abandoned}, once per open transaction."""
+        hook = self._hooks.transaction_abandoned
+        envelope = self.session.envelope if self.session is not None else None
+        if hook and envelope is not None and envelope is not self._abandoned:
+            self._abandoned = envelope
+            tell_abandoned(hook, envelope)
 
     def do_RSET(self, argument: str) -> None:
         if argument:

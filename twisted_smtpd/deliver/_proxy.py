@@ -21,7 +21,6 @@ import base64
 import ipaddress
 import re
 import socket
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -512,7 +511,11 @@ def _cancel_timer(result: Any, timer: Any) -> Any:
 
 # -- the handler ---------------------------------------------------------------------
 class _Transaction:
-    """One client transaction and the downstream connection it borrowed."""
+    """One client transaction and the downstream connection it borrowed.
+
+    It holds the client's envelope, so the envelope's id, its key, can't be
+    reused by another envelope while it is tracked.
+    """
 
     __slots__ = (
         "connection",
@@ -520,11 +523,12 @@ class _Transaction:
         "ended",
         "idle_timer",
         "session_id",
-        "__weakref__",
+        "envelope",
     )
 
-    def __init__(self, session_id: str) -> None:
-        self.session_id = session_id
+    def __init__(self, envelope: Envelope) -> None:
+        self.envelope = envelope
+        self.session_id = envelope.session_id
         self.connection: Optional[DownstreamProtocol] = None
         self.accepted: list[str] = []
         self.ended = False
@@ -537,11 +541,12 @@ class ProxyHandler:
     Subclasses say how to connect (L{connect}) and whether the downstream
     speaks LMTP (one reply per recipient after the data).
 
-    The protocol does not tell a handler when a transaction ends without
-    DATA (RSET, QUIT, a new EHLO, a lost connection), so the downstream
-    transaction is ended (RSET, connection back to the pool) at whichever
-    comes first: the session's next MAIL, the client's envelope being
-    garbage-collected, or C{idle_timeout} seconds without a hook.
+    A client transaction that ends without DATA (RSET, QUIT, a new EHLO,
+    a lost connection) is told by the server's C{transaction_abandoned}
+    hook: the downstream transaction is reset and its connection goes back
+    to the pool at once.  Behind a wrapper that does not pass that hook on,
+    the session's next MAIL, or else C{idle_timeout} seconds without a
+    hook, does it instead.
     """
 
     lmtp = False
@@ -656,15 +661,23 @@ class ProxyHandler:
             transaction.ended = True
         return transaction
 
-    def _end_without_data(self, key: int) -> None:
+    def transaction_abandoned(self, envelope: Envelope) -> Deferred[None]:
+        """The client's transaction ended before DATA (the server's hook).
+
+        Fires once the downstream transaction is reset and its connection
+        back in the pool (or dropped if it broke).
+        """
+        return self._end_without_data(id(envelope))
+
+    def _end_without_data(self, key: int) -> Deferred[None]:
         """The client's transaction ended before DATA: reset the downstream's."""
         transaction = self._forget(key)
         if transaction is None or transaction.connection is None:
-            return
+            return succeed(None)
         connection, transaction.connection = transaction.connection, None
         if connection.lost:
             self.pool.discard(connection)
-            return
+            return succeed(None)
         # The session's next MAIL waits for this, to reuse the connection.
         done: Deferred[None] = Deferred()
         session_id = transaction.session_id
@@ -676,6 +689,10 @@ class ProxyHandler:
             done.callback(None)
 
         self.reset_and_release(connection).addBoth(finished)
+        # The caller's own Deferred: the next MAIL waits on done as well.
+        ended: Deferred[None] = Deferred()
+        done.addCallback(lambda _: ended.callback(None))
+        return ended
 
     def reset_and_release(self, connection: DownstreamProtocol) -> Deferred[None]:
         """RSET, then back to the pool (or dropped if RSET fails)."""
@@ -713,11 +730,9 @@ class ProxyHandler:
         if resetting is not None:
             await resetting
         key = id(envelope)
-        self._end_without_data(key)  # an id reused after collection
-        transaction = _Transaction(envelope.session_id)
+        transaction = _Transaction(envelope)
         self._transactions[key] = transaction
         self._by_session[envelope.session_id] = key
-        weakref.finalize(envelope, self._end_without_data, key)
         self._touch(key, transaction)
         try:
             connection = await self._mail(envelope)
