@@ -2,6 +2,9 @@
 
     python bench/workers.py [--messages 30000] [--sessions 40]
 
+The servers run as a user runs them (as bench/run.py's default variant):
+twistd -n with the plugin's default log observer (twisted_smtpd.fastlog),
+its log on standard output pointed at os.devnull; with --quiet, as before.
 Unpinned (the workers need both cores), so the load generator competes for
 CPU too; the output shows its CPU share so you can tell when it is the limit.
 Loopback only; each run is bounded by --timeout.
@@ -22,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from _common import cpu_seconds, free_port, smtp_source_argv  # noqa: E402
+from _process import twistd  # noqa: E402
 
 
 def children(pid: int) -> list[int]:
@@ -33,15 +37,12 @@ def run(workers: int, args: argparse.Namespace) -> dict:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT)
     workdir = tempfile.mkdtemp(prefix="bench-workers-")
+    errors = open(os.path.join(workdir, "stderr.log"), "wb")
     server = subprocess.Popen(
         [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
+            *twistd(),
             "-n",
             "--pidfile=",
-            "--logger",
-            "bench.servers.devnull_log.observer",
             "smtpd",
             "--quiet",
             "--workers",
@@ -51,18 +52,24 @@ def run(workers: int, args: argparse.Namespace) -> dict:
             "--handler",
             "twisted_smtpd.handlers.discard",
         ],
-        cwd=ROOT,
+        cwd=workdir,
         env=env,
+        # The log lines are written (and paid for) but not kept; start-up
+        # errors (stderr) are.
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
+        stderr=errors,
     )
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while True:
             try:
                 socket.create_connection(("127.0.0.1", port), 1).close()
                 break
             except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    errors.flush()
+                    tail = open(errors.name, "rb").read()[-2000:].decode()
+                    raise RuntimeError(f"twistd smtpd did not start:\n{tail}")
                 time.sleep(0.1)
         time.sleep(2.0)  # let the workers import and adopt the socket
         pids = [server.pid, *children(server.pid)]
@@ -95,6 +102,7 @@ def run(workers: int, args: argparse.Namespace) -> dict:
     finally:
         server.terminate()
         server.wait(30)
+        errors.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
