@@ -113,7 +113,8 @@ def write_soon(transport: Any, data: bytes) -> None:
         and not t.dataBuffer
         and not t._writeDisconnected
     ):
-        if not t._tempDataLen:
+        queued = t._tempDataLen
+        if not queued:
             # (_outbox and its schedule, inline: once per reply write)
             outbox = _outboxes.get(t.reactor)
             if outbox is None:
@@ -123,8 +124,9 @@ def write_soon(transport: Any, data: bytes) -> None:
                 outbox.schedule()
         # Behind whatever transport.write queued: the order stays.
         t._tempDataBuffer.append(data)
-        t._tempDataLen += len(data)
-        if t._tempDataLen >= t.bufferSize:
+        queued += len(data)
+        t._tempDataLen = queued
+        if queued >= t.bufferSize:
             send_now(t)  # a client that does not read meets back-pressure
         return
     t.write(data)

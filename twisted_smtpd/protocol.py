@@ -309,13 +309,17 @@ class _Wire(LineReceiver, TimeoutMixin):
         if self.session is None:  # bytes right behind a PROXY header
             self._start_session()
         deadline = self._deadline
-        if deadline is not None and self.factory.reactor.seconds() > deadline:
-            self._too_slow()  # a body or a partial line took too long
-            return
-        if data and self._idle_entry is not None:
-            # resetTimeout, inline (the idle timer runs on the factory's
-            # reactor: see IdleTimers)
-            self._idle_since = self.factory.reactor.seconds()
+        if deadline is not None:  # a body or a partial line
+            # One clock read for its deadline and the idle time (the idle
+            # timer runs on the factory's reactor too: see IdleTimers).
+            now = self.factory.reactor.seconds()
+            if now > deadline:
+                self._too_slow()
+                return
+            if data and self._idle_entry is not None:
+                self._idle_since = now  # resetTimeout, inline
+        elif data and self._idle_entry is not None:
+            self._idle_since = self.factory.reactor.seconds()  # resetTimeout
         if self._waits or self._busy:
             if not self._waits & _CLOSED:
                 self._buffer += data  # appending keeps _pos valid
