@@ -173,6 +173,23 @@ class TestParseCommand:
 class TestParseHelo:
     """The client's name from HELO/EHLO."""
 
+    @given(st.text(alphabet="aZ09_-.[]:@ \u00fc", max_size=24))
+    def test_ascii_fast_match_is_within_the_full_one(self, name: str) -> None:
+        """The ASCII pattern tried first accepts only names the full one does."""
+        from twisted_smtpd._commands import _ASCII_HELO_NAME, _HELO_NAME
+
+        if _ASCII_HELO_NAME.match(name):
+            assert _HELO_NAME.match(name)
+
+    @pytest.mark.parametrize(
+        "name", ["client.example", "a", "x-1.example.com", "D_4F2K", "c.example."]
+    )
+    def test_ascii_fast_match_takes_the_usual_names(self, name: str) -> None:
+        """The usual names are taken by the fast pattern (else it saves nothing)."""
+        from twisted_smtpd._commands import _ASCII_HELO_NAME
+
+        assert _ASCII_HELO_NAME.match(name)
+
     @pytest.mark.parametrize(
         "argument, expected",
         [

@@ -48,6 +48,7 @@ __all__ = [
     "can_write_directly",
     "close_soon",
     "send_now",
+    "write_now",
     "write_soon",
 ]
 
@@ -112,7 +113,8 @@ def write_soon(transport: Any, data: bytes) -> None:
         and not t.dataBuffer
         and not t._writeDisconnected
     ):
-        if not t._tempDataLen:
+        queued = t._tempDataLen
+        if not queued:
             # (_outbox and its schedule, inline: once per reply write)
             outbox = _outboxes.get(t.reactor)
             if outbox is None:
@@ -122,8 +124,9 @@ def write_soon(transport: Any, data: bytes) -> None:
                 outbox.schedule()
         # Behind whatever transport.write queued: the order stays.
         t._tempDataBuffer.append(data)
-        t._tempDataLen += len(data)
-        if t._tempDataLen >= t.bufferSize:
+        queued += len(data)
+        t._tempDataLen = queued
+        if queued >= t.bufferSize:
             send_now(t)  # a client that does not read meets back-pressure
         return
     t.write(data)
@@ -165,6 +168,25 @@ def send_now(transport: Any) -> None:
     # startTLS, transport.write would encrypt the plaintext 220 that
     # precedes the handshake.
     FileDescriptor.write(t, data)
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """L{write_soon} then L{send_now}, in one step: the last reply before a
+    close is sent at once, so the transport is not queued for the end of
+    the turn (where there would be nothing left to send)."""
+    t = transport
+    if (
+        t.connected
+        and not t.disconnecting
+        and not t.TLS
+        and not t.dataBuffer
+        and not t._writeDisconnected
+    ):
+        t._tempDataBuffer.append(data)  # behind anything held: the order stays
+        t._tempDataLen += len(data)
+        send_now(t)
+        return
+    t.write(data)
 
 
 def close_soon(transport: Any) -> None:
