@@ -17,6 +17,7 @@ from twisted_smtpd._fastwrite import (
     can_write_directly,
     close_soon,
     send_now,
+    write_now,
     write_soon,
 )
 from twisted_smtpd.handlers import MemoryHandler
@@ -444,6 +445,49 @@ def test_close_soon_with_nothing_written_meanwhile_is_one_clean_close():
         assert (data, orderly) == (b"", True)
         yield _turn()
         assert len(recorder.lost) == 1 and recorder.lost[0].check(ConnectionDone)
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_write_now_sends_behind_what_is_held_at_once():
+    """write_now: what write_soon holds, then its bytes, leave now, in order;
+    the transport is not queued again for the end of the turn."""
+    from twisted_smtpd._fastwrite import _outbox
+
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        outbox = _outbox(reactor)
+        write_soon(transport, b"250 ok\r\n")
+        assert outbox.count(transport) == 1
+        write_now(transport, b"221 bye\r\n")
+        assert not transport.dataBuffer and not transport._tempDataLen
+        assert outbox.count(transport) == 1 and transport not in reactor.getWriters()
+        write_now(transport, b"250 again\r\n")  # nothing held: not queued
+        assert outbox.count(transport) == 1
+        close_soon(transport)
+        data, orderly = yield threads.deferToThread(_read_to_eof, client)
+        assert (data, orderly) == (b"250 ok\r\n221 bye\r\n250 again\r\n", True)
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_write_now_after_close_or_tls_is_transport_write(tls_policy):
+    """Not a plain open connection any more: transport.write, as write_soon."""
+    port, connected = _serve_one()
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        transport = yield connected
+        written: list = []
+        transport.startTLS(tls_policy.context_factory)
+        transport.write = written.append
+        write_now(transport, b"250 encrypted\r\n")
+        assert written == [b"250 encrypted\r\n"]
     finally:
         client.close()
         yield port.stopListening()

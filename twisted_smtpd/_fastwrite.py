@@ -48,6 +48,7 @@ __all__ = [
     "can_write_directly",
     "close_soon",
     "send_now",
+    "write_now",
     "write_soon",
 ]
 
@@ -167,6 +168,25 @@ def send_now(transport: Any) -> None:
     # startTLS, transport.write would encrypt the plaintext 220 that
     # precedes the handshake.
     FileDescriptor.write(t, data)
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """L{write_soon} then L{send_now}, in one step: the last reply before a
+    close is sent at once, so the transport is not queued for the end of
+    the turn (where there would be nothing left to send)."""
+    t = transport
+    if (
+        t.connected
+        and not t.disconnecting
+        and not t.TLS
+        and not t.dataBuffer
+        and not t._writeDisconnected
+    ):
+        t._tempDataBuffer.append(data)  # behind anything held: the order stays
+        t._tempDataLen += len(data)
+        send_now(t)
+        return
+    t.write(data)
 
 
 def close_soon(transport: Any) -> None:

@@ -235,21 +235,21 @@ class SMTPFactory(ServerFactory):
     # -- connection accounting -------------------------------------------------
     def admit(self, protocol: SMTPServerProtocol) -> Optional[Reply]:
         """Register a new session; the 421 to refuse it with, if over a limit."""
-        ip = _client_address(protocol)
-        limits = self.limits
         if self.shutting_down:
             return self._refuse("shutting_down", R421_SHUTTING_DOWN)
+        limits = self.limits
         if limits.max_connections and len(self.sessions) >= limits.max_connections:
             return self._refuse("max_connections", R421_TOO_MANY_CONNECTIONS)
-        if (
-            limits.max_connections_per_ip
-            and self._per_ip[ip] >= limits.max_connections_per_ip
-        ):
+        ip = _client_address(protocol)
+        per_ip = self._per_ip
+        count = per_ip.get(ip, 0)  # (not per_ip[ip]: Counter's __missing__)
+        limit = limits.max_connections_per_ip
+        if limit and count >= limit:
             return self._refuse("max_connections_per_ip", R421_TOO_MANY_CONNECTIONS)
-        if self.auth_locked_out(ip):
+        if self.auth_limiter is not None and self.auth_locked_out(ip):
             return self._refuse("auth_rate_limit", R421_AUTH_RATE_LIMITED)
         self.sessions.add(protocol)
-        self._per_ip[ip] += 1
+        per_ip[ip] = count + 1
         if limits.max_session_time:
             deadlines = self._deadlines
             if deadlines is None:
@@ -303,15 +303,19 @@ class SMTPFactory(ServerFactory):
         return fill(reply, hostname=self.hostname)
 
     def release(self, protocol: SMTPServerProtocol) -> None:
-        if protocol in self.sessions:
-            self.sessions.discard(protocol)
+        sessions = self.sessions
+        if protocol in sessions:
+            sessions.remove(protocol)
             if self._deadlines is not None:
                 self._deadlines.discard(protocol)
             ip = _client_address(protocol)
-            self._per_ip[ip] -= 1
-            if self._per_ip[ip] <= 0:
-                del self._per_ip[ip]
-        if self._drained is not None and not self.sessions:
+            per_ip = self._per_ip
+            count = per_ip.get(ip, 0) - 1
+            if count > 0:
+                per_ip[ip] = count
+            else:
+                per_ip.pop(ip, None)
+        if self._drained is not None and not sessions:
             drained, self._drained = self._drained, None
             if self._grace_call is not None and self._grace_call.active():
                 self._grace_call.cancel()

@@ -43,6 +43,7 @@ from ._fastwrite import (
     can_write_directly,
     close_soon,
     send_now,
+    write_now,
     write_soon,
 )
 from ._hooks import HandlerTimedOut, deadline_over, failure_reply, tell_abandoned
@@ -557,13 +558,20 @@ class _Wire(LineReceiver, TimeoutMixin):
         self._set_phase_closed()
         self._how = how
         self.setTimeout(None)
-        self._flush()
         transport = self.transport
         if self._direct_write:
-            send_now(transport)  # now, to know whether the kernel took it
-        if self._direct_write and not (transport.dataBuffer or transport._tempDataLen):
-            close_soon(transport)  # nothing unsent: it closes by itself
-            return
+            # Sent now, to know whether the kernel took it.
+            out = self._out
+            if out:
+                write_now(transport, out[0] if len(out) == 1 else b"".join(out))
+                out.clear()
+            else:
+                send_now(transport)
+            if not (transport.dataBuffer or transport._tempDataLen):
+                close_soon(transport)  # nothing unsent: it closes by itself
+                return
+        else:
+            self._flush()
         # A client that does not read would keep the connection open for
         # good (the last reply never flushed): it gets CLOSE_GRACE seconds.
         transport.loseConnection()
@@ -908,7 +916,14 @@ class SMTPServerProtocol(_Wire):
             self._reply_bad(error.reply)
 
     def _greet(self, _: Any) -> None:
-        self.reply(self.factory.greeting)
+        greeting = self.factory.greeting
+        if self._out is None and self._events is None and not self._debug:
+            # What reply() does here (no events, no --debug, not ESMTP yet),
+            # once per connection.
+            if self._phase is not _CLOSED_PHASE:
+                self._send(greeting.__dict__.get("_wire") or greeting.encoded(False))
+            return
+        self.reply(greeting)
         if self._events is not None:
             self._started = self.factory.reactor.seconds()
             self._events.session_started()
