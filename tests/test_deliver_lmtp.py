@@ -16,6 +16,7 @@ from twisted_smtpd.deliver.lmtp import LMTPHandler
 
 from .helpers import free_port, start_twistd, wait_for_port
 from .mailservers import Dovecot
+from .test_deliver_proxy import telling, vanish_after
 
 USERS = ["alice", "bob", "carol", "dave", "erin", "full"]
 
@@ -117,6 +118,33 @@ def test_rset_after_rcpt_resets_the_downstream(listen, dovecot, lmtp_handler):
     yield in_thread(client)
     assert [] == dovecot.messages("dave")
     assert 1 == count(dovecot, "erin", "after-rset")
+    assert 1 == lmtp_handler.pool.open
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_gone_after_rcpt_resets_the_downstream(listen, dovecot, lmtp_handler):
+    """A client that vanishes after RCPT: Dovecot's transaction is reset at
+    once (transaction_abandoned, no garbage collection involved) and the
+    same LMTP connection delivers the next message."""
+    released = telling(lmtp_handler, 1)
+    port = listen(lmtp_handler)
+    yield in_thread(
+        vanish_after,
+        port,
+        [b"MAIL FROM:<s@example.org>", b"RCPT TO:<dave@example.net>"],
+        2,  # gone once both are answered
+    )
+    envelope = yield released[0]
+    assert ["dave@example.net"] == envelope.rcpt_tos
+    assert 1 == lmtp_handler.pool.idle_count and 1 == lmtp_handler.pool.open
+
+    def client():
+        with smtplib.SMTP("127.0.0.1", port) as smtp:
+            smtp.sendmail("s@example.org", ["erin@example.net"], body("after-gone"))
+
+    yield in_thread(client)
+    assert [] == dovecot.messages("dave")
+    assert 1 == count(dovecot, "erin", "after-gone")
     assert 1 == lmtp_handler.pool.open
 
 

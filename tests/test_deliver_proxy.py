@@ -290,6 +290,69 @@ def test_rset_quit_and_ehlo_give_the_connection_back(listen, relay):
     assert [] == memory.messages
 
 
+class SlowNextHop(MemoryHandler):
+    """A next hop whose MAIL or RCPT answers only after C{delay} seconds."""
+
+    def __init__(self, slow, delay=0.3):
+        super().__init__()
+        self.slow = slow
+        self.delay = delay
+
+    def _later(self):
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        return deferLater(reactor, self.delay, lambda: None)
+
+    def check_sender(self, envelope):
+        return self._later() if self.slow == "MAIL" else None
+
+    def check_recipient(self, envelope, address, options):
+        return self._later() if self.slow == "RCPT" else None
+
+
+def vanish_after(port, verbs, answered=0):
+    """Send EHLO and C{verbs} pipelined, read the replies to EHLO and the
+    first C{answered} verbs, and go."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = sock.makefile("rb")
+    sock.sendall(b"EHLO c\r\n" + b"".join(v + b"\r\n" for v in verbs))
+    seen = 0
+    while seen < 2 + answered:  # the greeting, EHLO, then the verbs
+        line = reader.readline()
+        assert line[:1] in (b"2", b"3"), line
+        if line[3:4] == b" ":
+            seen += 1
+    reader.close()
+    sock.close()
+
+
+@pytest.mark.parametrize("slow", ["MAIL", "RCPT"])
+@pytest_twisted.inlineCallbacks
+def test_client_gone_while_the_next_hop_answers(listen, relay, slow):
+    """The client leaves while the next hop still answers its MAIL or RCPT:
+    the transaction is told abandoned once the hook answers (for MAIL, as
+    soon as it began), the next hop reset, the connection reused."""
+    memory = SlowNextHop(slow)
+    handler = relay(listen(memory))
+    released = telling(handler, 1)
+    port = listen(handler)
+    yield in_thread(
+        vanish_after, port, [b"MAIL FROM:<s@example.org>", b"RCPT TO:<a@x.example>"]
+    )
+    envelope = yield released[0]
+    assert "s@example.org" == envelope.mail_from
+    assert 1 == handler.pool.idle_count and 1 == handler.pool.open
+
+    def client():
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.sendmail("s@example.org", ["b@x.example"], b"after\r\n")
+
+    yield in_thread(client)
+    assert [["b@x.example"]] == [e.rcpt_tos for e in memory.messages]
+    assert 1 == handler.pool.open
+
+
 @pytest_twisted.inlineCallbacks
 def test_next_hop_that_stops_reading_is_451(listen, relay):
     """The next hop stops reading mid-body: after --deliver-timeout the
