@@ -499,16 +499,17 @@ class _Wire(LineReceiver, TimeoutMixin):
         if len(out) >= _MAX_BATCH:
             self._flush()
 
-    def reply_queued(self, queue_id: str) -> None:
+    def _reply_queued(self, queue_id: str) -> None:
         """C{reply(queued_reply(queue_id))}: the 250 after a stored message.
 
         Once per message, so the wire bytes are made directly, without the
-        L{Reply} and its two encodings.
+        L{Reply} and its two encodings (a subclass's own C{reply} still
+        gets the L{Reply}).
         """
         if self._phase is _CLOSED_PHASE:
             return
         out = self._out
-        if out is None or self._debug:
+        if out is None or self._debug or type(self).reply is not _Wire.reply:
             self.reply(queued_reply(queue_id))
             return
         if self._events is not None:
