@@ -246,7 +246,7 @@ class SMTPFactory(ServerFactory):
         limit = limits.max_connections_per_ip
         if limit and count >= limit:
             return self._refuse("max_connections_per_ip", R421_TOO_MANY_CONNECTIONS)
-        if self.auth_limiter is not None and self.auth_locked_out(ip):
+        if self.auth is not None and self.auth_locked_out(ip):  # (no AUTH: never)
             return self._refuse("auth_rate_limit", R421_AUTH_RATE_LIMITED)
         self.sessions.add(protocol)
         per_ip[ip] = count + 1
