@@ -630,6 +630,29 @@ class TestSlowClients:
         assert client.closed
         assert [b"421 4.4.2 mx.test Timeout, closing connection"] == client.replies()
 
+    def test_data_deadline_is_exact(self, clock: Clock) -> None:
+        """The body must end data_timeout after DATA: a read at exactly that
+        time still counts, the next one after it is cut off."""
+        factory = SMTPFactory(
+            MemoryHandler(),
+            hostname="mx.test",
+            reactor=clock,
+            limits=Limits(data_timeout=10.0),
+        )
+        client = connect(factory)
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        client.command(b"RCPT TO:<c@d.example>")
+        clock.advance(3.25)  # DATA not at a round time
+        client.command(b"DATA")
+        clock.advance(10.0)
+        client.send(b"x\r\n")
+        assert not client.closed
+        clock.advance(0.25)
+        client.send(b"y\r\n")
+        assert client.closed
+        assert [b"421 4.4.2 mx.test Timeout, closing connection"] == client.replies()
+
 
 class TestLogging:
     def _events(self, factory, body=b"x\r\n"):

@@ -1073,13 +1073,15 @@ class SMTPServerProtocol(_Wire):
         if message is None:
             return
         # A receiver whose write() raises gets _body_failed (see _guarded_write).
-        mode = DataMode(
+        limits = self.limits
+        self._mode = DataMode(
             message.receiver.write,
             self._data_done,
             self._body_failed,
-            self.limits.max_message_size,
+            limits.max_message_size,
         )
-        self._set_mode(mode, self.limits.data_timeout)
+        # (_set_mode, inline: the clock was read for the envelope just now)
+        self._deadline = message.envelope.received_at + limits.data_timeout
         self.reply(R354_START_INPUT)
 
     def _body_failed(self) -> None:
