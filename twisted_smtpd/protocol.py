@@ -755,6 +755,8 @@ class _Wire(LineReceiver, TimeoutMixin):
             self._out = []
         try:
             then(result, *args)
+            if self._phase is _CLOSED_PHASE:
+                self._answered_after_close()
             if self._pauses & _OVERFLOW:
                 self._set_pauses(self._pauses & ~_OVERFLOW)
             if self._phase is _DRAINING:
@@ -765,6 +767,9 @@ class _Wire(LineReceiver, TimeoutMixin):
             if batch:
                 self._flush()
                 self._out = None
+
+    def _answered_after_close(self) -> None:
+        """The wait held at the close is over (subclasses end what it held)."""
 
     def _hook_ok(
         self,
@@ -936,8 +941,11 @@ class SMTPServerProtocol(_Wire):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
-        if self._message is not None or self._hooks.transaction_abandoned:
-            self._abort_message()
+        if self._message is not None:
+            self._message.abort()
+        elif self._hooks.transaction_abandoned and self._pending is None:
+            # (A hook still answering may change the transaction: told then.)
+            self._abandon()
         self.factory.release(self)
         session = self.session
         if session is None:
@@ -1030,8 +1038,6 @@ class SMTPServerProtocol(_Wire):
     def _sender_ok(self, _: Any, envelope: Envelope) -> None:
         self.session.mail(envelope)
         self.reply(R250_SENDER_OK)
-        if self._phase is _CLOSED_PHASE and self._hooks.transaction_abandoned:
-            self._abandon()  # accepted after the connection closed
 
     def do_RCPT(self, argument: str) -> None:
         session = self.session
@@ -1140,11 +1146,21 @@ class SMTPServerProtocol(_Wire):
         drop_chunk(self, size)
 
     def _abort_message(self) -> None:
-        """RSET, a new greeting or a lost connection drops the message in
-        flight, or else abandons the open transaction."""
+        """RSET or a new greeting drops the message in flight, or else
+        abandons the open transaction (a lost connection: connectionLost)."""
         if self._message is not None:
             self._message.abort()
         elif self._hooks.transaction_abandoned is not None:
+            self._abandon()
+
+    def _answered_after_close(self) -> None:
+        # A check_sender or check_recipient (or the client's name) answered
+        # after the close: the transaction as it now is ends here.
+        if (
+            self._hooks.transaction_abandoned
+            and self._message is None
+            and self._pending is None
+        ):
             self._abandon()
 
     _abandoned: Optional[Envelope] = None  # the last transaction_abandoned told
