@@ -581,3 +581,164 @@ class SlowHandlerForCancel:
 
     def handle_message(self, envelope):
         pass
+
+
+# -- the pool and the server's hook deadline (--handler-timeout) -------------------
+class PooledStandIn:
+    """What the pool sees of a downstream connection."""
+
+    def __init__(self) -> None:
+        self.idle = True
+        self.reused = 0
+        self.discarded = False
+        self.on_lost = None
+
+    def abort(self) -> None:
+        self.idle = False
+
+    def quit(self) -> None:
+        self.idle = False
+
+
+def one_slot_pool():
+    from twisted.internet.task import Clock
+
+    from twisted_smtpd.deliver._proxy import ConnectionPool
+
+    connecting: list[Deferred] = []
+
+    def connect():
+        connecting.append(Deferred())
+        return connecting[-1]
+
+    return ConnectionPool("next", connect, Clock(), size=1, timeout=30), connecting
+
+
+def test_a_cancelled_waiter_takes_no_connection():
+    """A borrower waiting for the pool is cancelled (its hook's deadline):
+    the connection given back next goes to the pool, not to it."""
+    from twisted.internet.defer import CancelledError
+
+    pool, connecting = one_slot_pool()
+    first = pool.acquire()
+    connection = PooledStandIn()
+    connecting[0].callback(connection)
+    assert connection is first.result
+    waiter = pool.acquire()
+    waiter.cancel()
+    assert waiter.result.check(CancelledError)
+    waiter.addErrback(lambda _: None)
+    pool.release(connection)
+    assert 1 == pool.idle_count and 1 == pool.open
+    assert connection is pool.acquire().result
+
+
+def test_a_waiter_cancelled_while_its_connection_is_made():
+    """A waiter given a new connection (the old one was dropped) is
+    cancelled before it is ready: the connection, once ready, goes to the
+    pool; if it fails instead, the slot is free."""
+    from twisted.internet.defer import CancelledError
+
+    pool, connecting = one_slot_pool()
+    pool.acquire()
+    dropped = PooledStandIn()
+    connecting[0].callback(dropped)
+    waiter = pool.acquire()
+    pool.discard(dropped)  # a new connection is made for the waiter
+    assert 2 == len(connecting)
+    waiter.cancel()
+    assert waiter.result.check(CancelledError)
+    waiter.addErrback(lambda _: None)
+    ready = PooledStandIn()
+    connecting[1].callback(ready)
+    assert 1 == pool.idle_count and 1 == pool.open
+    assert ready is pool.acquire().result
+
+    pool, connecting = one_slot_pool()
+    pool.acquire()
+    connecting[0].callback(dropped := PooledStandIn())
+    waiter = pool.acquire()
+    pool.discard(dropped)
+    waiter.cancel()
+    waiter.addErrback(lambda _: None)
+    connecting[1].errback(RuntimeError("refused"))
+    assert 0 == pool.open and 0 == pool.idle_count
+    pool.acquire()
+    assert 3 == len(connecting)  # the slot is free for a new connection
+    connecting[2].callback(PooledStandIn())
+
+
+class NextHopSlowFor(MemoryHandler):
+    """A next hop whose MAIL never answers for senders named slow..."""
+
+    def check_sender(self, envelope):
+        return Deferred() if envelope.mail_from.startswith("slow") else None
+
+
+def mail_reply(port, sender):
+    """Connect, EHLO, MAIL FROM:<sender>: the reply line; then QUIT."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"EHLO c\r\n")
+        while reader.readline()[3:4] != b" ":
+            pass
+        sock.sendall(b"MAIL FROM:<%s>\r\n" % sender)
+        reply = reader.readline()
+        sock.sendall(b"QUIT\r\n")
+        reader.readline()
+        return reply
+
+
+@pytest_twisted.inlineCallbacks
+def test_handler_deadline_while_the_next_hop_answers_mail_frees_the_slot(listen, relay):
+    """--handler-timeout passes while the next hop answers MAIL: 451, the
+    connection dropped, and its pool slot free for the next client."""
+    handler = relay(listen(NextHopSlowFor()), pool_size=1, timeout=5)
+    port = listen(handler, limits=Limits(handler_timeout=0.3))
+    first = yield in_thread(mail_reply, port, b"slow@example.org")
+    assert first.startswith(b"451 4.3.0"), first
+    assert 0 == handler.pool.open
+    second = yield in_thread(mail_reply, port, b"s@example.org")
+    assert second.startswith(b"250"), second
+
+
+@pytest_twisted.inlineCallbacks
+def test_handler_deadline_while_waiting_for_the_pool_loses_no_connection(listen, relay):
+    """A client whose MAIL waits for the one pooled connection past
+    --handler-timeout gets 451; the connection, given back, serves the
+    next client (it went to the cancelled waiter before)."""
+    import threading
+
+    handler = relay(listen(MemoryHandler()), pool_size=1, timeout=5)
+    released = telling(handler, 2)
+    port = listen(handler, limits=Limits(handler_timeout=0.3))
+    holding, done = threading.Event(), threading.Event()
+
+    def hold_the_connection():
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(b"EHLO c\r\n")
+            while reader.readline()[3:4] != b" ":
+                pass
+            sock.sendall(b"MAIL FROM:<s@example.org>\r\n")
+            assert reader.readline().startswith(b"250")
+            holding.set()
+            done.wait(15)
+            sock.sendall(b"RSET\r\nQUIT\r\n")
+            reader.readline()
+            reader.readline()
+
+    holder = in_thread(hold_the_connection)
+    yield in_thread(holding.wait, 15)
+    waited = yield in_thread(mail_reply, port, b"w@example.org")
+    assert waited.startswith(b"451 4.3.0"), waited
+    done.set()
+    yield holder
+    yield released[0]  # reset and back in the pool
+    assert 1 == handler.pool.idle_count and 1 == handler.pool.open
+    third = yield in_thread(mail_reply, port, b"t@example.org")
+    assert third.startswith(b"250"), third
+    yield released[1]
+    assert 1 == handler.pool.idle_count and 1 == handler.pool.open

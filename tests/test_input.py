@@ -143,6 +143,14 @@ class TestBodyModes:
         assert [7] == ends
         assert [b"NEXT"] == owner.events
 
+    def test_data_mode_starts_as_a_new_reader(self) -> None:
+        """DataMode sets up its reader part inline: every slot of a new
+        DataReader, with the same values (a slot added there must be here)."""
+        for max_size in (0, 1000):
+            mode, reader = DataMode(print, print, None, max_size), DataReader(max_size)
+            for slot in DataReader.__slots__:
+                assert getattr(reader, slot) == getattr(mode, slot), slot
+
     def test_data_mode_write_failure_drops_the_rest(self) -> None:
         """A write that raises calls failed() once, inside the handler; the
         rest of the body is read and dropped and done() still runs."""

@@ -630,6 +630,29 @@ class TestSlowClients:
         assert client.closed
         assert [b"421 4.4.2 mx.test Timeout, closing connection"] == client.replies()
 
+    def test_data_deadline_is_exact(self, clock: Clock) -> None:
+        """The body must end data_timeout after DATA: a read at exactly that
+        time still counts, the next one after it is cut off."""
+        factory = SMTPFactory(
+            MemoryHandler(),
+            hostname="mx.test",
+            reactor=clock,
+            limits=Limits(data_timeout=10.0),
+        )
+        client = connect(factory)
+        client.command(b"EHLO c.example")
+        client.command(b"MAIL FROM:<a@b.example>")
+        client.command(b"RCPT TO:<c@d.example>")
+        clock.advance(3.25)  # DATA not at a round time
+        client.command(b"DATA")
+        clock.advance(10.0)
+        client.send(b"x\r\n")
+        assert not client.closed
+        clock.advance(0.25)
+        client.send(b"y\r\n")
+        assert client.closed
+        assert [b"421 4.4.2 mx.test Timeout, closing connection"] == client.replies()
+
 
 class TestLogging:
     def _events(self, factory, body=b"x\r\n"):
@@ -1296,3 +1319,46 @@ class TestSynchronousFinishAgrees:
             )
         assert outputs[0] == outputs[1]
         assert [b"250 2.0.0 OK", b"250 2.1.0 Sender OK"] == outputs[0][-2:]
+
+
+class TestQueuedReply:
+    """The 250 after a stored message is made as bytes, not as a Reply."""
+
+    @pytest.mark.parametrize(
+        "greeting", [b"HELO client.example", b"EHLO client.example"]
+    )
+    def test_wire_form_per_greeting(self, greeting: bytes) -> None:
+        """Enhanced code after EHLO only, the message's id, one line."""
+        factory = SMTPFactory(MemoryHandler(), hostname="mx.test", reactor=Clock())
+        client = connect(factory)
+        client.replies()
+        client.command(greeting)
+        client.command(b"MAIL FROM:<a@example.org>")
+        client.command(b"RCPT TO:<b@example.net>")
+        client.command(b"DATA")
+        client.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
+        queue_id = f"{client.protocol.session.session_id}-1".encode()
+        code = b"250 2.0.0 " if greeting.startswith(b"EHLO") else b"250 "
+        assert [code + b"OK: queued as " + queue_id] == client.replies()
+
+    def test_subclass_reply_sees_it(self) -> None:
+        """A subclass that overrides reply() still gets the 250 as a Reply."""
+        from twisted_smtpd import Reply
+        from twisted_smtpd.protocol import SMTPServerProtocol
+
+        seen: list[Reply] = []
+
+        class Watching(SMTPServerProtocol):
+            def reply(self, reply: Reply) -> None:
+                seen.append(reply)
+                super().reply(reply)
+
+        factory = SMTPFactory(MemoryHandler(), hostname="mx.test", reactor=Clock())
+        factory.protocol = Watching
+        client = connect(factory)
+        replies = transaction(client)
+        assert [b"250 2.0.0 OK: queued as " + seen[-1].text.split()[-1].encode()] == (
+            replies
+        )
+        assert (250, "2.0.0") == (seen[-1].code, seen[-1].enhanced)
+        assert seen[-1].text.startswith("OK: queued as ")

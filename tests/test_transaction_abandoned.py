@@ -362,6 +362,96 @@ def test_sender_accepted_while_closing_is_told_once() -> None:
     assert handler.senders == handler.abandoned
 
 
+# -- a recipient still being checked when the connection goes -----------------------
+class Reserving(Whole):
+    """Reserves each recipient its check_recipient accepts (when its Deferred
+    fires) and releases what the hook's envelope lists: what it reserved
+    must be released, whenever check_recipient answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reserved: set[str] = set()
+        self.pending_rcpt: Optional[Deferred[None]] = None
+
+    def check_recipient(self, envelope: Any, address: str, options: Any) -> Any:
+        self.pending_rcpt = Deferred()
+        self.pending_rcpt.addCallback(lambda _: self.reserved.add(address))
+        return self.pending_rcpt
+
+    def transaction_abandoned(self, envelope: Any) -> None:
+        super().transaction_abandoned(envelope)
+        self.reserved -= set(envelope.rcpt_tos)
+
+
+RCPT_ANSWERS: dict[str, Callable[[Deferred[None], Clock], Any]] = {
+    "accepts": lambda pending, clock: pending.callback(None),
+    "refuses": lambda pending, clock: pending.errback(
+        SMTPError(550, "5.1.1", "No such user")
+    ),
+    "fails": lambda pending, clock: pending.errback(RuntimeError("broke")),
+    "is cut off by the deadline": lambda pending, clock: clock.advance(31),
+}
+
+
+@pytest.mark.parametrize("answer", list(RCPT_ANSWERS))
+def test_recipient_pending_at_the_close_is_told_once_it_answers(answer: str) -> None:
+    """The client is gone while check_recipient still answers: the
+    transaction is told once that answer is in, with the recipient if it
+    was accepted, so what check_recipient reserved is released."""
+    handler = Reserving()
+    clock = Clock()
+    client = start(handler, clock, handler_timeout=30)
+    client.command(b"MAIL FROM:<a@example.org>")
+    client.send(b"RCPT TO:<b@example.net>\r\n")
+    assert handler.pending_rcpt is not None
+    lose(client)
+    assert [] == handler.abandoned  # not yet: the answer may add b@
+    RCPT_ANSWERS[answer](handler.pending_rcpt, clock)
+    assert handler.senders == handler.abandoned
+    expected = ["b@example.net"] if answer == "accepts" else []
+    assert expected == handler.abandoned[0].rcpt_tos
+    assert set() == handler.reserved
+    clock.advance(60)
+    assert 1 == len(handler.abandoned)
+
+
+def test_recipient_that_never_answers_without_a_deadline_is_never_told() -> None:
+    """handler_timeout=0 and a check_recipient that never answers: the
+    transaction never ends for the handler (documented)."""
+    handler = Reserving()
+    clock = Clock()
+    client = start(handler, clock, handler_timeout=0)
+    client.command(b"MAIL FROM:<a@example.org>")
+    client.send(b"RCPT TO:<b@example.net>\r\n")
+    lose(client)
+    clock.advance(3600)
+    assert [] == handler.abandoned
+
+
+def test_name_lookup_pending_at_the_close_is_told_once_it_ends() -> None:
+    """DATA waits for the client's name when the connection goes: told
+    once (when the name comes), and no message is opened."""
+    lookups: dict[str, Deferred[str]] = {}
+
+    class Names:
+        def lookup(self, host: str) -> Deferred[str]:
+            lookups[host] = Deferred()
+            return lookups[host]
+
+    handler = Whole()
+    factory = SMTPFactory(
+        handler, hostname="mx.test", reactor=Clock(), reverse_dns=Names()
+    )
+    client = connect(factory)
+    client.command(b"EHLO c.example")
+    open_transaction(client)
+    assert [] == client.command(b"DATA")
+    lose(client)
+    lookups["192.0.2.1"].callback("host.example.test")
+    assert handler.senders == handler.abandoned
+    assert [] == handler.messages
+
+
 # -- the hook's own outcome -------------------------------------------------------
 @pytest.fixture
 def logged() -> Any:

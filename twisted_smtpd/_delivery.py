@@ -255,7 +255,7 @@ class Message:
                 queued = queue_id(result, envelope, owner.session.session_id)
             else:
                 queued = envelope.message_id  # what queue_id gives, one call less
-            owner.reply_queued(queued)
+            owner._reply_queued(queued)
             owner.session.junk_commands = 0  # like Postfix: mail moved, junk forgiven
             self._done("accepted", "accepted")
             return

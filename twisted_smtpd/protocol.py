@@ -510,16 +510,17 @@ class _Wire(LineReceiver, TimeoutMixin):
         if len(out) >= _MAX_BATCH:
             self._flush()
 
-    def reply_queued(self, queue_id: str) -> None:
+    def _reply_queued(self, queue_id: str) -> None:
         """C{reply(queued_reply(queue_id))}: the 250 after a stored message.
 
         Once per message, so the wire bytes are made directly, without the
-        L{Reply} and its two encodings.
+        L{Reply} and its two encodings (a subclass's own C{reply} still
+        gets the L{Reply}).
         """
         if self._phase is _CLOSED_PHASE:
             return
         out = self._out
-        if out is None or self._debug:
+        if out is None or self._debug or type(self).reply is not _Wire.reply:
             self.reply(queued_reply(queue_id))
             return
         if self._events is not None:
@@ -765,6 +766,8 @@ class _Wire(LineReceiver, TimeoutMixin):
             self._out = []
         try:
             then(result, *args)
+            if self._phase is _CLOSED_PHASE:
+                self._answered_after_close()
             if self._pauses & _OVERFLOW:
                 self._set_pauses(self._pauses & ~_OVERFLOW)
             if self._phase is _DRAINING:
@@ -775,6 +778,9 @@ class _Wire(LineReceiver, TimeoutMixin):
             if batch:
                 self._flush()
                 self._out = None
+
+    def _answered_after_close(self) -> None:
+        """The wait held at the close is over (subclasses end what it held)."""
 
     def _hook_ok(
         self,
@@ -946,8 +952,11 @@ class SMTPServerProtocol(_Wire):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
-        if self._message is not None or self._hooks.transaction_abandoned:
-            self._abort_message()
+        if self._message is not None:
+            self._message.abort()
+        elif self._hooks.transaction_abandoned and self._pending is None:
+            # (A hook still answering may change the transaction: told then.)
+            self._abandon()
         self.factory.release(self)
         session = self.session
         if session is None:
@@ -1040,8 +1049,6 @@ class SMTPServerProtocol(_Wire):
     def _sender_ok(self, _: Any, envelope: Envelope) -> None:
         self.session.mail(envelope)
         self.reply(R250_SENDER_OK)
-        if self._phase is _CLOSED_PHASE and self._hooks.transaction_abandoned:
-            self._abandon()  # accepted after the connection closed
 
     def do_RCPT(self, argument: str) -> None:
         session = self.session
@@ -1077,13 +1084,15 @@ class SMTPServerProtocol(_Wire):
         if message is None:
             return
         # A receiver whose write() raises gets _body_failed (see _guarded_write).
-        mode = DataMode(
+        limits = self.limits
+        self._mode = DataMode(
             message.receiver.write,
             self._data_done,
             self._body_failed,
-            self.limits.max_message_size,
+            limits.max_message_size,
         )
-        self._set_mode(mode, self.limits.data_timeout)
+        # (_set_mode, inline: the clock was read for the envelope just now)
+        self._deadline = message.envelope.received_at + limits.data_timeout
         self.reply(R354_START_INPUT)
 
     def _body_failed(self) -> None:
@@ -1148,11 +1157,21 @@ class SMTPServerProtocol(_Wire):
         drop_chunk(self, size)
 
     def _abort_message(self) -> None:
-        """RSET, a new greeting or a lost connection drops the message in
-        flight, or else abandons the open transaction."""
+        """RSET or a new greeting drops the message in flight, or else
+        abandons the open transaction (a lost connection: connectionLost)."""
         if self._message is not None:
             self._message.abort()
         elif self._hooks.transaction_abandoned is not None:
+            self._abandon()
+
+    def _answered_after_close(self) -> None:
+        # A check_sender or check_recipient (or the client's name) answered
+        # after the close: the transaction as it now is ends here.
+        if (
+            self._hooks.transaction_abandoned
+            and self._message is None
+            and self._pending is None
+        ):
             self._abandon()
 
     _abandoned: Optional[Envelope] = None  # the last transaction_abandoned told

@@ -23,7 +23,7 @@ import re
 import socket
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from OpenSSL.SSL import Error as TLSError
 from twisted.internet import error as net_error
@@ -423,11 +423,17 @@ class ConnectionPool:
             self.open -= 1
         if self.open < self.size:
             return self._new()
-        waiter: Deferred[DownstreamProtocol] = Deferred()
+        # Cancelled (its hook's deadline), a waiter leaves the queue: the
+        # next connection given back must not go to it.
+        waiter: Deferred[DownstreamProtocol] = Deferred(self._drop_waiter)
         timer = self._clock.callLater(self.timeout, self._wait_expired, waiter)
         waiter.addBoth(_cancel_timer, timer)
         self._waiters.append(waiter)
         return waiter
+
+    def _drop_waiter(self, waiter: Deferred[DownstreamProtocol]) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
 
     def _new(self) -> Deferred[DownstreamProtocol]:
         self.open += 1
@@ -480,7 +486,22 @@ class ConnectionPool:
     def _serve_waiter(self) -> None:
         if self._waiters and self.open < self.size:
             waiter = self._waiters.popleft()
-            self._new().chainDeferred(waiter)
+            self._new().addBoth(self._hand_over, waiter)
+
+    def _hand_over(
+        self,
+        result: Union[DownstreamProtocol, Failure],
+        waiter: Deferred[DownstreamProtocol],
+    ) -> None:
+        """A new connection (or why not) for C{waiter}; if it was cancelled
+        meanwhile, the connection goes back to the pool instead."""
+        if isinstance(result, Failure):
+            if not waiter.called:
+                waiter.errback(result)
+        elif waiter.called:
+            self.release(result)  # to the next waiter, or idle
+        else:
+            waiter.callback(result)
 
     def _expire(self, connection: DownstreamProtocol) -> None:
         for i, (idle, _) in enumerate(self._idle):
@@ -765,6 +786,11 @@ class ProxyHandler:
                 if connection.reused and attempt == 1:
                     continue
                 raise SMTPError(error.reply)
+            except BaseException:
+                # Cancelled (the hook's deadline): the command's canceller
+                # dropped the connection; it leaves the pool's count too.
+                self.pool.discard(connection)
+                raise
             if not reply.ok:
                 self.pool.release(connection)
                 raise reply.as_error()
