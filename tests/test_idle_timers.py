@@ -3,10 +3,15 @@ the protocol's idle timer on it, driven by a Clock."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
+import pytest_twisted
+from twisted.internet import reactor, task, threads
+from twisted.internet.defer import DeferredList
 from twisted.internet.task import Clock
 
-from twisted_smtpd import SMTPFactory
+from twisted_smtpd import Limits, SMTPFactory
 from twisted_smtpd._deadlines import IdleTimers
 from twisted_smtpd.handlers import MemoryHandler
 from twisted_smtpd.testing import connect
@@ -173,3 +178,36 @@ def test_closed_sessions_leave_no_idle_timer(
         client.protocol.connectionLost(None)
     assert [] == clock.getDelayedCalls()
     assert 0 == len(factory.idle_timers)
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_reactor_sessions_time_out_and_leave_no_timer(listen):
+    """On the real reactor, over TCP: three idle clients each get the 421,
+    and once they are gone the factory holds no timer (a trial test that
+    stops its listener leaves a clean reactor)."""
+    port = listen(MemoryHandler(), limits=Limits(timeout=0.3))
+    factory = listen.factories[-1]
+
+    def idle_client() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            data = b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return data
+                data += chunk
+
+    replies = yield DeferredList(
+        [threads.deferToThread(idle_client) for _ in range(3)],
+        fireOnOneErrback=True,
+    )
+    for _, data in replies:
+        assert data.startswith(b"220 ") and data.endswith(
+            b"421 mx.test Timeout, closing connection\r\n"
+        )
+    for _ in range(100):
+        if not factory.sessions:
+            break
+        yield task.deferLater(reactor, 0.02, lambda: None)
+    assert not factory.sessions
+    assert factory.idle_timers.timer is None and 0 == len(factory.idle_timers)
