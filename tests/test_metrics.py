@@ -540,10 +540,15 @@ def wait_until(condition: Any, seconds: float = 20) -> None:
 
 
 def refuses(port: int) -> bool:
+    """Nothing listens on C{port} (a reset means a listener is still closing)."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # A worker's listener closed with our SYN in its backlog while
+        # another may still listen (SO_REUSEPORT): not known yet, ask again.
+        return False
     return False
 
 

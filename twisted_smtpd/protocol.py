@@ -193,6 +193,17 @@ class _Wire(LineReceiver, TimeoutMixin):
         self.limits = factory.limits
         self._events = factory.events
         self._debug = factory.debug
+        # Stored although equal to the class defaults: read on every read,
+        # and on 3.11 an attribute that is a class default until first
+        # stored reads at about twice the cost and keeps its instructions
+        # from specializing.
+        self._buffer = b""
+        self._pos = 0
+        self._waits = 0
+        self._pauses = 0
+        self._phase = _OPEN
+        self._busy = False
+        self._direct_write = False
         if not self.MAX_LENGTH:
             self.MAX_LENGTH = self.limits.max_line
         cls = type(self)
