@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -450,6 +450,43 @@ def test_name_lookup_pending_at_the_close_is_told_once_it_ends() -> None:
     lookups["192.0.2.1"].callback("host.example.test")
     assert handler.senders == handler.abandoned
     assert [] == handler.messages
+
+
+class Tolerant(Whole):
+    """A check_sender that, cancelled by its deadline, says "done" anyway."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+
+    def check_sender(self, envelope: Any) -> Any:
+        self.senders.append(envelope)
+        if self.form == "canceller":
+            return Deferred(lambda pending: pending.callback(None))
+
+        async def swallows() -> None:
+            try:
+                await Deferred()
+            except CancelledError:
+                return None  # (released here: the place to)
+
+        return swallows()
+
+
+@pytest.mark.parametrize("form", ["canceller", "coroutine"])
+def test_sender_cut_off_by_the_deadline_is_never_told(form: str) -> None:
+    """The deadline answers 451, whatever the cancelled check_sender then
+    gives: no transaction began, so none is told (documented)."""
+    handler = Tolerant(form)
+    clock = Clock()
+    client = start(handler, clock, handler_timeout=5)
+    client.command(b"MAIL FROM:<a@example.org>")
+    clock.advance(6)
+    assert client.replies()[0].startswith(b"451 4.3.0")
+    assert client.command(b"RCPT TO:<b@example.net>")[0].startswith(b"503")
+    client.command(b"QUIT")
+    lose(client)
+    assert 1 == len(handler.senders) and [] == handler.abandoned
 
 
 # -- the hook's own outcome -------------------------------------------------------
