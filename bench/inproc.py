@@ -76,7 +76,8 @@ def _ts(quiet: bool, reactor: Any = None) -> Callable[[], Any]:
         reactor=reactor,
         reverse_dns=rdns,
     )
-    return lambda: factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    # The conn_tcp shapes' client address, as a tcp.Port passes it.
+    return lambda: factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
 
 
 def _tm() -> Callable[[], Any]:
@@ -84,7 +85,8 @@ def _tm() -> Callable[[], Any]:
     from twisted_mail_server import AcceptAll, ESMTPFactory
 
     factory = ESMTPFactory(AcceptAll())
-    return lambda: factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    # The conn_tcp shapes' client address, as a tcp.Port passes it.
+    return lambda: factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
 
 
 def _floor() -> Callable[[], Any]:

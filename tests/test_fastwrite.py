@@ -7,10 +7,11 @@ import socket
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task, threads
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from twisted_smtpd import SMTPFactory
 from twisted_smtpd._fastwrite import (
@@ -20,6 +21,7 @@ from twisted_smtpd._fastwrite import (
     write_now,
     write_soon,
 )
+from twisted_smtpd._session import Limits, Session
 from twisted_smtpd.handlers import MemoryHandler
 from twisted_smtpd.testing import TLSStringTransport, connect
 from twisted_smtpd.tls import TLSPolicy
@@ -658,3 +660,90 @@ def test_send_now_to_a_reset_connection_reports_the_loss():
     finally:
         client.close()
         yield port.stopListening()
+
+
+# -- the peer address: buildProtocol's, reused when it is getPeer()'s value
+
+
+class _Sock:
+    """A connected socket's stand-in for tcp.Server: takes every byte."""
+
+    family = socket.AF_INET
+
+    def setblocking(self, flag) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return -1
+
+    def send(self, data) -> int:
+        return len(data)
+
+    def shutdown(self, how) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _tcp_session(factory, built, client):
+    """A session on a real tcp.Server whose client is C{client}, built by
+    C{factory.buildProtocol(built)}; the reactor never polls its fake fd."""
+    from twisted.internet import tcp
+
+    protocol = factory.buildProtocol(built)
+    transport = tcp.Server(_Sock(), protocol, client, None, 1, MemoryReactorClock())
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+@pytest.mark.parametrize(
+    "built",
+    [
+        IPv4Address("TCP", "192.0.2.7", 40000),  # as tcp.Port passes it: reused
+        IPv4Address("TCP", "192.0.2.7", 1),  # another port: getPeer()
+        IPv4Address("TCP", "192.0.2.8", 40000),  # another host: getPeer()
+        IPv4Address("UDP", "192.0.2.7", 40000),  # another type: getPeer()
+        None,  # a caller that passes no address: getPeer()
+    ],
+)
+def test_session_peer_is_always_getpeers_value(memory, built):
+    """The peer a handler sees is what transport.getPeer() gives, whether
+    buildProtocol's address is reused or not."""
+    protocol, transport = _tcp_session(
+        SMTPFactory(memory, hostname="mx.test", reactor=task.Clock()),
+        built,
+        ("192.0.2.7", 40000),
+    )
+    peer = protocol.session.peer
+    assert peer == transport.getPeer() == IPv4Address("TCP", "192.0.2.7", 40000)
+    assert type(peer) is IPv4Address
+    assert (peer is built) == (built == peer)  # reused only when equal
+
+
+def test_session_peer_on_ipv6_is_getpeers_value(memory):
+    protocol, transport = _tcp_session(
+        SMTPFactory(memory, hostname="mx.test", reactor=task.Clock()),
+        IPv6Address("TCP", "2001:db8::7", 40000),
+        ("2001:db8::7", 40000, 0, 0),
+    )
+    assert protocol.session.peer == transport.getPeer()
+    assert type(protocol.session.peer) is IPv6Address
+
+
+def test_session_with_defaults_is_the_same_as_with_keywords():
+    """_start_session's short Session(...) call: the same instance as the
+    keyword call with the default values."""
+    limits = Limits()
+    short = Session("S1", IPv4Address("TCP", "192.0.2.7", 25), limits)
+    full = Session(
+        "S1",
+        IPv4Address("TCP", "192.0.2.7", 25),
+        limits,
+        tls_info=None,
+        tls_required=False,
+        auth_required=False,
+        lmtp=False,
+    )
+    assert vars(short) == vars(full)
+    assert list(vars(short)) == list(vars(full))

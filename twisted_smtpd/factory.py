@@ -356,7 +356,9 @@ class SMTPFactory(ServerFactory):
             protocol.force_close()
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
-        return self.protocol(self)
+        protocol = self.protocol(self)
+        protocol._built_peer = addr  # getPeer()'s value on a plain TCP server
+        return protocol
 
 
 def _session_expired(protocol: SMTPServerProtocol) -> None:

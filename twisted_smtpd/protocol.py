@@ -22,6 +22,8 @@ from __future__ import annotations
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from twisted.internet import tcp
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -375,7 +377,8 @@ class _Wire(LineReceiver, TimeoutMixin):
                 if not self._mode.busy:
                     # A partial command line must be done by line_timeout.
                     if not rest or self._waits:
-                        self._deadline = None
+                        if self._deadline is not None:
+                            self._deadline = None
                     elif self._deadline is None:
                         self._deadline = (
                             self.factory.reactor.seconds() + self.limits.line_timeout
@@ -846,6 +849,7 @@ class SMTPServerProtocol(_Wire):
     _message: Optional[Message] = None
     _started: Optional[float] = None  # greeting time, when events are observed
     _name: Optional[ClientName] = None  # the client's name, by reverse DNS
+    _built_peer: Any = None  # the address the factory's buildProtocol got
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -863,22 +867,34 @@ class SMTPServerProtocol(_Wire):
         return self._mode.busy or self._message is not None or self._pending is not None
 
     def _start_session(self) -> None:
-        peer = self.transport.getPeer()
-        tls = (
-            current_tls(self.transport)
-            if ISSLTransport.providedBy(self.transport)
-            else None
-        )
+        transport = self.transport
+        peer = self._built_peer
+        if (
+            type(transport) is not tcp.Server
+            or type(peer) is not IPv4Address
+            or peer.type != "TCP"
+            or transport.client != (peer.host, peer.port)
+        ):
+            peer = transport.getPeer()
+        # (else: the address buildProtocol got equals what getPeer() would
+        # build from transport.client again, once per connection)
+        tls = current_tls(transport) if ISSLTransport.providedBy(transport) else None
         factory = self.factory
-        self.session = Session(
-            factory.new_session_id(),
-            peer,
-            self.limits,
-            tls_info=tls,
-            tls_required=factory.tls_required,
-            auth_required=factory.auth_required,
-            lmtp=self.lmtp,
-        )
+        if tls is None and not (
+            factory.tls_required or factory.auth_required or self.lmtp
+        ):
+            # Session's defaults, without the keywords (once per connection).
+            self.session = Session(factory.new_session_id(), peer, self.limits)
+        else:
+            self.session = Session(
+                factory.new_session_id(),
+                peer,
+                self.limits,
+                tls_info=tls,
+                tls_required=factory.tls_required,
+                auth_required=factory.auth_required,
+                lmtp=self.lmtp,
+            )
         if self._debug:
             _log.info(
                 "smtpd session {session_id} connected from {peer}",
