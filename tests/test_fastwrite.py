@@ -747,3 +747,98 @@ def test_session_with_defaults_is_the_same_as_with_keywords():
     )
     assert vars(short) == vars(full)
     assert list(vars(short)) == list(vars(full))
+
+
+# -- the output watch: registered once Twisted's writer is to hold bytes
+
+
+class _FullSock(_Sock):
+    """A socket stand-in whose kernel buffer takes C{room} more bytes."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.sent = bytearray()
+
+    def send(self, data) -> int:
+        taken = bytes(data[: self.room])
+        self.room -= len(taken)
+        self.sent += taken
+        return len(taken)
+
+
+def test_output_watch_registered_when_the_writer_takes_bytes(memory):
+    """On a direct-write transport the watch is registered only when a send
+    leaves bytes to Twisted's writer, and its write() then pauses the
+    session's answers past the buffer size, as with the watch registered at
+    connect (StringTransport sessions still register it at connect)."""
+    from twisted.internet import tcp
+
+    from twisted_smtpd.protocol import _OUTPUT_FULL
+
+    clock = task.Clock()
+    factory = SMTPFactory(
+        memory,
+        hostname="mx.test",
+        reactor=clock,
+        limits=Limits(max_junk_commands=10**6),
+    )
+    sock = _FullSock(room=10**6)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+    fd_reactor = MemoryReactorClock()
+    transport = tcp.Server(sock, protocol, ("192.0.2.7", 40000), None, 1, fd_reactor)
+    protocol.makeConnection(transport)
+    assert protocol._direct_write
+    assert transport.producer is None  # nothing held by Twisted's writer yet
+    send_now(transport)  # what the end of the turn does: the 220
+    protocol.dataReceived(b"EHLO c.example\r\n")
+    send_now(transport)
+    assert transport.producer is None and sock.sent.startswith(b"220 ")
+    # The kernel buffer is full: the next replies go to Twisted's writer.
+    sock.room = 0
+    protocol.dataReceived(b"NOOP\r\n")
+    send_now(transport)
+    assert transport.producer is protocol._output_watch is not None
+    assert transport.streamingProducer
+    assert not protocol._waits & _OUTPUT_FULL
+    # Past the buffer size, its write() pauses the watch: answers stop.
+    noops = b"NOOP\r\n" * (transport.bufferSize // 10)
+    protocol.dataReceived(noops)
+    send_now(transport)
+    assert protocol._waits & _OUTPUT_FULL
+    held = len(protocol._buffer) - protocol._pos
+    assert held > 0  # NOOPs not answered while the output is full
+    # Drained: resumed, the held NOOPs answered, in order, nothing lost.
+    sock.room = 10**8
+    while transport.dataBuffer or transport._tempDataLen:
+        transport.doWrite()
+        send_now(transport)
+    assert not protocol._waits & _OUTPUT_FULL
+    assert sock.sent.count(b"250 2.0.0 OK\r\n") == 1 + noops.count(b"NOOP")
+    protocol.dataReceived(b"QUIT\r\n")
+    assert transport.producer is None  # unregistered at the close, as before
+
+
+@pytest_twisted.inlineCallbacks
+def test_output_watch_registered_before_starttls(memory, tls_policy):
+    """STARTTLS on a direct-write connection registers the watch before
+    startTLS (which moves a registered producer to the TLS layer): after it,
+    Twisted's writer holds every reply."""
+    factory = SMTPFactory(memory, hostname="mx.test", tls=tls_policy)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        greeting = yield threads.deferToThread(_read_until, sock, b"\r\n")
+        assert greeting.startswith(b"220 ")
+        (session,) = factory.sessions
+        assert session._direct_write and session._output_watch is None
+        sock.sendall(b"EHLO c.example\r\nSTARTTLS\r\n")
+        replies = yield threads.deferToThread(_read_until, sock, b"start TLS\r\n")
+        assert b"250-STARTTLS" in replies
+        yield _turn()
+        assert not session._direct_write
+        assert session._output_watch is not None
+        version = yield threads.deferToThread(_tls_handshake, sock)
+        assert version.startswith("TLS")
+    finally:
+        sock.close()
+        yield port.stopListening()

@@ -129,7 +129,16 @@ def write_soon(transport: Any, data: bytes) -> None:
         if queued >= t.bufferSize:
             send_now(t)  # a client that does not read meets back-pressure
         return
+    _to_writer(t)
     t.write(data)
+
+
+def _to_writer(transport: Any) -> None:
+    """Twisted's writer is about to take bytes: the protocol's output watch
+    (a producer, registered only now) must be there for its write() to pause."""
+    watch = getattr(transport.protocol, "_watch_output", None)
+    if watch is not None:
+        watch()
 
 
 def send_now(transport: Any) -> None:
@@ -167,6 +176,7 @@ def send_now(transport: Any) -> None:
     # or reports the loss as usual.  These are wire bytes already: after
     # startTLS, transport.write would encrypt the plaintext 220 that
     # precedes the handshake.
+    _to_writer(t)
     FileDescriptor.write(t, data)
 
 
@@ -186,6 +196,7 @@ def write_now(transport: Any, data: bytes) -> None:
         t._tempDataLen += len(data)
         send_now(t)
         return
+    _to_writer(t)
     t.write(data)
 
 
@@ -284,6 +295,7 @@ class _Outbox(list[Any]):
             except Exception:
                 # Never strand the bytes: Twisted's writer sends them.
                 _log.failure("smtpd: sending a reply failed")
+                _to_writer(transport)
                 transport.startWriting()
         closing, self.closing = self.closing, []
         for transport in closing:

@@ -276,15 +276,25 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self._direct_write = can_write_directly(self.transport)
-        register = getattr(self.transport, "registerProducer", None)
-        if register is not None and getattr(self.transport, "producer", None) is None:
-            self._output_watch = _OutputWatch(self)
-            register(self._output_watch, True)
+        if not self._direct_write:
+            self._watch_output()
+        # (else registered by _fastwrite once Twisted's writer is to hold
+        # bytes: only its write() pauses a producer, so the watch sees the
+        # same pauses, and most connections never need it: ~0.6 us each)
         if getattr(self.transport, "awaiting_proxy_header", False):
             # Behind a PROXY-protocol listener: greet once the real peer is known.
             self.setTimeout(self.limits.line_timeout)
             return
         self._start_session()
+
+    def _watch_output(self) -> None:
+        """Register the output watch on the transport (once, while open)."""
+        if self._output_watch is not None or self._phase is _CLOSED_PHASE:
+            return
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None and getattr(self.transport, "producer", None) is None:
+            self._output_watch = _OutputWatch(self)
+            register(self._output_watch, True)
 
     def proxyHeaderReceived(self) -> None:
         """The PROXY header is in: C{transport.getPeer()} is the real client."""
@@ -1254,6 +1264,7 @@ class SMTPServerProtocol(_Wire):
         # attempt (CVE-2011-0411 class): drop it before the handshake.
         self.clearLineBuffer()
         self._flush()  # the 220 goes out in plaintext, before the handshake
+        self._watch_output()  # before startTLS, which moves it to the TLS layer
         self._direct_write = False
         self.transport.startTLS(context)
         self.session.tls_started(TLSInfo("", ""))
