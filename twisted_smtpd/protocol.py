@@ -263,6 +263,11 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def _idle_due(self) -> None:
         """The factory's IdleTimers: this session's entry is due."""
+        entry = self._idle_entry
+        if entry is not None and entry[2] is not None:
+            # Stale: another session's timeout, run in the same batch, re-armed
+            # this one meanwhile; its live entry stands.
+            return
         self._idle_entry = None
         if self.timeOut is None:
             return
@@ -934,9 +939,14 @@ class SMTPServerProtocol(_Wire):
 
     def _greet(self, _: Any) -> None:
         greeting = self.factory.greeting
-        if self._out is None and self._events is None and not self._debug:
-            # What reply() does here (no events, no --debug, not ESMTP yet),
-            # once per connection.
+        if (
+            self._out is None
+            and self._events is None
+            and not self._debug
+            and type(self).reply is _Wire.reply
+        ):
+            # What reply() does here (no events, no --debug, not ESMTP yet, no
+            # subclass's reply() to see it), once per connection.
             if self._phase is not _CLOSED_PHASE:
                 self._send(greeting.__dict__.get("_wire") or greeting.encoded(False))
             return
