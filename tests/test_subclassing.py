@@ -197,3 +197,27 @@ def test_a_subclass_reply_sees_and_may_rewrite_the_banner() -> None:
     client = connect(factory)
     assert [b"220 mx.test ESMTP ready"] == client.replies()
     assert [220] == seen
+
+
+def test_a_subclass_reply_sees_the_ehlo_reply_as_sent() -> None:
+    """EHLO's reply (sent as cached bytes) reaches a subclass's reply() as
+    one multi-line Reply, and the client gets the same bytes either way."""
+    seen: list[Reply] = []
+
+    class Watching(SMTPServerProtocol):
+        def reply(self, reply: Reply) -> None:
+            seen.append(reply)
+            super().reply(reply)
+
+    def ehlo(protocol: type[SMTPServerProtocol]) -> list[bytes]:
+        factory = SMTPFactory(MemoryHandler(), hostname="mx.test", reactor=Clock())
+        factory.protocol = protocol
+        client = connect(factory)
+        client.replies()
+        return client.command(b"EHLO client.example")
+
+    plain = ehlo(SMTPServerProtocol)
+    assert plain == ehlo(Watching)
+    assert [220, 250] == [reply.code for reply in seen]
+    assert plain[0] == b"250-" + seen[1].text.split("\n")[0].encode()
+    assert b"250 HELP" == plain[-1]

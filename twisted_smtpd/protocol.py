@@ -1029,6 +1029,10 @@ class SMTPServerProtocol(_Wire):
         self._abort_message()
         self.session.greeted(name, esmtp=True)
         hello = self.factory.helo_reply(name)
+        if type(self).reply is not _Wire.reply:  # a subclass sees every reply
+            lines = [hello.text, *self.factory.extensions(self.session)]
+            self.reply(Reply(250, "", "\n".join(lines)))
+            return
         if self._events is not None:
             self._events.reply_sent(250)
         # Only the first line varies per client; the keywords are cached bytes.
