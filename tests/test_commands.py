@@ -136,6 +136,18 @@ class TestParseCommand:
             command.argument.encode("utf-8", "surrogateescape"),
         )
 
+    @pytest.mark.parametrize(
+        "spelled",
+        ["ma\u0131l", "\u017fTARTTLS", "rcpt\u200b", "h\u0130lo", "\uff2d\uff21IL"],
+    )
+    def test_non_ascii_verb_is_not_folded(self, spelled: str) -> None:
+        """str.upper() turns some non-ASCII letters into ASCII ones (dotless
+        i -> I, long s -> S): a verb with any non-ASCII letter stays as sent,
+        so it names no command (a filter in front would not read it as one)."""
+        line = (spelled + " FROM:<a@example.org>").encode("utf-8")
+        assert (spelled, "FROM:<a@example.org>") == split_command(line)
+        assert spelled == parse_command(line).verb
+
     @given(
         st.sampled_from(["DATA", "QUIT", "RSET", "NOOP", "HELP", "STARTTLS"]),
         st.lists(st.booleans(), min_size=8, max_size=8),

@@ -345,3 +345,19 @@ def test_received_over_a_real_unix_socket(tmp_path: Any) -> Any:
     assert envelope.received_header.startswith(
         b"Received: from local.client (localhost)\r\n"
     )
+
+
+@pytest.mark.parametrize(
+    "line", ["ma\u0131l FROM:<a@example.org>", "\u017fTARTTLS", "RSE\u0165"]
+)
+def test_a_verb_that_only_folds_to_a_command_is_unknown(
+    clock: Clock, line: str
+) -> None:
+    """'maıl' upper-cases to 'MAIL' in Python: it must still get 500 5.5.2,
+    not run MAIL (a filter before us reads no command in it)."""
+    handler = MemoryHandler()
+    client = connect(SMTPFactory(handler, hostname="mx.test", reactor=clock))
+    client.replies()
+    client.command(b"EHLO c.example")
+    assert [b"500 5.5.2 Command not recognized"] == client.command(line.encode("utf-8"))
+    assert client.command(b"RCPT TO:<b@example.org>")[0].startswith(b"503 ")

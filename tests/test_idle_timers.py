@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted_smtpd import Limits, SMTPFactory
 from twisted_smtpd._deadlines import IdleTimers
 from twisted_smtpd.handlers import MemoryHandler
+from twisted_smtpd.protocol import SMTPServerProtocol
 from twisted_smtpd.testing import connect
 
 TIMEOUT_421 = b"421 mx.test Timeout, closing connection"  # no EHLO: no 4.4.2
@@ -211,3 +212,32 @@ def test_real_reactor_sessions_time_out_and_leave_no_timer(listen):
         yield task.deferLater(reactor, 0.02, lambda: None)
     assert not factory.sessions
     assert factory.idle_timers.timer is None and 0 == len(factory.idle_timers)
+
+
+def test_a_timeout_that_rearms_another_session_due_with_it_leaves_one_entry() -> None:
+    """A's timeout re-arms B while B's entry is out of the heap in the same
+    batch: B's own expire, run next, is stale and must leave B's new entry
+    alone (no second entry, nothing held once B is gone)."""
+    clock = Clock()
+    factory = SMTPFactory(MemoryHandler(), hostname="mx.test", reactor=clock)
+    peers: dict[object, object] = {}
+
+    class ResetsAnother(SMTPServerProtocol):
+        def timeoutConnection(self) -> None:
+            other = peers.get(self)
+            if other is not None:
+                other.setTimeout(None)  # what holding and resuming input do
+                other.setTimeout(factory.limits.timeout)
+            super().timeoutConnection()
+
+    factory.protocol = ResetsAnother
+    a, b = connect(factory), connect(factory)
+    peers[a.protocol] = b.protocol
+    clock.advance(factory.limits.timeout)
+    assert a.closed and not b.closed
+    assert 1 == len(factory.idle_timers)
+    assert 1 == sum(entry[2] is b.protocol for entry in factory.idle_timers._heap)
+    a.protocol.connectionLost(None)
+    b.protocol.connectionLost(None)
+    assert not [e for e in factory.idle_timers._heap if e[2] is b.protocol]
+    assert 0 == len(factory.idle_timers) and factory.idle_timers.timer is None

@@ -178,3 +178,46 @@ def test_documented_example() -> None:
     assert [b"250 2.0.0 Hello world"] == client.command(b"XHELLO world")
     assert [b"502 5.5.1 VRFY is off here"] == client.command(b"VRFY bob")
     assert [b"250 2.1.0 Sender OK"] == client.command(b"MAIL FROM:<a@b.example>")
+
+
+def test_a_subclass_reply_sees_and_may_rewrite_the_banner() -> None:
+    """The 220 goes through reply() like every other reply (a subclass that
+    overrides it sees the greeting and may change it)."""
+    seen: list[int] = []
+
+    class Branded(SMTPServerProtocol):
+        def reply(self, reply: Reply) -> None:
+            seen.append(reply.code)
+            if reply.code == 220:
+                reply = reply.with_text("mx.test ESMTP ready")
+            super().reply(reply)
+
+    factory = SMTPFactory(MemoryHandler(), hostname="mx.test", reactor=Clock())
+    factory.protocol = Branded
+    client = connect(factory)
+    assert [b"220 mx.test ESMTP ready"] == client.replies()
+    assert [220] == seen
+
+
+def test_a_subclass_reply_sees_the_ehlo_reply_as_sent() -> None:
+    """EHLO's reply (sent as cached bytes) reaches a subclass's reply() as
+    one multi-line Reply, and the client gets the same bytes either way."""
+    seen: list[Reply] = []
+
+    class Watching(SMTPServerProtocol):
+        def reply(self, reply: Reply) -> None:
+            seen.append(reply)
+            super().reply(reply)
+
+    def ehlo(protocol: type[SMTPServerProtocol]) -> list[bytes]:
+        factory = SMTPFactory(MemoryHandler(), hostname="mx.test", reactor=Clock())
+        factory.protocol = protocol
+        client = connect(factory)
+        client.replies()
+        return client.command(b"EHLO client.example")
+
+    plain = ehlo(SMTPServerProtocol)
+    assert plain == ehlo(Watching)
+    assert [220, 250] == [reply.code for reply in seen]
+    assert plain[0] == b"250-" + seen[1].text.split("\n")[0].encode()
+    assert b"250 HELP" == plain[-1]

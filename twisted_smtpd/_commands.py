@@ -71,12 +71,8 @@ def parse_command(line: bytes) -> Command:
     bare = _BARE_COMMANDS.get(line)
     if bare is not None:
         return bare
-    try:
-        text = line.decode("ascii")
-    except UnicodeDecodeError:
-        text = line.decode("utf-8", "surrogateescape")
-    verb, _, argument = text.partition(" ")
-    return _new_command(Command, (verb.upper(), argument.strip(" ")))
+    verb, argument = _split(line)
+    return _new_command(Command, (verb, argument))
 
 
 def split_command(line: bytes) -> tuple[str, str]:
@@ -85,10 +81,21 @@ def split_command(line: bytes) -> tuple[str, str]:
     bare = _BARE_COMMANDS.get(line)
     if bare is not None:
         return bare
+    return _split(line)
+
+
+def _split(line: bytes) -> tuple[str, str]:
     try:
         text = line.decode("ascii")
     except UnicodeDecodeError:
         text = line.decode("utf-8", "surrogateescape")
+        verb, _, argument = text.partition(" ")
+        if not verb.isascii():
+            # str.upper() folds some non-ASCII letters into ASCII ones
+            # ("maıl" -> "MAIL", "ſtarttlſ" -> "STARTTLS"): such a verb is no
+            # command, or we would read a line otherwise than a filter before us.
+            return verb, argument.strip(" ")
+        return verb.upper(), argument.strip(" ")
     verb, _, argument = text.partition(" ")
     return verb.upper(), argument.strip(" ")
 

@@ -265,6 +265,11 @@ class _Wire(LineReceiver, TimeoutMixin):
 
     def _idle_due(self) -> None:
         """The factory's IdleTimers: this session's entry is due."""
+        entry = self._idle_entry
+        if entry is not None and entry[2] is not None:
+            # Stale: another session's timeout, run in the same batch, re-armed
+            # this one meanwhile; its live entry stands.
+            return
         self._idle_entry = None
         if self.timeOut is None:
             return
@@ -960,9 +965,14 @@ class SMTPServerProtocol(_Wire):
 
     def _greet(self, _: Any) -> None:
         greeting = self.factory.greeting
-        if self._out is None and self._events is None and not self._debug:
-            # What reply() does here (no events, no --debug, not ESMTP yet),
-            # once per connection.
+        if (
+            self._out is None
+            and self._events is None
+            and not self._debug
+            and type(self).reply is _Wire.reply
+        ):
+            # What reply() does here (no events, no --debug, not ESMTP yet, no
+            # subclass's reply() to see it), once per connection.
             if self._phase is not _CLOSED_PHASE:
                 self._send(greeting.__dict__.get("_wire") or greeting.encoded(False))
             return
@@ -1045,6 +1055,10 @@ class SMTPServerProtocol(_Wire):
         self._abort_message()
         self.session.greeted(name, esmtp=True)
         hello = self.factory.helo_reply(name)
+        if type(self).reply is not _Wire.reply:  # a subclass sees every reply
+            lines = [hello.text, *self.factory.extensions(self.session)]
+            self.reply(Reply(250, "", "\n".join(lines)))
+            return
         if self._events is not None:
             self._events.reply_sent(250)
         # Only the first line varies per client; the keywords are cached bytes.
