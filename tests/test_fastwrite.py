@@ -732,8 +732,8 @@ def test_session_peer_on_ipv6_is_getpeers_value(memory):
 
 
 def test_session_with_defaults_is_the_same_as_with_keywords():
-    """_start_session's short Session(...) call: the same instance as the
-    keyword call with the default values."""
+    """Session stores only what differs from its class defaults: passing the
+    defaults as keywords (as _start_session does) builds the same instance."""
     limits = Limits()
     short = Session("S1", IPv4Address("TCP", "192.0.2.7", 25), limits)
     full = Session(

@@ -189,7 +189,7 @@ def tell_abandoned(hook: Callable[[Envelope], Any], envelope: Envelope) -> None:
     except Exception:
         _abandon_failed(Failure(), envelope)
         return
-    if result is not None and isinstance(result, Deferred):
+    if isinstance(result, Deferred):
         result.addErrback(_abandon_failed, envelope)
 
 

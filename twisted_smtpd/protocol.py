@@ -182,30 +182,22 @@ class _Wire(LineReceiver, TimeoutMixin):
     _abort_call: Any = None  # closing: abort if the last reply is not taken
     _drain_reply: Optional[Reply] = None  # the 421 to close with once not busy
     _drain_how = "shutdown"
-    _buffer = b""
-    _pos = 0
-    _waits = 0
-    _pauses = 0
-    _phase = _OPEN
-    _busy = False  # inside a read: new bytes are appended, not read
-    _direct_write = False  # replies may go straight to the socket
 
     def __init__(self, factory: SMTPFactory) -> None:
         self.factory = factory
         self.limits = factory.limits
         self._events = factory.events
         self._debug = factory.debug
-        # Stored although equal to the class defaults: read on every read,
-        # and on 3.11 an attribute that is a class default until first
-        # stored reads at about twice the cost and keeps its instructions
-        # from specializing.
+        # Instance attributes, not class defaults: read on every read, and on
+        # 3.11 a class default reads at about twice the cost of an instance
+        # attribute and keeps its instructions from specializing.
         self._buffer = b""
         self._pos = 0
         self._waits = 0
         self._pauses = 0
         self._phase = _OPEN
-        self._busy = False
-        self._direct_write = False
+        self._busy = False  # inside a read: new bytes are appended, not read
+        self._direct_write = False  # replies may go straight to the socket
         if not self.MAX_LENGTH:
             self.MAX_LENGTH = self.limits.max_line
         cls = type(self)
@@ -895,21 +887,15 @@ class SMTPServerProtocol(_Wire):
         # build from transport.client again, once per connection)
         tls = current_tls(transport) if ISSLTransport.providedBy(transport) else None
         factory = self.factory
-        if tls is None and not (
-            factory.tls_required or factory.auth_required or self.lmtp
-        ):
-            # Session's defaults, without the keywords (once per connection).
-            self.session = Session(factory.new_session_id(), peer, self.limits)
-        else:
-            self.session = Session(
-                factory.new_session_id(),
-                peer,
-                self.limits,
-                tls_info=tls,
-                tls_required=factory.tls_required,
-                auth_required=factory.auth_required,
-                lmtp=self.lmtp,
-            )
+        self.session = Session(
+            factory.new_session_id(),
+            peer,
+            self.limits,
+            tls_info=tls,
+            tls_required=factory.tls_required,
+            auth_required=factory.auth_required,
+            lmtp=self.lmtp,
+        )
         if self._debug:
             _log.info(
                 "smtpd session {session_id} connected from {peer}",
